@@ -1,0 +1,248 @@
+"""The run's configuration: a dataclass tree loaded from YAML, overridden from the command line
+(`--train.lr 3e-4` or `train.lr=3e-4`) and validated before any process group exists."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+
+import yaml
+
+from models.config import ModelConfig, resolve_preset, validate_model
+from parallel.grid import GridError, check_layout
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one sentence naming the key."""
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
+    cp: int = 1
+    sp: bool = False  # sequence parallelism (needs tp > 1 to have an effect)
+    pipeline_layers: str = ""  # explicit per-stage layer counts, e.g. "3,2,2"
+    timeout_s: float = 600.0  # collective timeout
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    iters: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 0  # 0: micro_batch_size x data-parallel size
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | linear | constant | wsd
+    warmup_iters: int = 0
+    decay_iters: int = 0  # 0: train.iters
+    wsd_decay_fraction: float = 0.1  # WSD: final fraction of decay_iters spent decaying
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    seed: int = 1234
+    output_dir: str = "runs/default"
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    eval_interval: int = 0  # 0: no validation
+    eval_iters: int = 2
+
+
+@dataclasses.dataclass
+class DataConfig:
+    mock: bool = False  # random-token source (benchmarks, tests)
+    path: typing.List[str] = dataclasses.field(default_factory=list)  # dataset prefixes, optional weights first
+    split: str = "969,30,1"
+    tokenizer_type: str = "sentencepiece"
+    tokenizer: str = ""
+    cache_dir: str = ""
+
+
+@dataclasses.dataclass
+class LogConfig:
+    interval: int = 1
+    peak_tflops: float = 0.0  # 0: from the device name (989 for H100/H200 bf16), unknown on CPU
+    tensorboard: bool = False
+    quiet: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- parsing ----------------------------------------------------------------------------
+def _closest(word, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value, hint, key: str):
+    """Coerce a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is typing.Union:
+        return None if value is None or value == "None" else _convert(value, args[0], key)
+    if origin in (list, typing.List):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key}: expected {'a whole number' if hint is int else 'a number'}, got {value!r}") from None
+        if hint is int and isinstance(number, float):
+            if not number.is_integer():
+                raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+            number = int(number)
+        return hint(number)
+    if hint is str:
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def set_value(cfg: Config, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown key {dotted!r}: keys look like section.key with section one of "
+                          f"{', '.join(sorted(sections))}{_closest(parts[0], sections)}")
+    section = getattr(cfg, parts[0])
+    hints = _field_types(type(section))
+    if parts[1] not in hints:
+        raise ConfigError(f"unknown key {dotted!r}{_closest(parts[1], [f'{k}' for k in hints]).replace('mean ', 'mean ' + parts[0] + '.')}")
+    setattr(section, parts[1], _convert(value, hints[parts[1]], dotted))
+
+
+def apply_mapping(cfg: Config, mapping: dict, prefix: str = "") -> None:
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not prefix:
+            apply_mapping(cfg, value, f"{key}.")
+        else:
+            set_value(cfg, dotted, value)
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"--config: file {path!r} does not exist")
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config: {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections")
+    return data
+
+
+def parse_args(argv: list[str]) -> Config:
+    """--config FILE first, then `--section.key value` / `section.key=value` overrides in order."""
+    cfg, overrides, index = Config(), [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in ("--config", "-c"):
+            if index + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            apply_mapping(cfg, load_yaml(argv[index + 1]))
+            index += 2
+            continue
+        if arg.startswith("--config="):
+            apply_mapping(cfg, load_yaml(arg.split("=", 1)[1]))
+        elif arg.startswith("--") and "=" in arg:
+            overrides.append(tuple(arg[2:].split("=", 1)))
+        elif arg.startswith("--"):
+            if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+                overrides.append((arg[2:], "true"))  # a bare flag means true
+            else:
+                overrides.append((arg[2:], argv[index + 1]))
+                index += 1
+        elif "=" in arg:
+            overrides.append(tuple(arg.split("=", 1)))
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --section.key value or section.key=value")
+        index += 1
+    for key, value in overrides:
+        set_value(cfg, key, value)
+    return cfg
+
+
+# ---- validation -------------------------------------------------------------------------
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Fill derived values and check every constraint that can be checked without processes."""
+    try:
+        resolve_preset(cfg.model)
+        validate_model(cfg.model, cfg.parallel.tp)
+        dp = check_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
+    except (ValueError, GridError) as error:
+        raise ConfigError(str(error)) from None
+    t = cfg.train
+    _require(t.iters >= 1, "train.iters", f"must be at least 1, got {t.iters}")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be at least 1, got {t.micro_batch_size}")
+    if t.global_batch_size == 0:
+        t.global_batch_size = t.micro_batch_size * dp
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+             f"{t.global_batch_size} is not a multiple of train.micro_batch_size x data-parallel size "
+             f"= {t.micro_batch_size} x {dp}")
+    _require(t.lr_schedule in ("cosine", "linear", "constant", "wsd"), "train.lr_schedule",
+             f"must be one of cosine, linear, constant, wsd; got {t.lr_schedule!r}")
+    _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= train.min_lr <= train.lr, got {t.min_lr} and {t.lr}")
+    _require(0 <= t.warmup_iters, "train.warmup_iters", f"must be non-negative, got {t.warmup_iters}")
+    _require(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", f"must be in (0, 1], got {t.wsd_decay_fraction}")
+    _require(t.clip_grad >= 0, "train.clip_grad", f"must be non-negative, got {t.clip_grad}")
+    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16; got {t.precision!r}")
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
+    _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
+    _require(cfg.parallel.vpp == 1 and cfg.parallel.pp == 1, "parallel.pp",
+             "pipeline parallelism is not available in this build; use 1")
+    _require(cfg.data.mock or bool(cfg.data.path), "data.path", "give dataset prefixes, or set data.mock true")
+    return cfg
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
+
+
+def describe_keys() -> str:
+    """Every configuration key with its type and default, for --help."""
+    lines = ["Configuration keys (YAML sections, or --section.key value on the command line):"]
+    for section in dataclasses.fields(Config):
+        instance = section.default_factory()
+        hints = _field_types(type(instance))
+        for field in dataclasses.fields(instance):
+            hint = getattr(hints[field.name], "__name__", str(hints[field.name]))
+            lines.append(f"  {section.name}.{field.name:<28} {hint:<10} default {getattr(instance, field.name)!r}")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""The GPT model (GPT-2 and Llama styles), whole or as one pipeline stage.
+
+A stage holds the layers with the given global indices; the first stage also holds the
+embeddings, the last the final norm, the output layer and the loss. Layers are registered
+under their global index, so parameter names (and checkpoint keys) do not depend on the
+pipeline layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.utils.checkpoint as activation_checkpoint
+from torch import nn
+
+from models.config import ModelConfig
+from models.norms import Norm
+from models.rope import rope_cache
+from models.transformer import TransformerLayer
+from parallel import comm
+from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.layers import VocabParallelEmbedding
+from parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
+from parallel.random import RNGTracker
+from parallel.sharding import ShardSpec, attach, init_from_full
+
+OUTPUT_PROJECTIONS = ("attn.proj.weight", "mlp.fc2.weight")
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, rng: RNGTracker, layer_ids=None, pre_process=True,
+                 post_process=True, sequence_parallel=False, device=None, dtype=None):
+        super().__init__()
+        self.cfg, self.tp_group, self.rng = cfg, tp_group, rng
+        self.tp = comm.group_size(tp_group)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = sequence_parallel and self.tp > 1
+        self.padded_vocab = cfg.padded_vocab_size(self.tp)
+        self.layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
+        factory = dict(device=device, dtype=dtype)
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, tp_group,
+                                                    sequence_parallel=self.sequence_parallel, **factory)
+            if cfg.position_embedding == "learned":
+                shape = (cfg.max_position_embeddings, cfg.hidden_size)
+                self.position_embedding = attach(nn.Parameter(torch.empty(shape, **factory)), ShardSpec(shape))
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, tp_group, self.sequence_parallel, rng, **factory) for i in self.layer_ids
+        })
+        if post_process:
+            self.final_norm = Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, self.sequence_parallel, **factory)
+            if not (cfg.tie_embeddings and pre_process):
+                # Untied output layer, or the last stage's copy of a tied embedding (kept in
+                # sync with the first stage by the pipeline's embedding-gradient all-reduce).
+                spec = ShardSpec((self.padded_vocab, cfg.hidden_size), 0, (), self.embedding_rank(), self.tp)
+                self.output_weight = attach(nn.Parameter(torch.empty(spec.local_shape(), **factory)), spec)
+        self.recompute = cfg.recompute == "full"
+
+    def embedding_rank(self) -> int:
+        return torch.distributed.get_rank(self.tp_group) if self.tp > 1 else 0
+
+    # ---- initialisation -------------------------------------------------------------
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter from its full tensor so all layouts start equal."""
+        scaled_std = self.cfg.init_std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(param)
+            elif "norm" in name:
+                nn.init.ones_(param)
+            else:
+                std = scaled_std if name.endswith(OUTPUT_PROJECTIONS) else self.cfg.init_std
+                init_from_full(param, self.init_key(name), seed, std)
+
+    def init_key(self, name: str) -> str:
+        """A tied output layer draws the same values as the embedding it mirrors."""
+        if name == "output_weight" and self.cfg.tie_embeddings:
+            return "embedding.weight"
+        return name
+
+    # ---- forward ----------------------------------------------------------------------
+    def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, attention_mask=None):
+        """tokens/labels: [b, s]. Returns per-token loss [b, s] when the last stage gets labels,
+        local logits [s, b, v/tp] when it gets none, else the hidden state for the next stage."""
+        if self.pre_process:
+            hidden = self.embed(tokens, position_ids)
+        seq_len = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
+        rope = None
+        if self.cfg.position_embedding == "rope":
+            rope = rope_cache(seq_len, self.cfg.head_dim(), self.cfg.rope_theta, hidden.device, position_ids)
+        for layer in self.layers.values():
+            hidden = self._run_layer(layer, hidden, rope, attention_mask)
+        if not self.post_process:
+            return hidden
+        return self.head(hidden, labels)
+
+    def embed(self, tokens, position_ids=None):
+        hidden = self.embedding(tokens.t())
+        if self.cfg.position_embedding == "learned":
+            if position_ids is None:
+                position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            positions = self.position_embedding[position_ids.t()].expand(-1, tokens.shape[0], -1)
+            hidden = hidden + (scatter_to_sp(positions, self.tp_group) if self.sequence_parallel else positions)
+        if self.training and self.cfg.dropout > 0:
+            ctx = self.rng.fork() if self.sequence_parallel else contextlib.nullcontext()
+            with ctx:
+                hidden = nn.functional.dropout(hidden, self.cfg.dropout)
+        return hidden
+
+    def head(self, hidden, labels=None):
+        hidden = self.final_norm(hidden)
+        if self.sequence_parallel:
+            hidden = gather_from_sp(hidden, self.tp_group)
+        else:
+            hidden = copy_to_tp(hidden, self.tp_group)
+        weight = self.output_weight if hasattr(self, "output_weight") else self.embedding.weight
+        logits = nn.functional.linear(hidden, weight)
+        if labels is None:
+            return logits
+        vocab_start = self.embedding_rank() * (self.padded_vocab // self.tp)
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_start, self.cfg.vocab_size)
+        return loss.t()
+
+    def _run_layer(self, layer, hidden, rope, attention_mask):
+        if not (self.recompute and self.training and torch.is_grad_enabled()):
+            return layer(hidden, rope, attention_mask)
+        return activation_checkpoint.checkpoint(layer, hidden, rope, attention_mask, use_reentrant=False,
+                                                context_fn=self._recompute_rng_contexts)
+
+    def _recompute_rng_contexts(self):
+        """Replay the TP-distinct RNG stream during recompute, as the default stream is."""
+        saved = self.rng.tp_state
+
+        @contextlib.contextmanager
+        def replay():
+            current = self.rng.tp_state
+            self.rng.tp_state = saved
+            try:
+                yield
+            finally:
+                self.rng.tp_state = current
+
+        return contextlib.nullcontext(), replay()

@@ -1,0 +1,103 @@
+"""One transformer layer built from tensor-parallel pieces. Activations are [s, b, h]
+([s/tp, b, h] between blocks under sequence parallelism)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.norms import Norm
+from models.rope import apply_rope
+from parallel import comm
+from parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped KV heads; heads split across TP ranks."""
+
+    def __init__(self, cfg: ModelConfig, tp_group, sequence_parallel, rng, device=None, dtype=None):
+        super().__init__()
+        tp = comm.group_size(tp_group)
+        self.head_dim = cfg.head_dim()
+        self.local_heads = cfg.num_heads // tp
+        self.local_kv_heads = cfg.num_kv_heads // tp
+        self.dropout = cfg.attention_dropout
+        self.rng = rng
+        kv = cfg.num_kv_heads * self.head_dim
+        qkv_bias = bool(cfg.add_qkv_bias or cfg.add_bias_linear)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.hidden_size, kv, kv), tp_group, bias=qkv_bias,
+                                        sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, bias=bool(cfg.add_bias_linear),
+                                      sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+
+    def forward(self, x, rope=None, attention_mask=None):
+        qkv = self.qkv(x)
+        s, b = qkv.shape[0], qkv.shape[1]
+        q_size = self.local_heads * self.head_dim
+        kv_size = self.local_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        # [s, b, n*d] -> [b, n, s, d]
+        q = q.reshape(s, b, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
+        k = k.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        v = v.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self._attend(q, k, v, attention_mask)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, q_size)
+        return self.proj(out)
+
+    def _attend(self, q, k, v, attention_mask):
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.local_kv_heads != self.local_heads
+        causal = attention_mask is None
+        # Heads are TP-split, so their dropout masks must differ across TP ranks.
+        ctx = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
+        with ctx:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
+                                                  is_causal=causal, enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, sequence_parallel, device=None, dtype=None):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        parts = (cfg.ffn_hidden_size, cfg.ffn_hidden_size) if self.swiglu else (cfg.ffn_hidden_size,)
+        bias = bool(cfg.add_bias_linear)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, parts, tp_group, bias=bias,
+                                        sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_group, bias=bias,
+                                     sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, sequence_parallel, rng, device=None, dtype=None):
+        super().__init__()
+        self.sequence_parallel, self.rng, self.dropout = sequence_parallel, rng, cfg.dropout
+        self.norm1 = Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, sequence_parallel, device, dtype)
+        self.attn = Attention(cfg, tp_group, sequence_parallel, rng, device, dtype)
+        self.norm2 = Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, sequence_parallel, device, dtype)
+        self.mlp = MLP(cfg, tp_group, sequence_parallel, device, dtype)
+
+    def forward(self, x, rope=None, attention_mask=None):
+        x = x + self._dropout(self.attn(self.norm1(x), rope, attention_mask))
+        return x + self._dropout(self.mlp(self.norm2(x)))
+
+    def _dropout(self, x):
+        if not self.training or self.dropout == 0:
+            return x
+        # Sequence-parallel slices differ per TP rank, so their masks must too.
+        ctx = self.rng.fork() if self.sequence_parallel else contextlib.nullcontext()
+        with ctx:
+            return F.dropout(x, self.dropout, training=True)

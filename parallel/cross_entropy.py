@@ -1,0 +1,54 @@
+"""Cross-entropy over vocab-split logits without ever gathering the full logits.
+
+Each rank holds logits for a contiguous slice of the (padded) vocabulary. The max, the target
+logit and the sum of exponentials are reduced over TP; the gradient is softmax - one_hot on
+the local slice. Vocabulary padding rows beyond `vocab_size` are excluded from the softmax.
+"""
+from __future__ import annotations
+
+import torch
+
+from parallel import comm
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_start, vocab_size):
+        logits = logits.float()
+        local_vocab = logits.shape[-1]
+        valid = min(max(vocab_size - vocab_start, 0), local_vocab)
+        if valid < local_vocab:
+            logits = logits.clone()
+            logits[..., valid:] = float("-inf")
+        logits_max = logits.max(dim=-1).values
+        comm.all_reduce(logits_max, group, op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        local_target = target - vocab_start
+        outside = (local_target < 0) | (local_target >= local_vocab)
+        index = local_target.masked_fill(outside, 0).unsqueeze(-1)
+        target_logit = shifted.gather(-1, index).squeeze(-1).masked_fill(outside, 0.0)
+        comm.all_reduce(target_logit, group)
+
+        exp = shifted.exp_()
+        sum_exp = exp.sum(dim=-1)
+        comm.all_reduce(sum_exp, group)
+        loss = sum_exp.log() - target_logit
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, index, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, index, outside = ctx.saved_tensors
+        grad = softmax
+        hit = (~outside).to(grad.dtype).unsqueeze(-1)
+        grad.scatter_add_(-1, index, -hit)
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, group, vocab_start: int, vocab_size: int):
+    """Per-token loss (fp32) from logits [..., local_vocab] split over `group`."""
+    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, vocab_size)

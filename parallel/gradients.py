@@ -1,0 +1,76 @@
+"""Gradient reductions that make a parallel step equal the serial one: sequence-parallel
+parameter grads summed over TP, data-parallel grads summed over DP, and the global norm with
+every parameter counted exactly once."""
+from __future__ import annotations
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from parallel import comm
+
+DEFAULT_BUCKET_NUMEL = 32 * 1024 * 1024
+
+
+def _buckets(tensors, bucket_numel):
+    """Group tensors of one dtype into lists of at most `bucket_numel` elements."""
+    by_dtype = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for tensor in group:
+            if bucket and size + tensor.numel() > bucket_numel:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(tensor)
+            size += tensor.numel()
+        if bucket:
+            yield bucket
+
+
+def all_reduce_coalesced(tensors, group, bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
+    """Sum tensors over `group` in flat buckets (few large collectives, not many small)."""
+    if comm.group_size(group) == 1:
+        return
+    for bucket in _buckets(list(tensors), bucket_numel):
+        flat = _flatten_dense_tensors(bucket)
+        comm.all_reduce(flat, group)
+        for tensor, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            tensor.copy_(synced)
+
+
+def grads_of(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+def reduce_sequence_parallel_grads(params, tp_group) -> None:
+    """Replicated parameters applied to sequence slices hold partial grads: sum them over TP."""
+    all_reduce_coalesced(grads_of(p for p in params if getattr(p, "sequence_parallel", False)), tp_group)
+
+
+def is_counted_on_this_rank(param, tp_rank: int) -> bool:
+    """TP-split parameters count on every rank; TP-replicated ones only on TP rank 0."""
+    spec = getattr(param, "shard_spec", None)
+    return tp_rank == 0 or (spec is not None and spec.is_split)
+
+
+def global_grad_norm(params, tp_rank: int, model_parallel_groups, device) -> torch.Tensor:
+    """L2 norm of all gradients of the full model (fp32), identical on every rank.
+    `model_parallel_groups`: the groups whose ranks hold different parameters (TP, PP)."""
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for param in params:
+        if param.grad is not None and is_counted_on_this_rank(param, tp_rank):
+            squares += param.grad.detach().float().pow(2).sum()
+    for group in model_parallel_groups:
+        comm.all_reduce(squares, group)
+    return squares.sqrt()
+
+
+def clip_grads(params, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_)."""
+    if max_norm <= 0:
+        return
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    grads = grads_of(params)
+    if grads:
+        torch._foreach_mul_(grads, coef)
