@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.config import ConfigError, describe_keys, parse_args, validate
+from engine.config import describe_keys, parse_args, validate
+from engine.launch import UserError, report_user_error
 
 
 def main(argv=None) -> int:
@@ -18,14 +19,12 @@ def main(argv=None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = validate(parse_args(argv), world_size)
-    except ConfigError as error:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    from engine.training import Trainer, shutdown  # after validation: no process group on bad input
+        from engine.training import Trainer, shutdown  # after validation: no process group on bad input
 
-    trainer = Trainer(cfg)
-    trainer.train()
+        trainer = Trainer(cfg)
+        trainer.train()
+    except UserError as error:
+        return report_user_error(error)
     shutdown()
     return 0
 

@@ -9,11 +9,12 @@ import typing
 
 import yaml
 
+from engine.launch import UserError
 from models.config import ModelConfig, resolve_preset, validate_model
 from parallel.grid import GridError, check_layout
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; its message is one sentence naming the key."""
 
 

@@ -46,11 +46,13 @@ def run_distributed(fn, world_size: int, *args) -> list:
         results = []
         for rank in range(world_size):
             path = os.path.join(result_dir, f"{rank}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {rank} produced no result")
-            with open(path, "rb") as handle:
-                results.append(pickle.load(handle))
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+            if os.path.exists(path):
+                with open(path, "rb") as handle:
+                    results.append(pickle.load(handle))
+            else:
+                results.append(RuntimeError(f"rank {rank} produced no result"))
+    failures = [r for r in results if isinstance(r, BaseException)]
+    failures.sort(key=lambda r: "produced no result" in str(r))  # the real error first
+    if failures:
+        raise failures[0]
     return results
