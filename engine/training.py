@@ -17,7 +17,6 @@ from engine.optimizer import build_optimizer
 from models.gpt import GPTModel
 from parallel import comm
 from parallel.grid import ProcessGrid, build_grid, init_distributed
-from parallel.gradients import clip_grads, global_grad_norm, reduce_sequence_parallel_grads, all_reduce_coalesced, grads_of
 from parallel.random import RNGTracker
 
 CONSOLE_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib")
@@ -60,10 +59,8 @@ class Trainer:
         self.device = device
         self.rng = RNGTracker(device)
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
-        self.model = GPTModel(cfg.model, self.grid.tp_group, self.rng, sequence_parallel=p.sp, device=device)
-        self.model.init_weights(cfg.train.seed)
-        self.params = [q for q in self.model.parameters() if q.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.train, device)
+        self.model_chunks = self.build_model()
+        self.optimizer = build_optimizer(self.model_chunks, self.grid, cfg.train, device)
         self.scheduler = LRScheduler(self.optimizer, cfg.train)
         self.autocast = autocast_context(cfg, device)
         self.train_data, self.valid_data = build_datasets(cfg, self.grid)
@@ -72,6 +69,17 @@ class Trainer:
         if self.grid.is_logging_rank:
             with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as handle:
                 json.dump(dataclasses.asdict(cfg), handle, indent=1)
+
+    def build_model(self) -> list:
+        """This rank's model chunks (one without virtual pipeline stages)."""
+        cfg = self.cfg
+        model = GPTModel(cfg.model, self.grid.tp_group, self.rng, sequence_parallel=cfg.parallel.sp, device=self.device)
+        model.init_weights(cfg.train.seed)
+        return [model]
+
+    @property
+    def model(self):
+        return self.model_chunks[0]
 
     # ---- one step -------------------------------------------------------------------------
     def microbatches(self, dataset, step: int) -> list:
@@ -93,31 +101,26 @@ class Trainer:
             with self.autocast():
                 token_loss = self.model(batch["tokens"], labels=batch["labels"])
             loss = (token_loss.float() * batch["loss_mask"]).sum() / total_tokens
-            loss.backward()
+            self.optimizer.scale_loss(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
 
-    def reduce_gradients(self) -> None:
-        reduce_sequence_parallel_grads(self.params, self.grid.tp_group)
-        all_reduce_coalesced(grads_of(self.params), self.grid.dp_group)
-
     def train_step(self) -> dict:
-        self.model.train()
+        for chunk in self.model_chunks:
+            chunk.train()
         lr = self.scheduler.apply()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss = self.forward_backward(self.microbatches(self.train_data, self.step))
-        self.reduce_gradients()
-        grad_norm = global_grad_norm(self.params, self.grid.tp_rank, [self.grid.tp_group, self.grid.pp_group], self.device)
-        clip_grads(self.params, self.cfg.train.clip_grad, grad_norm)
-        self.optimizer.step()
+        stats = self.optimizer.step()
         self.scheduler.advance()
         comm.all_reduce(loss, self.grid.dp_group)
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        return {"step": self.step, "loss": loss.item(), "lr": lr, **stats}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
+        for chunk in self.model_chunks:
+            chunk.eval()
         loss_sum = torch.zeros((), device=self.device)
         for index in range(self.cfg.train.eval_iters):
             batches = self.microbatches(self.valid_data, index)
