@@ -1,0 +1,116 @@
+"""Reference training steps that Trellis is measured against, built from the same ModelConfig:
+a plain-PyTorch Llama (eager or torch.compile) and Hugging Face `LlamaForCausalLM`. Each uses
+fp32 weights, bf16 autocast, SDPA attention and torch's fused AdamW: what a careful user writes
+without a training engine."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PlainRMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.norm1, self.norm2 = PlainRMSNorm(h, cfg.norm_eps), PlainRMSNorm(h, cfg.norm_eps)
+        self.qkv = nn.Linear(h, h + 2 * cfg.num_kv_heads * d, bias=False)
+        self.proj = nn.Linear(h, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * cfg.ffn_hidden_size, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden_size, h, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split((self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                                 self.kv_heads * self.head_dim), dim=-1)
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, -1))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def _rope(x, cos, sin):
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class PlainLlama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(PlainBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = PlainRMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=cfg.init_std)
+
+    def forward(self, tokens, labels):
+        d, s = self.cfg.head_dim(), tokens.shape[1]
+        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, device=tokens.device).float() / d))
+        freqs = torch.outer(torch.arange(s, device=tokens.device).float(), inv)
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def hf_llama(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                         num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens, labels):
+            return self.inner(input_ids=tokens, labels=labels).loss
+
+    return Wrapped()
+
+
+def build_baseline(name: str, cfg, device):
+    """A model whose forward(tokens, labels) returns the mean loss."""
+    model = (hf_llama(cfg) if name == "hf" else PlainLlama(cfg)).to(device)
+    if name == "plain-compile":
+        model = torch.compile(model)
+    return model
+
+
+def baseline_step_fn(model, device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step(tokens, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(tokens, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step

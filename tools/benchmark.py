@@ -1,0 +1,132 @@
+"""Measure training throughput of a preset: tokens/s, MFU, TFLOP/s per GPU and peak memory.
+
+    python tools/benchmark.py --preset llama-1.3b --seq 2048 --micro-batch 4 --steps 20 --baselines --out bench.json
+    torchrun --nproc-per-node 8 tools/benchmark.py --preset llama3-8b --tp 2 --pp 2 ...
+
+Warm-up steps are excluded from the timing. `--baselines` also times, in the same launch and
+on the same GPU (single process only), a plain-PyTorch model of the same shape (eager and
+torch.compile) and Hugging Face LlamaForCausalLM, and reports Trellis's ratio to each.
+Extra `--section.key value` arguments go to the Trellis configuration unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from engine.config import parse_args, validate  # noqa: E402
+from engine.metrics import device_peak_tflops  # noqa: E402
+
+
+def parse_cli(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama-1.3b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--global-batch", type=int, default=0, help="0: micro-batch x data-parallel size")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--baselines", action="store_true")
+    parser.add_argument("--out", default="")
+    return parser.parse_known_args(argv)
+
+
+def summarise(name, step_times, tokens_per_step, flops_per_token, world, peak, mem_gib):
+    seconds = sorted(step_times)[len(step_times) // 2]  # median step
+    tokens_per_s = tokens_per_step / seconds
+    tflops = tokens_per_s * flops_per_token / world / 1e12
+    return {"name": name, "step_s": seconds, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
+            "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_mem_gib": mem_gib}
+
+
+def timed_steps(step_fn, warmup, steps, device):
+    for _ in range(warmup):
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return times, mem
+
+
+def run_trellis(args, extra):
+    from engine.training import Trainer
+
+    argv = ["--model.preset", args.preset, "--model.seq_length", str(args.seq), "--data.mock", "true",
+            "--train.micro_batch_size", str(args.micro_batch), "--train.global_batch_size", str(args.global_batch),
+            "--train.iters", str(args.warmup + args.steps), "--parallel.tp", str(args.tp), "--parallel.pp", str(args.pp),
+            "--log.quiet", "true", "--train.output_dir", "/tmp/trellis_benchmark"] + extra
+    cfg = validate(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
+    trainer = Trainer(cfg)
+    times, mem = timed_steps(trainer.train_step, args.warmup, args.steps, trainer.device)
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    peak = device_peak_tflops(trainer.device, cfg.log.peak_tflops)
+    row = summarise("trellis", times, tokens, cfg.model.flops_per_token(), trainer.grid.world_size, peak, mem)
+    row["config"] = " ".join(argv)
+    return cfg, trainer, row
+
+
+def run_baseline(name, cfg, args, device, peak):
+    from tools.baselines import baseline_step_fn, build_baseline
+
+    torch.manual_seed(0)
+    model = build_baseline(name, cfg.model, device)
+    step = baseline_step_fn(model, device)
+    tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq + 1), device=device)
+    times, mem = timed_steps(lambda: step(tokens[:, :-1], tokens[:, 1:]), args.warmup, args.steps, device)
+    del model, step
+    return summarise(name, times, args.micro_batch * args.seq, cfg.model.flops_per_token(), 1, peak, mem)
+
+
+def print_table(rows):
+    print("| stack | tokens/s per GPU | TFLOP/s per GPU | MFU | peak memory GiB | Trellis / this |")
+    print("|---|---|---|---|---|---|")
+    ours = rows[0]["tokens_per_s_per_gpu"]
+    for row in rows:
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+        print(f"| {row['name']} | {row['tokens_per_s_per_gpu']:.0f} | {row['tflops_per_gpu']:.1f} | {mfu} | "
+              f"{row['peak_mem_gib']:.1f} | {ours / row['tokens_per_s_per_gpu']:.2f}x |")
+
+
+def main(argv=None):
+    args, extra = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg, trainer, row = run_trellis(args, extra)
+    rows = [row]
+    rank0 = trainer.grid.rank == 0
+    if args.baselines:
+        if trainer.grid.world_size != 1:
+            raise SystemExit("error: --baselines runs on a single process only")
+        device, peak = trainer.device, device_peak_tflops(trainer.device, cfg.log.peak_tflops)
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        for name in ("plain-eager", "plain-compile", "hf"):
+            rows.append(run_baseline(name, cfg, args, device, peak))
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+    if rank0:
+        print_table(rows)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                           "torch": torch.__version__, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
