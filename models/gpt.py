@@ -56,6 +56,9 @@ class GPTModel(nn.Module):
                 spec = ShardSpec((self.padded_vocab, cfg.hidden_size), 0, (), self.embedding_rank(), self.tp)
                 self.output_weight = attach(nn.Parameter(torch.empty(spec.local_shape(), **factory)), spec)
         self.recompute = cfg.recompute == "full"
+        if cfg.compile:
+            for layer in self.layers.values():
+                layer.compile()  # in place: parameter names stay layout- and compile-independent
 
     def embedding_rank(self) -> int:
         return torch.distributed.get_rank(self.tp_group) if self.tp > 1 else 0

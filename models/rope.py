@@ -22,8 +22,9 @@ def _rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x: [b, n, s, d]; cos/sin: [s, d] or [b, s, d]."""
+    """x: [b, n, s, d]; cos/sin: [s, d] or [b, s, d]. Computed in x's dtype with cos/sin cast
+    to it, as Hugging Face's Llama does (bf16 under autocast: no fp32 copies of q and k)."""
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    xf = x.float()
-    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
