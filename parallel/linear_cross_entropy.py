@@ -1,0 +1,83 @@
+"""Output projection fused with (vocab-parallel) cross-entropy, chunked over tokens.
+
+The plain path materialises fp32 logits for the whole micro-batch ([tokens, vocab/tp], 1 GiB
+at 8k tokens x 32k vocab) and keeps the softmax for backward. Here the logits of one chunk of
+tokens exist at a time: the loss and its gradient w.r.t. that chunk's logits are computed in
+the forward pass and immediately turned into the gradients of the hidden states and the
+weight. That is possible because the loss is a weighted sum of token losses whose weights
+(loss mask / global token count) are known up front; backward only multiplies by the
+incoming scalar gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from parallel import comm
+
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk):
+        dtype = _compute_dtype(hidden.device.type, hidden.dtype)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        local_vocab = w.shape[0]
+        valid = min(max(vocab_size - vocab_start, 0), local_vocab)
+        grad_hidden = torch.empty_like(h)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, min(start + chunk, h.shape[0]))
+                dlogits, token_loss[rows] = _chunk_loss_and_grad(
+                    h[rows], w, labels[rows], token_weights[rows], group, vocab_start, valid)
+                grad_hidden[rows] = (dlogits.to(dtype) @ w).to(grad_hidden.dtype)
+                grad_weight.addmm_(dlogits.t(), h[rows].float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return (token_loss * token_weights).sum(), token_loss
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_token_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return ((grad_hidden * grad_sum).to(hidden_dtype), (grad_weight * grad_sum).to(weight_dtype),
+                None, None, None, None, None, None)
+
+
+def _chunk_loss_and_grad(h, w, labels, token_weights, group, vocab_start, valid):
+    """Token losses of one chunk and d(sum weights*loss)/d(logits), both fp32."""
+    logits = (h @ w.t()).float()
+    if valid < logits.shape[-1]:
+        logits[:, valid:] = float("-inf")
+    logits_max = logits.max(dim=-1).values
+    comm.all_reduce(logits_max, group, op=torch.distributed.ReduceOp.MAX)
+    logits.sub_(logits_max.unsqueeze(-1))
+    local = labels - vocab_start
+    outside = (local < 0) | (local >= logits.shape[-1])
+    index = local.masked_fill(outside, 0).unsqueeze(-1)
+    target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(outside, 0.0)
+    comm.all_reduce(target_logit, group)
+    probs = logits.exp_()
+    sum_exp = probs.sum(dim=-1)
+    comm.all_reduce(sum_exp, group)
+    loss = sum_exp.log() - target_logit
+    probs.div_(sum_exp.unsqueeze(-1))
+    probs.scatter_add_(-1, index, -(~outside).float().unsqueeze(-1))
+    probs.mul_(token_weights.float().unsqueeze(-1))
+    return probs, loss
+
+
+def linear_cross_entropy(hidden, weight, labels, token_weights, group, vocab_start: int, vocab_size: int,
+                         chunk: int = DEFAULT_CHUNK_TOKENS):
+    """(sum over tokens of weight x loss, per-token losses) for hidden [T, h], weight [v/tp, h],
+    labels and token_weights [T]; `hidden` must already be the TP-replicated input (its
+    gradient is this rank's partial sum, reduced by the caller's copy-to-TP mapping)."""
+    return _LinearCrossEntropy.apply(hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk)
