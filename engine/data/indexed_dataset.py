@@ -172,6 +172,10 @@ class IndexedDataset:
             length = int(self.sequence_lengths[i]) - offset
         return self._data[start : start + length]
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the .bin, in order, as a read-only memory map."""
+        return self._data
+
     @property
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
