@@ -19,6 +19,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -44,6 +45,12 @@ def timed(fn, *args, repeats: int = 1):
     return result, best
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the tokenizer workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def stdlib_jsonl(path: str) -> int:
     stdlib = os.path.dirname(os.__file__)
     files = sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True))
@@ -66,10 +73,13 @@ def bench_preprocess(work: str) -> list[str]:
         args = preprocess_data.parse_args(["--input", corpus, "--output-prefix", os.path.join(work, f"out{workers}"),
                                            "--tokenizer-type", "sentencepiece", "--tokenizer-model", model + ".model",
                                            "--workers", str(workers), "--log-interval", "1000"])
+        cpu_before = cpu_seconds()
         stats = preprocess_data.preprocess(args)
+        cpu = cpu_seconds() - cpu_before
         mb = stats["bytes"] / 1e6
         rows.append(f"| preprocess, {workers} worker(s) | {num_files} files, {mb:.1f} MB, {stats['tokens'] / 1e6:.1f}M tokens "
-                    f"| {stats['seconds']:.1f} s | {mb / stats['seconds']:.2f} MB/s, {stats['tokens'] / stats['seconds'] / 1e6:.2f}M tokens/s |")
+                    f"| {stats['seconds']:.1f} s wall, {cpu:.1f} CPU-s | {mb / stats['seconds']:.2f} MB/s, "
+                    f"{stats['tokens'] / stats['seconds'] / 1e6:.2f}M tokens/s; {mb / cpu:.2f} MB per CPU-s |")
     return rows
 
 

@@ -155,8 +155,10 @@ def load_or_build_indices(cache_prefix: str, sizes, documents, seq_length: int, 
         os.makedirs(os.path.dirname(os.path.abspath(cache_prefix)), exist_ok=True)
         for name, array in zip(("doc", "sample", "shuffle"), arrays):
             _save_atomic(paths[name], array)
-        with open(f"{cache_prefix}_{key}_desc.json", "w") as f:
+        desc_path, tmp = f"{cache_prefix}_{key}_desc.json", f"{cache_prefix}_{key}_desc.json.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(dict(description or {}, seq_length=seq_length, seed=seed, num_samples=num_samples), f, indent=1)
+        os.replace(tmp, desc_path)
     except OSError as e:
         raise DataError(f"Cannot write the sample index cache at {cache_prefix} ({e.strerror}); pass cache_dir.") from None
     return arrays

@@ -39,27 +39,30 @@ def test_writer_rejects_ids_outside_vocab_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_bad_magic(tmp_path):
-    prefix = write(tmp_path / "d", random_documents(1, 5, 100), 100)
+def overwrite_magic(prefix):
     with open(prefix + ".idx", "r+b") as f:
         f.write(b"NOTMAGIC!")
-    with pytest.raises(DataError, match="bad magic"):
-        IndexedDataset(prefix)
 
 
-def test_truncated_idx(tmp_path):
-    prefix = write(tmp_path / "d", random_documents(1, 5, 100), 100)
+def truncate_idx(prefix):
     with open(prefix + ".idx", "r+b") as f:
         f.truncate(os.path.getsize(prefix + ".idx") - 8)
-    with pytest.raises(DataError, match="truncated or corrupt"):
-        IndexedDataset(prefix)
 
 
-def test_idx_not_matching_bin(tmp_path):
-    prefix = write(tmp_path / "d", random_documents(1, 5, 100), 100)
+def grow_bin(prefix):
     with open(prefix + ".bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(DataError, match="does not match its .bin"):
+
+
+@pytest.mark.parametrize("damage, message", [
+    (overwrite_magic, "bad magic"),
+    (truncate_idx, "truncated or corrupt"),
+    (grow_bin, "does not match its .bin"),
+])
+def test_damaged_files_are_refused(tmp_path, damage, message):
+    prefix = write(tmp_path / "d", random_documents(1, 5, 100), 100)
+    damage(prefix)
+    with pytest.raises(DataError, match=message):
         IndexedDataset(prefix)
 
 
