@@ -40,3 +40,11 @@ def test_check_vocab(sp_tokenizer):
     check_vocab(sp_tokenizer, 400)
     with pytest.raises(DataError, match=r"vocabulary \(400\) is larger than the model's vocab_size \(256\)"):
         check_vocab(sp_tokenizer, 256)
+
+
+def test_hf_tokenizer_without_config_finds_eod_by_name(tmp_path, hf_tokenizer_dir):
+    import shutil
+
+    shutil.copy(f"{hf_tokenizer_dir}/tokenizer.json", tmp_path / "tokenizer.json")
+    tok = build_tokenizer("hf", str(tmp_path / "tokenizer.json"))
+    assert tok.eod_id == tok.token_to_id("<|endoftext|>") and tok.chat_template is None
