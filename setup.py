@@ -28,5 +28,7 @@ setup(
     ext_modules=ext_modules,
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "sentencepiece", "tokenizers", "safetensors"],
-    extras_require={"dev": ["pytest", "pybind11>=2.10", "transformers", "peft"]},
+    # megatron-core is pinned for the .bin/.idx compatibility tests; its own requirements are
+    # torch>=2.6, numpy, packaging, so an installed CPU torch stays as it is.
+    extras_require={"dev": ["pytest", "pybind11>=2.10", "transformers", "peft", "jinja2", "megatron-core==0.16.1"]},
 )
