@@ -99,8 +99,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
             with self.autocast():
-                token_loss = self.model(batch["tokens"], labels=batch["labels"])
-            loss = (token_loss.float() * batch["loss_mask"]).sum() / total_tokens
+                loss = self.model(batch["tokens"], labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens)
             self.optimizer.scale_loss(loss).backward()
             loss_sum += loss.detach()
         return loss_sum

@@ -31,6 +31,7 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     recompute: str = "none"  # none | full
+    fused_cross_entropy: bool = True  # chunked output layer + loss, never the full logits
     compile: bool = False  # torch.compile each transformer layer (names and checkpoints unchanged)
     attention_backend: str = "auto"  # auto | sdpa
 

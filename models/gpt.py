@@ -20,6 +20,7 @@ from models.rope import rope_cache
 from models.transformer import TransformerLayer
 from parallel import comm
 from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.linear_cross_entropy import linear_cross_entropy
 from parallel.layers import VocabParallelEmbedding
 from parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
 from parallel.random import RNGTracker
@@ -83,9 +84,12 @@ class GPTModel(nn.Module):
         return name
 
     # ---- forward ----------------------------------------------------------------------
-    def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, attention_mask=None):
-        """tokens/labels: [b, s]. Returns per-token loss [b, s] when the last stage gets labels,
-        local logits [s, b, v/tp] when it gets none, else the hidden state for the next stage."""
+    def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, attention_mask=None,
+                loss_weights=None):
+        """tokens/labels/loss_weights: [b, s]. On the last stage: with labels, the per-token loss
+        [b, s], or with loss_weights as well the scalar sum of weight x token loss (through the
+        chunked fused path when training); without labels, local logits [s, b, v/tp].
+        Other stages return the hidden state for the next stage."""
         if self.pre_process:
             hidden = self.embed(tokens, position_ids)
         seq_len = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
@@ -96,7 +100,7 @@ class GPTModel(nn.Module):
             hidden = self._run_layer(layer, hidden, rope, attention_mask)
         if not self.post_process:
             return hidden
-        return self.head(hidden, labels)
+        return self.head(hidden, labels, loss_weights)
 
     def embed(self, tokens, position_ids=None):
         hidden = self.embedding(tokens.t())
@@ -111,19 +115,25 @@ class GPTModel(nn.Module):
                 hidden = nn.functional.dropout(hidden, self.cfg.dropout)
         return hidden
 
-    def head(self, hidden, labels=None):
+    def head(self, hidden, labels=None, loss_weights=None):
         hidden = self.final_norm(hidden)
         if self.sequence_parallel:
             hidden = gather_from_sp(hidden, self.tp_group)
         else:
             hidden = copy_to_tp(hidden, self.tp_group)
         weight = self.output_weight if hasattr(self, "output_weight") else self.embedding.weight
+        vocab_start = self.embedding_rank() * (self.padded_vocab // self.tp)
+        if labels is not None and loss_weights is not None and self.cfg.fused_cross_entropy and torch.is_grad_enabled():
+            s, b, h = hidden.shape
+            total, _ = linear_cross_entropy(hidden.reshape(s * b, h), weight, labels.t().reshape(-1),
+                                            loss_weights.t().reshape(-1), self.tp_group, vocab_start,
+                                            self.cfg.vocab_size)
+            return total
         logits = nn.functional.linear(hidden, weight)
         if labels is None:
             return logits
-        vocab_start = self.embedding_rank() * (self.padded_vocab // self.tp)
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_start, self.cfg.vocab_size)
-        return loss.t()
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_start, self.cfg.vocab_size).t()
+        return loss if loss_weights is None else (loss.float() * loss_weights).sum()
 
     def _run_layer(self, layer, hidden, rope, attention_mask):
         if not (self.recompute and self.training and torch.is_grad_enabled()):
