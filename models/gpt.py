@@ -84,8 +84,9 @@ class GPTModel(nn.Module):
         return name
 
     # ---- forward ----------------------------------------------------------------------
-    def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, attention_mask=None,
+    def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, document_ids=None,
                 loss_weights=None):
+        # document_ids [b, s]: packed sequences; attention never crosses a document boundary.
         """tokens/labels/loss_weights: [b, s]. On the last stage: with labels, the per-token loss
         [b, s], or with loss_weights as well the scalar sum of weight x token loss (through the
         chunked fused path when training); without labels, local logits [s, b, v/tp].
@@ -97,7 +98,7 @@ class GPTModel(nn.Module):
         if self.cfg.position_embedding == "rope":
             rope = rope_cache(seq_len, self.cfg.head_dim(), self.cfg.rope_theta, hidden.device, position_ids)
         for layer in self.layers.values():
-            hidden = self._run_layer(layer, hidden, rope, attention_mask)
+            hidden = self._run_layer(layer, hidden, rope, document_ids)
         if not self.post_process:
             return hidden
         return self.head(hidden, labels, loss_weights)
@@ -135,10 +136,10 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_start, self.cfg.vocab_size).t()
         return loss if loss_weights is None else (loss.float() * loss_weights).sum()
 
-    def _run_layer(self, layer, hidden, rope, attention_mask):
+    def _run_layer(self, layer, hidden, rope, document_ids):
         if not (self.recompute and self.training and torch.is_grad_enabled()):
-            return layer(hidden, rope, attention_mask)
-        return activation_checkpoint.checkpoint(layer, hidden, rope, attention_mask, use_reentrant=False,
+            return layer(hidden, rope, document_ids)
+        return activation_checkpoint.checkpoint(layer, hidden, rope, document_ids, use_reentrant=False,
                                                 context_fn=self._recompute_rng_contexts)
 
     def _recompute_rng_contexts(self):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention import attend
 from models.config import ModelConfig
 from models.norms import Norm
 from models.rope import apply_rope
@@ -25,6 +26,7 @@ class Attention(nn.Module):
         self.local_heads = cfg.num_heads // tp
         self.local_kv_heads = cfg.num_kv_heads // tp
         self.dropout = cfg.attention_dropout
+        self.backend = cfg.attention_backend
         self.rng = rng
         kv = cfg.num_kv_heads * self.head_dim
         qkv_bias = bool(cfg.add_qkv_bias or cfg.add_bias_linear)
@@ -33,7 +35,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, bias=bool(cfg.add_bias_linear),
                                       sequence_parallel=sequence_parallel, device=device, dtype=dtype)
 
-    def forward(self, x, rope=None, attention_mask=None):
+    def forward(self, x, rope=None, document_ids=None):
         qkv = self.qkv(x)
         s, b = qkv.shape[0], qkv.shape[1]
         q_size = self.local_heads * self.head_dim
@@ -45,19 +47,16 @@ class Attention(nn.Module):
         v = v.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self._attend(q, k, v, attention_mask)
+        out = self._attend(q, k, v, document_ids)
         out = out.permute(2, 0, 1, 3).reshape(s, b, q_size)
         return self.proj(out)
 
-    def _attend(self, q, k, v, attention_mask):
+    def _attend(self, q, k, v, document_ids):
         dropout = self.dropout if self.training else 0.0
-        gqa = self.local_kv_heads != self.local_heads
-        causal = attention_mask is None
         # Heads are TP-split, so their dropout masks must differ across TP ranks.
         ctx = self.rng.fork() if dropout > 0 else contextlib.nullcontext()
         with ctx:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
-                                                  is_causal=causal, enable_gqa=gqa)
+            return attend(q, k, v, dropout=dropout, document_ids=document_ids, backend=self.backend)
 
 
 class MLP(nn.Module):
@@ -90,8 +89,8 @@ class TransformerLayer(nn.Module):
         self.norm2 = Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, sequence_parallel, device, dtype)
         self.mlp = MLP(cfg, tp_group, sequence_parallel, device, dtype)
 
-    def forward(self, x, rope=None, attention_mask=None):
-        x = x + self._dropout(self.attn(self.norm1(x), rope, attention_mask))
+    def forward(self, x, rope=None, document_ids=None):
+        x = x + self._dropout(self.attn(self.norm1(x), rope, document_ids))
         return x + self._dropout(self.mlp(self.norm2(x)))
 
     def _dropout(self, x):

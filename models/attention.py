@@ -1,0 +1,103 @@
+"""Attention backends behind one switch (`model.attention_backend`).
+
+- `flash`: the flash-attn package (when importable, on CUDA, in bf16/fp16); packed documents
+  through its varlen kernel with cumulative sequence lengths.
+- `sdpa`: torch's scaled_dot_product_attention (which itself picks flash / cuDNN / efficient
+  kernels); packed documents through a boolean block-diagonal causal mask.
+- `flex`: torch FlexAttention with a document block mask (CUDA; sparse, so packed sequences
+  cost what their documents cost).
+- `auto`: flash-attn when usable, else SDPA; packed documents on CUDA use flex when flash-attn
+  is absent.
+Transformer Engine's attention is not wired in: Trellis's own layers hold the projections, and
+the SDPA cuDNN backend gives the same fused kernel. q: [b, n, s, d]; k, v: [b, n_kv, s, d].
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flash", "flex")
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_module():
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+def _flash_usable(q) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_attn_module() is not None
+
+
+def choose_backend(requested: str, q, document_ids) -> str:
+    if requested != "auto":
+        if requested == "flash" and flash_attn_module() is None:
+            raise RuntimeError("model.attention_backend is flash but the flash-attn package is not installed")
+        return requested
+    if _flash_usable(q):
+        return "flash"
+    if document_ids is not None and q.is_cuda:
+        return "flex"
+    return "sdpa"
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] boolean: query i sees key j when j <= i and both lie in one document."""
+    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    seq = document_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
+def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "auto"):
+    """Causal attention, restricted to documents when `document_ids` [b, s] is given."""
+    chosen = choose_backend(backend, q, document_ids)
+    gqa = k.shape[1] != q.shape[1]
+    if chosen == "flash":
+        return _flash(q, k, v, dropout, document_ids)
+    if chosen == "flex" and document_ids is not None:
+        return _flex(q, k, v, document_ids, gqa)
+    mask = None if document_ids is None else document_causal_mask(document_ids)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                          enable_gqa=gqa)
+
+
+def _flash(q, k, v, dropout, document_ids):
+    fa = flash_attn_module()
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, n, d]
+    if document_ids is None:
+        return fa.flash_attn_func(q, k, v, dropout_p=dropout, causal=True).transpose(1, 2)
+    b, s = document_ids.shape
+    # Documents of every sample become one varlen batch: boundaries where the id changes.
+    flat_ids = document_ids + torch.arange(b, device=q.device).unsqueeze(1) * (document_ids.max() + 1)
+    flat_ids = flat_ids.reshape(-1)
+    starts = torch.nonzero(torch.diff(flat_ids, prepend=flat_ids[:1] - 1)).squeeze(-1)
+    cu = torch.cat([starts, torch.tensor([b * s], device=q.device)]).to(torch.int32)
+    max_len = int(torch.diff(cu).max())
+    out = fa.flash_attn_varlen_func(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
+                                    v.reshape(b * s, *v.shape[2:]), cu, cu, max_len, max_len,
+                                    dropout_p=dropout, causal=True)
+    return out.reshape(b, s, *out.shape[1:]).transpose(1, 2)
+
+
+def _flex(q, k, v, document_ids, gqa):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    b, s = document_ids.shape
+    block_mask = create_block_mask(mask_mod, b, None, s, s, device=q.device)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
