@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint_state import model_entries, optimizer_entries, optimizer_load_targets
@@ -161,10 +162,10 @@ def read_entries(step_dir: str, entries: dict, no_dist: bool = False) -> None:
                  no_dist=no_dist)
     except CheckpointError:
         raise
-    except Exception as error:  # DCP wraps per-rank errors; keep the first line of the cause
+    except (Exception, CheckpointException) as error:  # DCP wraps per-rank errors (a BaseException)
         detail = str(error).strip().splitlines()
-        raise CheckpointError(f"could not read checkpoint {step_dir} (a missing or truncated data file?): "
-                              f"{detail[-1] if detail else type(error).__name__}") from None
+        cause = detail[-1] if detail else type(error).__name__
+        raise CheckpointError(f"could not read checkpoint {step_dir}: a data file is missing or truncated ({cause})") from None
     with torch.no_grad():
         for stored, views in entries.values():
             local = stored.to_local() if isinstance(stored, DTensor) else stored
