@@ -42,7 +42,7 @@ def is_mirror(chunk, name: str) -> bool:
 
 def local_blocks(name: str, local: torch.Tensor, spec):
     """(key suffix, view of `local`) for each fused block this rank holds."""
-    if not spec.parts:
+    if len(spec.parts) <= 1:  # one block (e.g. GPT-2's fc1) is just the tensor
         return [("", local)]
     names = block_names(name, len(spec.parts))
     pieces, offset = [], 0
