@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 
 import yaml
@@ -107,7 +108,7 @@ def _convert(value, hint, key: str):
     """Coerce a YAML or command-line value to the field's declared type."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         return None if value is None or value == "None" else _convert(value, args[0], key)
     if origin in (list, typing.List):
         if isinstance(value, str):

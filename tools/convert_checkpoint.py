@@ -42,6 +42,9 @@ class ConversionError(ValueError):
 
 
 def progress(index: int, total: int, what: str) -> None:
+    """A one-line progress bar on a terminal; only the final count when stderr is a log."""
+    if index != total and not sys.stderr.isatty():
+        return
     width = 30
     done = int(width * index / max(total, 1))
     print(f"\r[{'#' * done}{'.' * (width - done)}] {index}/{total} {what[:60]:<60}", end="", file=sys.stderr, flush=True)
