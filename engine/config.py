@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 
 import yaml
@@ -72,12 +73,22 @@ class LogConfig:
 
 
 @dataclasses.dataclass
+class CheckpointConfig:
+    save: str = ""  # directory to save into ("" = never save)
+    interval: int = 0  # save every N steps (0: only at the end of training)
+    keep: int = 0  # keep the newest K checkpoints (0: keep all)
+    load: str = ""  # directory (or one step's directory) to resume from
+    load_step: int = -1  # step to load; 0 or -1: the latest
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,7 +108,7 @@ def _convert(value, hint, key: str):
     """Coerce a YAML or command-line value to the field's declared type."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         return None if value is None or value == "None" else _convert(value, args[0], key)
     if origin in (list, typing.List):
         if isinstance(value, str):
@@ -230,6 +241,10 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(cfg.parallel.vpp == 1 and cfg.parallel.pp == 1, "parallel.pp",
              "pipeline parallelism is not available in this build; use 1")
     _require(cfg.data.mock or bool(cfg.data.path), "data.path", "give dataset prefixes, or set data.mock true")
+    c = cfg.checkpoint
+    _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
+    _require(c.keep >= 0, "checkpoint.keep", f"must be non-negative, got {c.keep}")
+    _require(not c.load or os.path.isdir(c.load), "checkpoint.load", f"directory {c.load!r} does not exist")
     return cfg
 
 

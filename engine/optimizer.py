@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.checkpoint_state import adam_param_state_by_name, load_adam_param_state
 from parallel.gradients import (
     all_reduce_coalesced,
     clip_grads,
@@ -45,7 +46,8 @@ class TrainingOptimizer:
     def __init__(self, model_chunks, grid, train_cfg, device):
         self.grid, self.cfg, self.device = grid, train_cfg, device
         named = [(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()]
-        self.params = [p for _, p in named if p.requires_grad]
+        self.named_params = [(n, p) for n, p in named if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.inner = build_torch_optimizer(param_groups(named, train_cfg.weight_decay), train_cfg, device)
 
     @property
@@ -76,6 +78,14 @@ class TrainingOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+    # Checkpoints use these: state keyed by parameter name, each tensor at the parameter's
+    # local TP-shard shape, so it can be saved under the parameter's global key.
+    def param_state_by_name(self) -> dict:
+        return adam_param_state_by_name(self.inner, self.named_params)
+
+    def load_param_state_by_name(self, state: dict) -> None:
+        load_adam_param_state(self.inner, self.named_params, state)
 
 
 def build_optimizer(model_chunks, grid, train_cfg, device) -> TrainingOptimizer:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from engine.batches import MockDataset, step_microbatches
+from engine.checkpoint import load_checkpoint, save_checkpoint, save_due
 from engine.config import Config
 from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
@@ -69,6 +70,8 @@ class Trainer:
         if self.grid.is_logging_rank:
             with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as handle:
                 json.dump(dataclasses.asdict(cfg), handle, indent=1)
+        if cfg.checkpoint.load:
+            load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step)
 
     def build_model(self) -> list:
         """This rank's model chunks (one without virtual pipeline stages)."""
@@ -147,6 +150,8 @@ class Trainer:
             history.append(record)
             if self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters:
                 self.logger.log(record, CONSOLE_KEYS + ("val_loss",))
+            if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
+                save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
         self.logger.close()
         return history
 

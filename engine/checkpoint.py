@@ -1,0 +1,344 @@
+"""Saving and resuming a run on `torch.distributed.checkpoint` (DCP), at any layout.
+
+On disk:
+
+    DIR/latest                  the newest complete step ("step_000100"), replaced atomically
+    DIR/step_000100/.metadata   DCP's index of every stored tensor (global keys, full shapes)
+    DIR/step_000100/*.distcp    tensor data, written by whichever ranks hold it (one copy)
+    DIR/step_000100/trellis.json  step, LR schedule, loss scaler, layout, model and run config
+
+Tensors use the global keys of `engine.checkpoint_state`, so a checkpoint saved at one
+TP/PP/DP layout loads at another. A save goes to DIR/.tmp_step_000100 and is renamed only
+after every rank has finished writing, so a crash mid-save leaves the previous checkpoint
+(and `latest`) untouched. Nothing here unpickles arbitrary objects: DCP's index is read with
+an allow-list of its own classes, tensor data with `weights_only=True`, the rest is JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
+
+from engine.checkpoint_state import model_entries, optimizer_entries, optimizer_load_targets
+from engine.launch import UserError
+
+META_FILE = "trellis.json"
+LATEST_FILE = "latest"
+FORMAT = "trellis-checkpoint"
+# Test hook: exit the process between writing a checkpoint and publishing it (crash tests).
+CRASH_ENV = "TRELLIS_CHECKPOINT_CRASH_BEFORE_RENAME"
+# Model fields that change what the weights mean; training-only fields may differ on load.
+NOT_ARCHITECTURE = {"preset", "seq_length", "dropout", "attention_dropout", "init_std", "recompute",
+                    "attention_backend", "make_vocab_size_divisible_by"}
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message is one sentence naming it."""
+
+
+# ---- paths ----------------------------------------------------------------------------------
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def saved_steps(root: str) -> list:
+    """Steps of complete checkpoints under `root`, oldest first."""
+    steps = []
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+        if entry.startswith("step_") and entry[5:].isdigit() and os.path.isdir(os.path.join(root, entry)):
+            steps.append(int(entry[5:]))
+    return sorted(steps)
+
+
+def resolve_step_dir(root: str, step: int) -> str:
+    """The directory of checkpoint `step`, or of the latest one when step is 0 or negative."""
+    if not os.path.isdir(root):
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    if step > 0:
+        path = os.path.join(root, step_dir_name(step))
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path} does not exist; saved steps are {saved_steps(root) or 'none'}")
+        return path
+    if os.path.exists(os.path.join(root, META_FILE)):
+        return root  # DIR is itself one step's checkpoint
+    latest = os.path.join(root, LATEST_FILE)
+    if not os.path.exists(latest):
+        raise CheckpointError(f"{root} holds no checkpoint (no {LATEST_FILE} file and no {META_FILE})")
+    with open(latest) as handle:
+        path = os.path.join(root, handle.read().strip())
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{latest} names {path}, which does not exist")
+    return path
+
+
+def write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(step_dir: str) -> dict:
+    path = os.path.join(step_dir, META_FILE)
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except FileNotFoundError:
+        raise CheckpointError(f"{step_dir} is not a Trellis checkpoint ({META_FILE} is missing)") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} is truncated or corrupt (not valid JSON)") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a Trellis checkpoint description")
+    return meta
+
+
+# ---- reading DCP's index without unpickling arbitrary code -----------------------------------------
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP pickles its index; allow only the classes that index is made of."""
+
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in (
+                ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise CheckpointError(f"checkpoint index refers to {module}.{name}, which a checkpoint never holds")
+
+
+class SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(self.path, ".metadata")
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} has no tensor index (.metadata); the save did not finish") from None
+        except (EOFError, pickle.UnpicklingError):
+            raise CheckpointError(f"{path} is truncated or corrupt") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+def stored_shapes(step_dir: str) -> dict:
+    """{key: full shape} of every tensor in a checkpoint."""
+    metadata = SafeReader(step_dir).read_metadata()
+    return {key: tuple(getattr(item, "size", ())) for key, item in metadata.state_dict_metadata.items()}
+
+
+def check_keys(step_dir: str, entries: dict, shapes: dict) -> None:
+    """Fail with one sentence before DCP does with a page: a missing key or a wrong shape."""
+    missing = [key for key in entries if key not in shapes]
+    if missing:
+        raise CheckpointError(f"checkpoint {step_dir} lacks {len(missing)} tensor(s) this model needs, "
+                              f"e.g. {missing[0]}; it was saved for another model")
+    for key, (stored, _) in entries.items():
+        if tuple(stored.shape) != shapes[key]:
+            raise CheckpointError(f"checkpoint {step_dir} stores {key} with shape {list(shapes[key])} "
+                                  f"but this model needs {list(stored.shape)}; it was saved for another model shape")
+
+
+def read_entries(step_dir: str, entries: dict, no_dist: bool = False) -> None:
+    """Load DCP tensors into `entries` (each rank reads only the slices it holds)."""
+    try:
+        dcp.load({key: stored for key, (stored, _) in entries.items()}, storage_reader=SafeReader(step_dir),
+                 no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as error:  # DCP wraps per-rank errors (a BaseException)
+        detail = str(error).strip().splitlines()
+        cause = detail[-1] if detail else type(error).__name__
+        raise CheckpointError(f"could not read checkpoint {step_dir}: a data file is missing or truncated ({cause})") from None
+    with torch.no_grad():
+        for stored, views in entries.values():
+            local = stored.to_local() if isinstance(stored, DTensor) else stored
+            for view in views:
+                if view.data_ptr() != local.data_ptr():
+                    view.copy_(local)
+
+
+# ---- what a run saves -------------------------------------------------------------------------------
+def architecture(model_cfg) -> dict:
+    fields = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
+    return {k: v for k, v in fields.items() if k not in NOT_ARCHITECTURE}
+
+
+def check_same_model(step_dir: str, meta: dict, model_cfg, tp: int) -> None:
+    saved, current = architecture(meta["model"]), architecture(model_cfg)
+    differences = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (this run)" for k, v in current.items() if saved.get(k) != v]
+    if differences:
+        raise CheckpointError(f"checkpoint {step_dir} holds a different model: {'; '.join(differences)}")
+    padded = model_cfg.padded_vocab_size(tp)
+    if meta.get("padded_vocab", padded) != padded:
+        raise CheckpointError(f"checkpoint {step_dir} pads the vocabulary to {meta['padded_vocab']} rows but "
+                              f"parallel.tp={tp} pads it to {padded}; use a TP size that divides {meta['padded_vocab']}")
+
+
+def layout_of(grid) -> dict:
+    return {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "cp": grid.cp, "world_size": grid.world_size}
+
+
+def rng_prefix(grid) -> str:
+    return f"rng.pp{grid.pp_rank}.tp{grid.tp_rank}.cp{grid.local_rank('cp')}.dp{grid.dp_rank}."
+
+
+def rng_entries(trainer) -> dict:
+    """This rank's generator states under a key of its own grid coordinates."""
+    states = {"cpu": torch.get_rng_state(), **trainer.rng.get_states()}
+    return {rng_prefix(trainer.grid) + name: (state, [state]) for name, state in states.items() if state is not None}
+
+
+def jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in {META_FILE}")
+
+
+def run_meta(trainer, contents: list) -> dict:
+    scaler = getattr(trainer.optimizer, "scaler", None)
+    return {
+        "format": FORMAT, "version": 1, "step": trainer.step, "contents": contents,
+        "layout": layout_of(trainer.grid), "padded_vocab": trainer.model_chunks[0].padded_vocab,
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "model": dataclasses.asdict(trainer.cfg.model), "config": dataclasses.asdict(trainer.cfg),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def training_entries(trainer) -> dict:
+    tp_mesh = trainer.grid.mesh["tp"]
+    entries = model_entries(trainer.model_chunks, tp_mesh, for_load=False)
+    entries.update(optimizer_entries(trainer.model_chunks, tp_mesh, trainer.optimizer.param_state_by_name(), for_load=False))
+    entries.update(rng_entries(trainer))
+    return entries
+
+
+# ---- save ---------------------------------------------------------------------------------------------
+def announce(trainer, message: str) -> None:
+    if dist.get_rank() == 0 and not trainer.cfg.log.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def save_due(ckpt_cfg, step: int, final: bool) -> bool:
+    if not ckpt_cfg.save:
+        return False
+    return final or bool(ckpt_cfg.interval and step % ckpt_cfg.interval == 0)
+
+
+def publish(root: str, tmp: str, step_dir: str) -> None:
+    """Make a finished temporary directory the checkpoint of its step, then point `latest` at
+    it. A checkpoint of the same step already there is replaced only once the new one is in."""
+    old = None
+    if os.path.exists(step_dir):
+        old = f"{tmp}.replaced"
+        os.rename(step_dir, old)
+    os.rename(tmp, step_dir)
+    write_atomically(os.path.join(root, LATEST_FILE), os.path.basename(step_dir) + "\n")
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(root: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep 0: delete none)."""
+    steps = saved_steps(root)
+    for step in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, step_dir_name(step)), ignore_errors=True)
+
+
+def remove_stale_temporaries(root: str) -> None:
+    """Leftovers of saves that crashed; never loadable, so safe to delete."""
+    for entry in os.listdir(root):
+        if entry.startswith(".tmp_step_"):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def save_checkpoint(trainer, root: str, keep: int = 0) -> str:
+    """Write the whole training state of every rank to root/step_XXXXXX; collective."""
+    start = time.perf_counter()
+    step_dir = os.path.join(root, step_dir_name(trainer.step))
+    tmp = os.path.join(root, ".tmp_" + step_dir_name(trainer.step))
+    is_writer = dist.get_rank() == 0
+    if is_writer:
+        os.makedirs(root, exist_ok=True)
+        remove_stale_temporaries(root)
+    dist.barrier()
+    entries = training_entries(trainer)
+    dcp.save({key: stored for key, (stored, _) in entries.items()}, storage_writer=FileSystemWriter(tmp))
+    if is_writer:
+        write_atomically(os.path.join(tmp, META_FILE), json.dumps(
+            run_meta(trainer, ["model", "optimizer", "rng", "trainer"]), indent=1, default=jsonable))
+    dist.barrier()  # every rank's data is on disk before the checkpoint becomes visible
+    if os.environ.get(CRASH_ENV) == str(trainer.step):
+        os._exit(17)
+    if is_writer:
+        publish(root, tmp, step_dir)
+        prune(root, keep)
+    dist.barrier()
+    announce(trainer, f"checkpoint: saved step {trainer.step} to {step_dir} in {time.perf_counter() - start:.2f}s")
+    return step_dir
+
+
+# ---- load ---------------------------------------------------------------------------------------------
+def restore_rng(trainer, meta: dict, shapes: dict) -> None:
+    """The saved generator states when this rank existed at the same layout; otherwise a
+    deterministic re-seed from (seed, step), since per-rank streams do not map across layouts."""
+    grid = trainer.grid
+    if "rng" in meta["contents"] and meta["layout"] == layout_of(grid):
+        prefix = rng_prefix(grid)
+        states = {key[len(prefix):]: torch.zeros(shape, dtype=torch.uint8)
+                  for key, shape in shapes.items() if key.startswith(prefix)}
+        read_entries(meta["_dir"], {prefix + name: (state, [state]) for name, state in states.items()})
+        trainer.rng.set_states({"default": states["default"], "tp": states.get("tp")})
+        torch.set_rng_state(states["cpu"])
+        return
+    trainer.rng.seed(trainer.cfg.train.seed + meta["step"], grid.tp_rank, grid.pp_rank)
+    if "rng" in meta["contents"]:
+        announce(trainer, f"checkpoint: layout changed ({meta['layout']} -> {layout_of(grid)}); random "
+                          f"generators re-seeded from train.seed + step, so dropout masks differ from the original run")
+
+
+def load_checkpoint(trainer, root: str, step: int = -1) -> int:
+    """Restore model (and, when saved, optimizer, schedule, scaler, RNG and step) at this
+    rank's layout; collective. Returns the step to continue from."""
+    start = time.perf_counter()
+    step_dir = resolve_step_dir(root, step)
+    meta = read_meta(step_dir)
+    meta["_dir"] = step_dir
+    check_same_model(step_dir, meta, trainer.cfg.model, trainer.grid.tp)
+    shapes = stored_shapes(step_dir)
+    chunks, tp_mesh = trainer.model_chunks, trainer.grid.mesh["tp"]
+    entries = model_entries(chunks, tp_mesh, for_load=True)
+    optim_targets = optimizer_load_targets(chunks, shapes) if "optimizer" in meta["contents"] else {}
+    entries.update(optimizer_entries(chunks, tp_mesh, optim_targets, for_load=True))
+    check_keys(step_dir, entries, shapes)
+    read_entries(step_dir, entries)
+    if optim_targets:
+        trainer.optimizer.load_param_state_by_name(optim_targets)
+    if "trainer" in meta["contents"]:
+        trainer.scheduler.load_state_dict(meta["scheduler"])
+        scaler = getattr(trainer.optimizer, "scaler", None)
+        if scaler is not None and meta.get("scaler") is not None:
+            scaler.load_state_dict(meta["scaler"])
+        trainer.step = int(meta["step"])
+    restore_rng(trainer, meta, shapes)
+    announce(trainer, f"checkpoint: loaded {step_dir} ({', '.join(meta['contents'])}; saved at layout "
+                      f"{meta['layout']}) in {time.perf_counter() - start:.2f}s")
+    return trainer.step
