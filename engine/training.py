@@ -122,7 +122,8 @@ class Trainer:
 
     def sync_tied_embedding_grads(self) -> None:
         """After backward, before the optimizer: both embedding copies get the summed gradient."""
-        all_reduce_tied_embedding_grads(self.tied_embedding_params(), self.embedding_group)
+        if self.embedding_group is not None:
+            all_reduce_tied_embedding_grads(self.tied_embedding_params(), self.embedding_group)
 
     @property
     def model(self):
