@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel.grid import StagePosition
 from parallel.pipeline.trace import COMM_TRACK, NullTracer
 
 ACTIVATION_TAG, GRADIENT_TAG = 1, 2
 
 
-class PipelineCommunicator:
+class PipelineCommunicator(StagePosition):
     def __init__(self, pp_group, pp_rank: int, shape: tuple, dtype: torch.dtype, device: torch.device,
                  tracer=None):
         ranks = dist.get_process_group_ranks(pp_group)
@@ -32,14 +33,6 @@ class PipelineCommunicator:
         self.tracer = tracer or NullTracer()
         # NCCL wants a group's first operation to be collective before any send/recv on it.
         dist.all_reduce(torch.zeros(1, device=device), group=pp_group)
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
     def _buffer(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
