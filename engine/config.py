@@ -12,6 +12,7 @@ import yaml
 
 from engine.launch import UserError
 from models.config import ModelConfig, resolve_preset, validate_model
+from models.pipeline_split import stage_layer_counts
 from parallel.grid import GridError, check_layout
 
 
@@ -70,6 +71,7 @@ class LogConfig:
     peak_tflops: float = 0.0  # 0: from the device name (989 for H100/H200 bf16), unknown on CPU
     tensorboard: bool = False
     quiet: bool = False
+    pipeline_trace: str = ""  # Chrome-trace JSON of the pipeline schedule, one file per rank ('' = off)
 
 
 @dataclasses.dataclass
@@ -238,14 +240,33 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16; got {t.precision!r}")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
-    _require(cfg.parallel.vpp == 1 and cfg.parallel.pp == 1, "parallel.pp",
-             "pipeline parallelism is not available in this build; use 1")
+    validate_pipeline(cfg, dp)
     _require(cfg.data.mock or bool(cfg.data.path), "data.path", "give dataset prefixes, or set data.mock true")
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
     _require(c.keep >= 0, "checkpoint.keep", f"must be non-negative, got {c.keep}")
     _require(not c.load or os.path.isdir(c.load), "checkpoint.load", f"directory {c.load!r} does not exist")
     return cfg
+
+
+def validate_pipeline(cfg: Config, dp: int) -> None:
+    """Stage split and microbatch count that the pipeline schedules can run."""
+    p = cfg.parallel
+    _require(p.vpp >= 1, "parallel.vpp", f"must be at least 1, got {p.vpp}")
+    _require(p.vpp == 1 or p.pp > 1, "parallel.vpp", f"virtual stages ({p.vpp}) need parallel.pp > 1")
+    if p.pp == 1 and not p.pipeline_layers:
+        return
+    try:
+        stage_layer_counts(cfg.model.num_layers, p.pp, p.vpp, p.pipeline_layers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    _require(p.vpp == 1 or microbatches % p.pp == 0, "train.global_batch_size",
+             f"the interleaved schedule (parallel.vpp={p.vpp}) needs the number of microbatches per step "
+             f"(global batch / (micro batch x data-parallel size) = {microbatches}) to be a multiple of "
+             f"parallel.pp={p.pp}")
+    _require(not (p.sp and p.tp > 1) or cfg.model.seq_length % p.tp == 0, "model.seq_length",
+             f"{cfg.model.seq_length} must be divisible by parallel.tp={p.tp} under sequence parallelism")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

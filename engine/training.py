@@ -16,8 +16,13 @@ from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
 from engine.optimizer import build_optimizer
 from models.gpt import GPTModel
+from models.pipeline_split import chunk_layer_ids, model_stage
 from parallel import comm
 from parallel.grid import ProcessGrid, build_grid, init_distributed
+from parallel.pipeline.embedding_sync import all_reduce_tied_embedding_grads, build_embedding_group
+from parallel.pipeline.p2p import PipelineCommunicator
+from parallel.pipeline.schedules import run_schedule
+from parallel.pipeline.trace import build_tracer
 from parallel.random import RNGTracker
 
 CONSOLE_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib")
@@ -61,6 +66,9 @@ class Trainer:
         self.rng = RNGTracker(device)
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
         self.model_chunks = self.build_model()
+        self.pipeline_tracer = build_tracer(cfg.log.pipeline_trace, self.grid.rank, device)
+        self.pipeline_comm = self.build_pipeline_communicator()
+        self.embedding_group = self.build_embedding_group()
         self.optimizer = build_optimizer(self.model_chunks, self.grid, cfg.train, device)
         self.scheduler = LRScheduler(self.optimizer, cfg.train)
         self.autocast = autocast_context(cfg, device)
@@ -74,11 +82,51 @@ class Trainer:
             load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step)
 
     def build_model(self) -> list:
-        """This rank's model chunks (one without virtual pipeline stages)."""
+        """This rank's model chunks, one per virtual pipeline stage: chunk c is model stage
+        c * pp + pp_rank; the first model stage embeds, the last computes the loss."""
+        cfg, grid = self.cfg, self.grid
+        pp, vpp = cfg.parallel.pp, cfg.parallel.vpp
+        chunks = []
+        for chunk in range(vpp):
+            stage = model_stage(grid.pp_rank, chunk, pp)
+            layer_ids = chunk_layer_ids(cfg.model.num_layers, pp, vpp, grid.pp_rank, chunk, cfg.parallel.pipeline_layers)
+            model = GPTModel(cfg.model, grid.tp_group, self.rng, layer_ids=layer_ids, pre_process=stage == 0,
+                             post_process=stage == pp * vpp - 1, sequence_parallel=cfg.parallel.sp, device=self.device)
+            model.init_weights(cfg.train.seed)
+            if cfg.model.tie_embeddings and hasattr(model, "output_weight"):
+                # The last stage's copy of the embedding: counted once (on the first stage) in the grad norm.
+                model.output_weight.tied_embedding_copy = True
+            chunks.append(model)
+        return chunks
+
+    def build_pipeline_communicator(self):
+        if self.grid.pp == 1:
+            return None
         cfg = self.cfg
-        model = GPTModel(cfg.model, self.grid.tp_group, self.rng, sequence_parallel=cfg.parallel.sp, device=self.device)
-        model.init_weights(cfg.train.seed)
-        return [model]
+        seq = cfg.model.seq_length
+        if cfg.parallel.sp and self.grid.tp > 1:
+            seq //= self.grid.tp
+        shape = (seq, cfg.train.micro_batch_size, cfg.model.hidden_size)
+        dtype = next(self.model_chunks[0].parameters()).dtype
+        return PipelineCommunicator(self.grid.pp_group, self.grid.pp_rank, shape, dtype, self.device,
+                                    self.pipeline_tracer)
+
+    def build_embedding_group(self):
+        """Megatron's embedding group (first and last stage of each pipeline), for tied embeddings."""
+        if self.grid.pp == 1 or not self.cfg.model.tie_embeddings:
+            return None
+        pipelines = self.grid.mesh.mesh.reshape(self.grid.pp, -1).t().tolist()
+        return build_embedding_group(pipelines, self.grid.rank)
+
+    def tied_embedding_params(self) -> list:
+        first, last = self.model_chunks[0], self.model_chunks[-1]
+        params = [first.embedding.weight] if first.pre_process else []
+        return params + ([last.output_weight] if last.post_process else [])
+
+    def sync_tied_embedding_grads(self) -> None:
+        """After backward, before the optimizer: both embedding copies get the summed gradient."""
+        if self.embedding_group is not None:
+            all_reduce_tied_embedding_grads(self.tied_embedding_params(), self.embedding_group)
 
     @property
     def model(self):
@@ -95,17 +143,36 @@ class Trainer:
         comm.all_reduce(count, self.grid.dp_group)
         return count
 
-    def forward_backward(self, batches) -> torch.Tensor:
-        """Accumulate grads of sum(token losses) / global token count; returns the local share
-        of the mean loss (summing it over DP gives the global mean)."""
-        total_tokens = self.global_token_count(batches)
-        loss_sum = torch.zeros((), device=self.device)
-        for batch in batches:
+    def forward_step_fn(self, batches, total_tokens):
+        """The schedule's callback: run one chunk on one microbatch. The last model stage returns
+        that microbatch's summed token loss / global token count; other stages their hidden state."""
+        def forward_step(chunk_index: int, microbatch: int, input_tensor):
+            model, batch = self.model_chunks[chunk_index], batches[microbatch]
             with self.autocast():
-                loss = self.model(batch["tokens"], labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens)
-            self.optimizer.scale_loss(loss).backward()
-            loss_sum += loss.detach()
-        return loss_sum
+                if not model.post_process:
+                    output = model(batch["tokens"] if model.pre_process else None, hidden=input_tensor)
+                    return output.to(self.pipeline_comm.dtype)  # what the next stage expects to receive
+                return model(batch["tokens"] if model.pre_process else None, hidden=input_tensor,
+                             labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens)
+        return forward_step
+
+    def run_pipeline(self, batches, forward_only: bool) -> torch.Tensor:
+        """Run the schedule; returns this rank's share of the mean loss (summing it over DP
+        gives the global mean), sent from the last pipeline stage to every stage."""
+        total_tokens = self.global_token_count(batches)
+        result = run_schedule(self.forward_step_fn(batches, total_tokens), len(batches), len(self.model_chunks),
+                              self.pipeline_comm, self.optimizer.scale_loss, forward_only, self.pipeline_tracer)
+        self.last_schedule_stats = result.stats
+        loss = torch.stack(result.losses).sum() if result.losses else torch.zeros((), device=self.device)
+        if self.grid.pp > 1:
+            torch.distributed.broadcast(loss, self.grid.pp_global_rank(self.grid.pp - 1), group=self.grid.pp_group)
+        return loss
+
+    def forward_backward(self, batches) -> torch.Tensor:
+        """Accumulate grads of sum(token losses) / global token count over the pipeline."""
+        loss = self.run_pipeline(batches, forward_only=False)
+        self.sync_tied_embedding_grads()
+        return loss
 
     def train_step(self) -> dict:
         for chunk in self.model_chunks:
@@ -125,12 +192,7 @@ class Trainer:
             chunk.eval()
         loss_sum = torch.zeros((), device=self.device)
         for index in range(self.cfg.train.eval_iters):
-            batches = self.microbatches(self.valid_data, index)
-            total = self.global_token_count(batches)
-            for batch in batches:
-                with self.autocast():
-                    token_loss = self.model(batch["tokens"], labels=batch["labels"])
-                loss_sum += (token_loss.float() * batch["loss_mask"]).sum() / total
+            loss_sum += self.run_pipeline(self.microbatches(self.valid_data, index), forward_only=True)
         comm.all_reduce(loss_sum, self.grid.dp_group)
         return loss_sum.item() / self.cfg.train.eval_iters
 
@@ -153,12 +215,29 @@ class Trainer:
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
                 save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
         self.logger.close()
+        self.pipeline_tracer.save()
         return history
 
 
 def gather_full_state(model, tp_group) -> dict:
     """Full (unsharded) parameters by name, gathered over TP; for tests and export."""
     return {name: p.shard_spec.gather(p.detach(), tp_group) for name, p in model.named_parameters()}
+
+
+def gather_model_state(model_chunks, grid) -> dict:
+    """Full parameters of the whole model by name on every rank, gathered over TP and PP. A
+    tied embedding's last-stage copy is left out, as the serial model has no such parameter."""
+    local = {}
+    for chunk in model_chunks:
+        local.update(gather_full_state(chunk, grid.tp_group))
+    if grid.pp == 1:
+        return local
+    tied_copy = any(getattr(p, "tied_embedding_copy", False) for c in model_chunks for p in c.parameters())
+    if tied_copy:
+        local.pop("output_weight")
+    stages = [None] * grid.pp
+    torch.distributed.all_gather_object(stages, {k: v.cpu() for k, v in local.items()}, group=grid.pp_group)
+    return {name: tensor for stage in stages for name, tensor in stage.items()}
 
 
 def shutdown() -> None:

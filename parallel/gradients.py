@@ -49,7 +49,10 @@ def reduce_sequence_parallel_grads(params, tp_group) -> None:
 
 
 def is_counted_on_this_rank(param, tp_rank: int) -> bool:
-    """TP-split parameters count on every rank; TP-replicated ones only on TP rank 0."""
+    """TP-split parameters count on every rank; TP-replicated ones only on TP rank 0; the last
+    pipeline stage's copy of a tied embedding never (the first stage counts it)."""
+    if getattr(param, "tied_embedding_copy", False):
+        return False
     spec = getattr(param, "shard_spec", None)
     return tp_rank == 0 or (spec is not None and spec.is_split)
 

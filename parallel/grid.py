@@ -36,8 +36,20 @@ def check_layout(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
     return world_size // model_parallel
 
 
+class StagePosition:
+    """Where a rank sits in its pipeline, for anything with `pp_rank` and `pp`."""
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
 @dataclasses.dataclass
-class ProcessGrid:
+class ProcessGrid(StagePosition):
     """TP x CP x DP x PP process groups over one DeviceMesh, with this rank's coordinates."""
 
     mesh: object
@@ -84,14 +96,6 @@ class ProcessGrid:
     @property
     def pp_rank(self) -> int:
         return self.local_rank("pp")
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
     def pp_global_rank(self, stage: int) -> int:
         """Global rank of `stage` in this rank's pipeline (same TP, CP and DP coordinates)."""

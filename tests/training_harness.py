@@ -23,19 +23,19 @@ def tiny_config(overrides: dict):
 
 
 def train_and_collect(overrides: dict, gather_weights: bool = True) -> dict:
-    """Per-step losses, grad norms and (on request) the full gathered weights."""
+    """Per-step losses, grad norms and (on request) the full weights gathered from every stage."""
     import os
 
     import torch
 
     from engine.config import validate
-    from engine.training import Trainer, gather_full_state, shutdown
+    from engine.training import Trainer, gather_model_state, shutdown
 
     torch.use_deterministic_algorithms(True)
     cfg = validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"]))
     trainer = Trainer(cfg)
     history = trainer.train()
-    weights = gather_full_state(trainer.model, trainer.grid.tp_group) if gather_weights else {}
+    weights = gather_model_state(trainer.model_chunks, trainer.grid) if gather_weights else {}
     shutdown()
     return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
             "val_loss": [r["val_loss"] for r in history if "val_loss" in r], "weights": weights}
