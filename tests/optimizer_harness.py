@@ -17,14 +17,23 @@ def build_trainer(overrides: dict):
 
 
 def finish(trainer, records: list, with_state: bool = False) -> dict:
+    import torch
+
     from engine.training import gather_full_state, shutdown
 
     trainer.optimizer.finish_param_sync()
-    state = trainer.optimizer.param_state_by_name() if with_state else None
+    state, reloads_equal = None, None
+    if with_state:  # also round-trip it: load keeps this rank's shard, gathering again restores the whole
+        state = trainer.optimizer.param_state_by_name()
+        trainer.optimizer.load_param_state_by_name(state)
+        again = trainer.optimizer.param_state_by_name()
+        reloads_equal = all(torch.equal(again[n][k], v) for n, e in state.items() if not n.startswith("__")
+                            for k, v in e.items())
     weights = {k: v.float() for k, v in gather_full_state(trainer.model, trainer.grid.tp_group).items()}
     shutdown()
     return {"records": records, "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
-            "weights": weights, "state": state}
+            "weights": weights, "state": state,
+            "reloads_equal": reloads_equal}
 
 
 def train_steps(overrides: dict, with_state: bool = False) -> dict:

@@ -28,8 +28,9 @@ def assert_same_run(result, reference, rtol=1e-5):
 def test_dp4_sharded_and_replicated_match_serial():
     reference = serial()
     assert all(r["clipped"] for r in reference["records"][:3]), "clip_grad 0.5 must trigger in these runs"
-    sharded = run_distributed(train_steps, 4, {"optim": {"shard": True, "overlap_param_gather": True, **SMALL_BUCKETS}})
-    replicated = run_distributed(train_steps, 4, {"optim": {"overlap_grad_reduce": False, **SMALL_BUCKETS}})
+    sharded = run_distributed(train_steps, 4, {"optim": {"shard": True, "overlap_param_gather": True, **SMALL_BUCKETS}},
+                              True)
+    replicated = run_distributed(train_steps, 4, {"optim": {"overlap_grad_reduce": False, **SMALL_BUCKETS}}, True)
     for result in sharded + replicated:
         assert_matches_serial(result, reference)
     # Overlap: every bucket of the sharded run was started by a backward hook, none without overlap.
@@ -37,6 +38,8 @@ def test_dp4_sharded_and_replicated_match_serial():
         assert record["buckets"] > 3 and record["launched_in_backward"] == record["buckets"]
     assert all(r["launched_in_backward"] == 0 for r in replicated[0]["records"])
     assert_same_run(sharded[0], replicated[0])
+    assert_state_by_name_matches(sharded[3]["state"], replicated[0]["state"])
+    assert all(r["reloads_equal"] for r in sharded + replicated)
 
 
 def test_tp2_dp2_sharded_matches_serial():
@@ -82,18 +85,15 @@ def test_sharded_state_per_rank_is_a_quarter():
         assert abs(per_rank - full / 4) <= 0.05 * full / 4, (per_rank, full)
 
 
-def test_sharded_state_by_name_equals_replicated_and_reloads():
-    """param_state_by_name gathers the DP shards into the replicated optimizer's state."""
-    train = {"iters": 3}
-    sharded = run_distributed(train_steps, 2, {"optim": {"shard": True, **SMALL_BUCKETS}, "train": train}, True)[1]
-    replicated = run_distributed(train_steps, 2, {"train": train}, True)[0]
-    assert sharded["state"]["__step__"] == 3
-    for name, entry in replicated["state"].items():
+def assert_state_by_name_matches(sharded, replicated):
+    """param_state_by_name gathers the DP shards into exactly the replicated optimizer's state."""
+    assert sharded["__step__"] == replicated["__step__"] == 10
+    for name, entry in replicated.items():
         if name.startswith("__"):
             continue
         assert set(entry) == {"exp_avg", "exp_avg_sq"}, name
         for key, value in entry.items():
-            torch.testing.assert_close(sharded["state"][name][key], value, rtol=1e-4, atol=1e-9, msg=f"{name} {key}")
+            torch.testing.assert_close(sharded[name][key], value, rtol=1e-3, atol=1e-9, msg=f"{name} {key}")
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():
