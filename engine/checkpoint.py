@@ -218,15 +218,22 @@ def run_meta(trainer, contents: list) -> dict:
         "layout": layout_of(trainer.grid), "padded_vocab": trainer.model_chunks[0].padded_vocab,
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "optimizer_steps": getattr(trainer.optimizer, "steps_taken", 0),
         "model": dataclasses.asdict(trainer.cfg.model), "config": dataclasses.asdict(trainer.cfg),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
+def per_parameter(param_state: dict) -> dict:
+    """The optimizer's per-parameter tensors; its `__name__` scalars go to the metadata."""
+    return {name: state for name, state in param_state.items() if not name.startswith("__")}
+
+
 def training_entries(trainer) -> dict:
     tp_mesh = trainer.grid.mesh["tp"]
     entries = model_entries(trainer.model_chunks, tp_mesh, for_load=False)
-    entries.update(optimizer_entries(trainer.model_chunks, tp_mesh, trainer.optimizer.param_state_by_name(), for_load=False))
+    entries.update(optimizer_entries(trainer.model_chunks, tp_mesh, per_parameter(trainer.optimizer.param_state_by_name()),
+                                     for_load=False))
     entries.update(rng_entries(trainer))
     return entries
 
@@ -331,7 +338,7 @@ def load_checkpoint(trainer, root: str, step: int = -1) -> int:
     check_keys(step_dir, entries, shapes)
     read_entries(step_dir, entries)
     if optim_targets:
-        trainer.optimizer.load_param_state_by_name(optim_targets)
+        trainer.optimizer.load_param_state_by_name({**optim_targets, "__step__": meta.get("optimizer_steps", 0)})
     if "trainer" in meta["contents"]:
         trainer.scheduler.load_state_dict(meta["scheduler"])
         scaler = getattr(trainer.optimizer, "scaler", None)

@@ -129,34 +129,3 @@ def optimizer_load_targets(chunks, stored_shapes: dict) -> dict:
                     empty = torch.zeros((), dtype=torch.float32) if is_scalar else torch.zeros_like(param.detach())
                     targets.setdefault(name, {})[state_name] = empty
     return targets
-
-
-# ---- per-parameter state of torch's Adam/AdamW ------------------------------------------------
-ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
-
-
-def adam_param_state_by_name(inner: torch.optim.Optimizer, named_params) -> dict:
-    """{param name: {step, exp_avg, exp_avg_sq}} (local TP-shard shapes); empty before step 1."""
-    result = {}
-    for name, param in named_params:
-        state = inner.state.get(param, {})
-        if state:
-            result[name] = {k: state[k] for k in ADAM_STATE if k in state}
-    return result
-
-
-@torch.no_grad()
-def load_adam_param_state(inner: torch.optim.Optimizer, named_params, state_by_name: dict) -> None:
-    """Install per-parameter Adam state (fresh tensors, so the optimizer owns them)."""
-    step_on_device = {id(p): bool(g.get("fused") or g.get("capturable")) for g in inner.param_groups for p in g["params"]}
-    for name, param in named_params:
-        if name not in state_by_name:
-            continue
-        loaded = state_by_name[name]
-        # torch keeps Adam's step as a float32 scalar, on CPU unless fused or capturable.
-        step_device = param.device if step_on_device.get(id(param)) else torch.device("cpu")
-        inner.state[param] = {
-            "step": loaded["step"].detach().to(step_device, torch.float32).clone(),
-            "exp_avg": loaded["exp_avg"].detach().to(param.device, param.dtype).clone(),
-            "exp_avg_sq": loaded["exp_avg_sq"].detach().to(param.device, param.dtype).clone(),
-        }

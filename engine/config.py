@@ -11,9 +11,13 @@ import typing
 import yaml
 
 from engine.launch import UserError
+from engine.precision import PRECISIONS
 from models.config import ModelConfig, resolve_preset, validate_model
 from models.pipeline_split import stage_layer_counts
 from parallel.grid import GridError, check_layout
+
+
+OPTIMIZERS = ("adamw", "lion", "sgd", "adafactor")
 
 
 class ConfigError(UserError):
@@ -49,7 +53,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # 0 disables clipping
     seed: int = 1234
     output_dir: str = "runs/default"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-autocast | fp16 (engine/precision.py)
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
@@ -84,6 +88,21 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class OptimConfig:
+    """The optimizer, its data-parallel sharding and fp16 loss scaling (docs/optimizer.md)."""
+    name: str = "adamw"  # adamw | lion | sgd | adafactor (betas from train.adam_beta1/2)
+    shard: bool = False  # distributed optimizer: fp32 master weights and state split over DP ranks
+    bucket_mb: float = 40.0  # gradient bucket size in MiB of fp32 gradients
+    overlap_grad_reduce: bool = True  # start a bucket's reduction from the backward hooks
+    overlap_param_gather: bool = False  # all-gather updated weights while the next forward runs
+    momentum: float = 0.9  # sgd
+    initial_scale: float = 65536.0  # fp16 dynamic loss scale: start value
+    min_scale: float = 1.0
+    growth_interval: int = 1000  # clean steps before the scale doubles
+    hysteresis: int = 2  # overflowing steps before the scale halves
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -91,6 +110,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -237,10 +257,11 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(0 <= t.warmup_iters, "train.warmup_iters", f"must be non-negative, got {t.warmup_iters}")
     _require(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", f"must be in (0, 1], got {t.wsd_decay_fraction}")
     _require(t.clip_grad >= 0, "train.clip_grad", f"must be non-negative, got {t.clip_grad}")
-    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16; got {t.precision!r}")
+    _require(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
     validate_pipeline(cfg, dp)
+    validate_optim(cfg.optim)
     _require(cfg.data.mock or bool(cfg.data.path), "data.path", "give dataset prefixes, or set data.mock true")
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
@@ -267,6 +288,21 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
              f"parallel.pp={p.pp}")
     _require(not (p.sp and p.tp > 1) or cfg.model.seq_length % p.tp == 0, "model.seq_length",
              f"{cfg.model.seq_length} must be divisible by parallel.tp={p.tp} under sequence parallelism")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    _require(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}; got {o.name!r}")
+    _require(not (o.shard and o.name == "adafactor"), "optim.shard",
+             "adafactor factors whole matrices and cannot be sharded over data-parallel ranks; use false")
+    _require(o.bucket_mb > 0, "optim.bucket_mb", f"must be positive, got {o.bucket_mb}")
+    _require(not o.overlap_param_gather or o.shard, "optim.overlap_param_gather",
+             "only applies to the sharded optimizer; set optim.shard true or leave it false")
+    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _require(o.min_scale > 0, "optim.min_scale", f"must be positive, got {o.min_scale}")
+    _require(o.initial_scale >= o.min_scale, "optim.initial_scale",
+             f"must be at least optim.min_scale = {o.min_scale}, got {o.initial_scale}")
+    _require(o.growth_interval >= 1, "optim.growth_interval", f"must be at least 1, got {o.growth_interval}")
+    _require(o.hysteresis >= 1, "optim.hysteresis", f"must be at least 1, got {o.hysteresis}")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -1,23 +1,30 @@
-"""Optimizer construction and the step around it.
+"""The optimizer step: data-parallel gradient reduction, mixed precision, loss scaling,
+global-norm clipping and the update, optionally sharded over data-parallel ranks.
 
-`TrainingOptimizer` owns everything between "gradients are accumulated" and "weights are
-updated": the sequence-parallel and data-parallel gradient reductions, the global gradient
-norm and clipping, and the inner torch optimizer. The loop only calls `zero_grad`,
-`scale_loss`, `step` and the state-dict pair, so the distributed (sharded) optimizer and mixed
-precision can replace the internals without the loop changing.
+The loop only calls `zero_grad`, `scale_loss`, `step` and the state pairs. Underneath
+(docs/optimizer.md): each model chunk's parameters live in a `GradBuffer` (flat weights, flat
+fp32 main_grad, buckets reduced from backward hooks); each rank optimizes the `Piece`s of its
+shard (all of it without sharding) through a torch optimizer on fp32 tensors: master copies
+for bf16/fp16 weights, the weights themselves for fp32.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from engine.checkpoint_state import adam_param_state_by_name, load_adam_param_state
-from parallel.gradients import (
-    all_reduce_coalesced,
-    clip_grads,
-    global_grad_norm,
-    grads_of,
-    reduce_sequence_parallel_grads,
-)
+from engine.config import OptimConfig
+from engine.lion import Lion
+from engine.loss_scaler import DynamicLossScaler
+from engine.precision import param_dtype, resolve_precision
+from parallel.distributed_optimizer import copy_masters_to_model, gather_state_by_name, load_state_by_name, owned_pieces
+from parallel.grad_buffer import GradBuffer
+from parallel.gradients import clip_grads, global_grad_norm, is_counted_on_this_rank, reduce_sequence_parallel_grads
+
+# Per-element state of each optimizer (what param_state_by_name gathers over DP).
+ELEMENT_STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",), "sgd": ("momentum_buffer",),
+                      "adafactor": ()}
+STEP_COUNTED = ("adamw", "adafactor")  # torch keeps a per-tensor "step" for these
 
 
 def is_decayed(name: str, param) -> bool:
@@ -25,68 +32,165 @@ def is_decayed(name: str, param) -> bool:
     return param.dim() >= 2 and "norm" not in name
 
 
-def param_groups(named_params, weight_decay: float) -> list:
-    decay, no_decay = [], []
-    for name, param in named_params:
-        if param.requires_grad:
-            (decay if is_decayed(name, param) else no_decay).append(param)
+def param_groups(pieces, weight_decay: float) -> list:
+    decay = [p.main for p in pieces if is_decayed(p.name, p.param)]
+    no_decay = [p.main for p in pieces if not is_decayed(p.name, p.param)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-def build_torch_optimizer(groups, train_cfg, device: torch.device):
+def build_torch_optimizer(groups, train_cfg, optim_cfg: OptimConfig, device: torch.device):
+    """The inner optimizer over fp32 tensors; fused CUDA kernels or foreach where torch has them."""
     fast_path = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                             eps=train_cfg.adam_eps, **fast_path)
+    betas = (train_cfg.adam_beta1, train_cfg.adam_beta2)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=betas, eps=train_cfg.adam_eps, **fast_path)
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=optim_cfg.momentum, foreach=True)
+    if optim_cfg.name == "lion":
+        return Lion(groups, lr=train_cfg.lr, betas=betas)
+    return torch.optim.Adafactor(groups, lr=train_cfg.lr, foreach=True)
 
 
 class TrainingOptimizer:
-    """Plain data parallelism: every DP rank holds the full optimizer state."""
-
-    def __init__(self, model_chunks, grid, train_cfg, device):
-        self.grid, self.cfg, self.device = grid, train_cfg, device
-        named = [(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()]
-        self.named_params = [(n, p) for n, p in named if p.requires_grad]
-        self.params = [p for _, p in self.named_params]
-        self.inner = build_torch_optimizer(param_groups(named, train_cfg.weight_decay), train_cfg, device)
+    def __init__(self, model_chunks, grid, train_cfg, device, optim_cfg: OptimConfig):
+        self.grid, self.cfg, self.optim_cfg, self.device = grid, train_cfg, optim_cfg, device
+        self.precision = resolve_precision(train_cfg.precision, device)
+        self.sharded = optim_cfg.shard and grid.dp > 1
+        microbatches = train_cfg.global_batch_size // (train_cfg.micro_batch_size * grid.dp)
+        bucket_numel = max(1, int(optim_cfg.bucket_mb * 2**20 / 4))
+        self.named_by_chunk = [[(n, p) for n, p in chunk.named_parameters() if p.requires_grad] for chunk in model_chunks]
+        self.buffers = [GradBuffer(named, grid.dp_group, bucket_numel, optim_cfg.shard, optim_cfg.overlap_grad_reduce,
+                                   microbatches) for named in self.named_by_chunk]
+        self.pieces_by_buffer = [owned_pieces(buffer) for buffer in self.buffers]
+        self.pieces = [piece for pieces in self.pieces_by_buffer for piece in pieces]
+        self.params = [p for named in self.named_by_chunk for _, p in named]
+        self.inner = build_torch_optimizer(param_groups(self.pieces, train_cfg.weight_decay), train_cfg, optim_cfg, device)
+        self.scaler = None
+        if self.precision == "fp16":
+            o = optim_cfg
+            self.scaler = DynamicLossScaler(o.initial_scale, o.min_scale, o.growth_interval, o.hysteresis)
+        self.steps_taken = 0  # successful (not skipped) updates
+        if optim_cfg.overlap_param_gather:
+            self._wait_for_params_before_forward(model_chunks)
 
     @property
     def param_groups(self):
         return self.inner.param_groups
 
     def zero_grad(self) -> None:
-        self.inner.zero_grad(set_to_none=True)
+        for buffer in self.buffers:
+            buffer.zero_grad()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+        return loss * self.scaler.scale if self.scaler else loss
 
-    def reduce_gradients(self) -> None:
-        reduce_sequence_parallel_grads(self.params, self.grid.tp_group)
-        all_reduce_coalesced(grads_of(self.params), self.grid.dp_group)
-
+    # ---- the step -------------------------------------------------------------------------
     def step(self) -> dict:
-        """Reduce, clip and apply the gradients; returns what the log reports."""
-        self.reduce_gradients()
-        groups = [self.grid.tp_group, self.grid.pp_group]
-        grad_norm = global_grad_norm(self.params, self.grid.tp_rank, groups, self.device)
-        clip_grads(self.params, self.cfg.clip_grad, grad_norm)
+        """Reduce, unscale, check, clip and apply the gradients; returns what the log reports."""
+        self.finish_param_sync()
+        for buffer in self.buffers:
+            buffer.finish_grad_reduce()
+        reduce_sequence_parallel_grads(self.params, self.grid.tp_group)
+        grads = [piece.main.grad for piece in self.pieces]
+        if self.scaler and grads:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        grad_norm = self.grad_norm()
+        stats = {"grad_norm": grad_norm.item(), "optim_state_bytes": self.state_bytes()}
+        if self.scaler:
+            skip = not math.isfinite(stats["grad_norm"])  # an inf/nan anywhere makes the global norm inf/nan
+            self.scaler.update(skip)
+            stats.update(loss_scale=self.scaler.scale, skipped=skip, skipped_steps=self.scaler.skipped_steps)
+            if skip:
+                return stats
+        stats["clipped"] = clip_grads(grads, self.cfg.clip_grad, grad_norm)
         self.inner.step()
-        return {"grad_norm": grad_norm.item()}
+        self.steps_taken += 1
+        copy_masters_to_model(self.pieces)
+        for buffer in self.buffers:
+            buffer.launch_param_gather()
+        if not self.optim_cfg.overlap_param_gather:
+            self.finish_param_sync()
+        return stats
 
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
+    def grad_norm(self) -> torch.Tensor:
+        """Each element once: this rank's pieces (its DP shard when sharded), TP-replicated
+        parameters from TP rank 0 only; summed over TP and PP (and DP when sharded)."""
+        tp_rank = self.grid.tp_rank
+        grads = [p.main.grad for p in self.pieces if is_counted_on_this_rank(p.param, tp_rank)]
+        groups = [self.grid.tp_group, self.grid.pp_group] + ([self.grid.dp_group] if self.sharded else [])
+        return global_grad_norm(grads, groups, self.device)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
+    def state_bytes(self) -> int:
+        """Optimizer state plus fp32 master copies held by this rank."""
+        state = sum(v.nbytes for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v))
+        return state + sum(p.main.nbytes for p in self.pieces if p.has_master)
 
-    # Checkpoints use these: state keyed by parameter name, each tensor at the parameter's
-    # local TP-shard shape, so it can be saved under the parameter's global key.
+    # ---- overlapped parameter all-gather -------------------------------------------------
+    def _wait_for_params_before_forward(self, model_chunks) -> None:
+        """Each module waits only for the buckets holding its own parameters, so the gathers of
+        later layers overlap the forward of earlier ones."""
+        for chunk, buffer in zip(model_chunks, self.buffers):
+            for module in chunk.modules():
+                own = [p for p in module.parameters(recurse=False) if p in buffer.offsets]
+                if own:
+                    buckets = list({b.index: b for b in map(buffer.bucket_of, own)}.values())
+                    module.register_forward_pre_hook(lambda _m, _a, b=buffer, bs=buckets: b.wait_param_gather(bs))
+
+    def finish_param_sync(self) -> None:
+        """Wait for outstanding weight all-gathers (before reading or saving the weights)."""
+        for buffer in self.buffers:
+            buffer.wait_param_gather()
+
+    # ---- state -----------------------------------------------------------------------------
     def param_state_by_name(self) -> dict:
-        return adam_param_state_by_name(self.inner, self.named_params)
+        """{param name: {"exp_avg": ..., "master": ...}} at the parameter's local (TP) shape,
+        complete over DP, plus "__step__" and (fp16) "__loss_scaler__"."""
+        self.finish_param_sync()
+        keys = ELEMENT_STATE_KEYS[self.optim_cfg.name] if self.steps_taken else ()
+        if self.optim_cfg.name == "sgd" and not self.optim_cfg.momentum:
+            keys = ()
+        with_master = param_dtype(self.precision) != torch.float32
+        dp_group = self.grid.dp_group if self.sharded else None
+        state = {}
+        for named, pieces in zip(self.named_by_chunk, self.pieces_by_buffer):
+            state.update(gather_state_by_name(named, pieces, self.inner.state, keys, with_master, dp_group))
+        state["__step__"] = self.steps_taken
+        if self.scaler:
+            state["__loss_scaler__"] = self.scaler.state_dict()
+        return state
 
     def load_param_state_by_name(self, state: dict) -> None:
-        load_adam_param_state(self.inner, self.named_params, state)
+        """Load the structure param_state_by_name returns, keeping this rank's DP shard. Load
+        the model weights first: parameters without a saved "master" take theirs from them."""
+        self.steps_taken = int(state.get("__step__", 0))
+        if self.scaler and "__loss_scaler__" in state:
+            self.scaler.load_state_dict(state["__loss_scaler__"])
+        step_state = None
+        if self.optim_cfg.name in STEP_COUNTED and self.steps_taken:
+            fused = self.inner.defaults.get("fused")
+            step_state = lambda piece: torch.tensor(float(self.steps_taken), dtype=torch.float32,
+                                                    device=piece.main.device if fused else "cpu")
+        for piece in self.pieces:
+            if piece.has_master:
+                piece.main.copy_(piece.model_view())
+        by_name = {k: v for k, v in state.items() if not k.startswith("__")}
+        load_state_by_name(self.pieces, self.inner.state, by_name, step_state)
+
+    def state_dict(self) -> dict:
+        """This rank's own state (its shard when sharded), for same-layout resumes."""
+        self.finish_param_sync()
+        return {"inner": self.inner.state_dict(), "masters": [p.main for p in self.pieces if p.has_master],
+                "steps_taken": self.steps_taken, "loss_scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        for piece, master in zip([p for p in self.pieces if p.has_master], state["masters"]):
+            piece.main.copy_(master)
+        self.steps_taken = int(state["steps_taken"])
+        if self.scaler and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
 
 
-def build_optimizer(model_chunks, grid, train_cfg, device) -> TrainingOptimizer:
-    return TrainingOptimizer(model_chunks, grid, train_cfg, device)
+def build_optimizer(model_chunks, grid, train_cfg, device, optim_cfg: OptimConfig | None = None) -> TrainingOptimizer:
+    return TrainingOptimizer(model_chunks, grid, train_cfg, device, optim_cfg or OptimConfig())

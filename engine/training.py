@@ -1,7 +1,6 @@
 """The training loop: build the grid, model, optimizer and data, then step, log and evaluate."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +14,7 @@ from engine.config import Config
 from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
 from engine.optimizer import build_optimizer
+from engine.precision import autocast_context, param_dtype, resolve_precision
 from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
 from parallel import comm
@@ -25,7 +25,7 @@ from parallel.pipeline.schedules import run_schedule
 from parallel.pipeline.trace import build_tracer
 from parallel.random import RNGTracker
 
-CONSOLE_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib")
+CONSOLE_KEYS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_s", "mfu", "mem_gib")
 
 
 def resolve_device(cfg: Config) -> str:
@@ -34,15 +34,6 @@ def resolve_device(cfg: Config) -> str:
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no CUDA device is available")
     return cfg.train.device
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def build_datasets(cfg: Config, grid: ProcessGrid):
@@ -65,13 +56,14 @@ class Trainer:
         self.device = device
         self.rng = RNGTracker(device)
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
-        self.model_chunks = self.build_model()
+        precision = resolve_precision(cfg.train.precision, device)
+        self.model_chunks = [chunk.to(param_dtype(precision)) for chunk in self.build_model()]
         self.pipeline_tracer = build_tracer(cfg.log.pipeline_trace, self.grid.rank, device)
         self.pipeline_comm = self.build_pipeline_communicator()
         self.embedding_group = self.build_embedding_group()
-        self.optimizer = build_optimizer(self.model_chunks, self.grid, cfg.train, device)
+        self.optimizer = build_optimizer(self.model_chunks, self.grid, cfg.train, device, cfg.optim)
         self.scheduler = LRScheduler(self.optimizer, cfg.train)
-        self.autocast = autocast_context(cfg, device)
+        self.autocast = autocast_context(precision, device)
         self.train_data, self.valid_data = build_datasets(cfg, self.grid)
         self.step = 0
         self.logger = MetricsLogger(cfg.train.output_dir, self.grid.is_logging_rank, cfg.log.quiet, cfg.log.tensorboard)
@@ -213,7 +205,9 @@ class Trainer:
             if self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters:
                 self.logger.log(record, CONSOLE_KEYS + ("val_loss",))
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
+                self.optimizer.finish_param_sync()  # weights must be complete before they are saved
                 save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
+        self.optimizer.finish_param_sync()  # the last step's weight all-gather may still run
         self.logger.close()
         self.pipeline_tracer.save()
         return history

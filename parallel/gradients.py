@@ -39,13 +39,10 @@ def all_reduce_coalesced(tensors, group, bucket_numel: int = DEFAULT_BUCKET_NUME
             tensor.copy_(synced)
 
 
-def grads_of(params):
-    return [p.grad for p in params if p.grad is not None]
-
-
 def reduce_sequence_parallel_grads(params, tp_group) -> None:
-    """Replicated parameters applied to sequence slices hold partial grads: sum them over TP."""
-    all_reduce_coalesced(grads_of(p for p in params if getattr(p, "sequence_parallel", False)), tp_group)
+    """Replicated parameters applied to sequence slices hold partial grads: sum their fp32
+    main_grad over TP. Sums commute, so this may run before or after the DP reduction."""
+    all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)], tp_group)
 
 
 def is_counted_on_this_rank(param, tp_rank: int) -> bool:
@@ -57,23 +54,23 @@ def is_counted_on_this_rank(param, tp_rank: int) -> bool:
     return tp_rank == 0 or (spec is not None and spec.is_split)
 
 
-def global_grad_norm(params, tp_rank: int, model_parallel_groups, device) -> torch.Tensor:
-    """L2 norm of all gradients of the full model (fp32), identical on every rank.
-    `model_parallel_groups`: the groups whose ranks hold different parameters (TP, PP)."""
+def global_grad_norm(grads, reduce_groups, device) -> torch.Tensor:
+    """L2 norm (fp32) over `grads` of every rank in `reduce_groups`, identical on all of them.
+    The caller passes each gradient element once across those groups: TP-replicated
+    parameters only from TP rank 0, and under DP sharding only this rank's shard."""
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    for param in params:
-        if param.grad is not None and is_counted_on_this_rank(param, tp_rank):
-            squares += param.grad.detach().float().pow(2).sum()
-    for group in model_parallel_groups:
+    for grad in grads:
+        squares += grad.detach().float().pow(2).sum()
+    for group in reduce_groups:
         comm.all_reduce(squares, group)
     return squares.sqrt()
 
 
-def clip_grads(params, max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_)."""
-    if max_norm <= 0:
-        return
+def clip_grads(grads, max_norm: float, total_norm: torch.Tensor) -> bool:
+    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_);
+    returns whether they were scaled down."""
+    if max_norm <= 0 or not grads:
+        return False
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    grads = grads_of(params)
-    if grads:
-        torch._foreach_mul_(grads, coef)
+    torch._foreach_mul_(grads, coef)
+    return bool(coef < 1.0)
