@@ -71,6 +71,7 @@ class TrainingOptimizer:
             o = optim_cfg
             self.scaler = DynamicLossScaler(o.initial_scale, o.min_scale, o.growth_interval, o.hysteresis)
         self.steps_taken = 0  # successful (not skipped) updates
+        self.pre_reduce_hooks = []  # run on the accumulated local grads, before any DP reduction
         if optim_cfg.overlap_param_gather:
             self._wait_for_params_before_forward(model_chunks)
 
@@ -89,6 +90,8 @@ class TrainingOptimizer:
     def step(self) -> dict:
         """Reduce, unscale, check, clip and apply the gradients; returns what the log reports."""
         self.finish_param_sync()
+        for hook in self.pre_reduce_hooks:
+            hook()  # e.g. the tied-embedding sum across pipeline stages, on local grads
         for buffer in self.buffers:
             buffer.finish_grad_reduce()
         reduce_sequence_parallel_grads(self.params, self.grid.tp_group)

@@ -62,6 +62,7 @@ class Trainer:
         self.pipeline_comm = self.build_pipeline_communicator()
         self.embedding_group = self.build_embedding_group()
         self.optimizer = build_optimizer(self.model_chunks, self.grid, cfg.train, device, cfg.optim)
+        self.optimizer.pre_reduce_hooks.append(self.sync_tied_embedding_grads)
         self.scheduler = LRScheduler(self.optimizer, cfg.train)
         self.autocast = autocast_context(precision, device)
         self.train_data, self.valid_data = build_datasets(cfg, self.grid)
@@ -88,6 +89,9 @@ class Trainer:
             if cfg.model.tie_embeddings and hasattr(model, "output_weight"):
                 # The last stage's copy of the embedding: counted once (on the first stage) in the grad norm.
                 model.output_weight.tied_embedding_copy = True
+                model.output_weight.defer_grad_reduce = True
+            if cfg.model.tie_embeddings and pp > 1 and model.pre_process:
+                model.embedding.weight.defer_grad_reduce = True  # summed with the last stage's copy first
             chunks.append(model)
         return chunks
 
@@ -162,9 +166,7 @@ class Trainer:
 
     def forward_backward(self, batches) -> torch.Tensor:
         """Accumulate grads of sum(token losses) / global token count over the pipeline."""
-        loss = self.run_pipeline(batches, forward_only=False)
-        self.sync_tied_embedding_grads()
-        return loss
+        return self.run_pipeline(batches, forward_only=False)
 
     def train_step(self) -> dict:
         for chunk in self.model_chunks:

@@ -39,6 +39,13 @@ class Bucket:
     launched: bool = False
 
     @property
+    def deferred(self) -> bool:
+        """Holds a parameter whose gradient another group must sum first (a tied embedding
+        copy): its reduction starts from finish_grad_reduce, after the optimizer's pre-reduce
+        hooks, never from backward."""
+        return any(getattr(p, "defer_grad_reduce", False) for p in self.params)
+
+    @property
     def end(self) -> int:
         return self.start + self.numel
 
@@ -118,7 +125,7 @@ class GradBuffer:
             param.main_grad.add_(param.grad)
             param.grad = None
             bucket.arrived += 1
-            if self.overlap and bucket.arrived == bucket.expected_grads:
+            if self.overlap and bucket.arrived == bucket.expected_grads and not bucket.deferred:
                 self.launch_grad_reduce(bucket)
                 self.launched_in_backward += 1
         return hook

@@ -26,10 +26,14 @@ def build_embedding_group(pipelines: list, my_rank: int):
 
 
 def all_reduce_tied_embedding_grads(params, group) -> None:
-    """Sum the gradients of the tied-embedding copies on this rank over the embedding group."""
+    """Sum the (local, not yet data-parallel reduced) gradients of the tied-embedding copies
+    on this rank over the embedding group: `main_grad` where a gradient buffer holds them."""
     if group is None:
         return
     for param in params:
+        if hasattr(param, "main_grad"):
+            comm.all_reduce(param.main_grad, group)
+            continue
         if param.grad is None:  # keep the collective matched even if a copy got no gradient
             param.grad = torch.zeros_like(param)
         comm.all_reduce(param.grad, group)
