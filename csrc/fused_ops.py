@@ -1,0 +1,197 @@
+"""Autograd-aware torch ops around the trellis_kernels CUDA extension.
+
+Each kernel is registered as a torch custom op (`torch.ops.trellis.*`) with a fake (shape)
+implementation and an autograd formula, so the fused ops run in eager mode and also sit in a
+torch.compile graph as single opaque nodes, with no graph break.
+
+Use the dispatchers in csrc/loader.py (rms_norm, layer_norm, scaled_masked_softmax); they
+call into this module only for CUDA tensors the kernels support, and fall back otherwise.
+"""
+# No `from __future__ import annotations`: custom_op reads the real annotation objects.
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .loader import kernels
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Mirrors max_norm_hidden() / max_softmax_keys() in trellis_kernels.h (a GPU test checks).
+MAX_NORM_HIDDEN = 16384
+MAX_SOFTMAX_KEYS = 16384
+# Rows are moved in 16-byte vectors and mask rows in 8-byte words.
+SIZE_MULTIPLE = 8
+
+
+def _ext():
+    module = kernels()
+    if module is None:
+        raise RuntimeError("trellis CUDA kernels are not available (disabled, no GPU, or the build failed)")
+    return module
+
+
+# ----------------------------------------------------------------------------- support checks
+
+
+def norm_supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether the fused norm takes these tensors (else use the reference)."""
+    if x.dim() < 1 or x.numel() == 0 or x.dtype not in KERNEL_DTYPES:
+        return False
+    hidden = x.shape[-1]
+    if hidden % SIZE_MULTIPLE or hidden > MAX_NORM_HIDDEN:
+        return False
+    params = [weight] if bias is None else [weight, bias]
+    return all(p.shape == (hidden,) and p.device == x.device and p.is_floating_point() for p in params)
+
+
+def softmax_supported(scores: Tensor, mask: Optional[Tensor]) -> bool:
+    """Whether the fused softmax takes these tensors (else use the reference)."""
+    if scores.dim() != 4 or scores.numel() == 0 or scores.dtype not in KERNEL_DTYPES:
+        return False
+    keys = scores.shape[-1]
+    if keys % SIZE_MULTIPLE or keys > MAX_SOFTMAX_KEYS:
+        return False
+    if mask is None:
+        return True
+    if mask.dtype != torch.bool or mask.device != scores.device or mask.dim() > 4:
+        return False
+    try:
+        torch.broadcast_shapes(mask.shape, scores.shape)
+    except RuntimeError:
+        return False
+    return torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
+
+
+def _kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """The kernels take weight (and bias) in x's dtype or fp32. The reference computes in
+    fp32 anyway, so casting anything else to fp32 keeps the op's meaning; autograd carries
+    the gradient back to the original dtype."""
+    same = weight.dtype in (x.dtype, torch.float32) and (bias is None or bias.dtype == weight.dtype)
+    if same:
+        return weight, bias
+    return weight.float(), None if bias is None else bias.float()
+
+
+def _kernel_mask(mask: Optional[Tensor], shape) -> Optional[Tensor]:
+    """The mask as a [b, h, sq, sk] view the kernel can read: contiguous along keys, strides
+    (0 for broadcast dims) and address multiples of 8 bytes. Copies only when it must."""
+    if mask is None:
+        return None
+    for candidate in (lambda: mask.expand(shape), lambda: mask.contiguous().expand(shape)):
+        view = candidate()
+        if view.stride(3) == 1 and all(s % 8 == 0 for s in view.stride()[:3]) and view.data_ptr() % 8 == 0:
+            return view
+    return mask.expand(shape).contiguous()
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@torch.library.custom_op("trellis::norm_fwd", mutates_args=(), device_types="cuda")
+def norm_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, mean, rstd); mean is empty for RMSNorm. mean/rstd are fp32 per row."""
+    y, mean, rstd = _ext().norm_forward(x.contiguous(), weight.contiguous(),
+                                        None if bias is None else bias.contiguous(), eps, rms)
+    return y, mean, rstd
+
+
+@norm_fwd.register_fake
+def _norm_fwd_fake(x, weight, bias, eps, rms):
+    rows = x.numel() // x.shape[-1]
+    stats = dict(dtype=torch.float32, device=x.device)
+    mean = torch.empty((0,) if rms else (rows,), **stats)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.empty((rows,), **stats)
+
+
+@torch.library.custom_op("trellis::norm_bwd", mutates_args=(), device_types="cuda")
+def norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, has_bias: bool, rms: bool,
+             need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias); dweight/dbias are empty when not asked for."""
+    dx, dw, db = _ext().norm_backward(dy.contiguous(), x.contiguous(), weight.contiguous(), mean, rstd,
+                                      has_bias, rms, need_weight_grad)
+    return dx, dw, db
+
+
+@norm_bwd.register_fake
+def _norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad):
+    def weight_like(wanted):
+        return torch.empty(weight.shape if wanted else (0,), dtype=weight.dtype, device=weight.device)
+
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return dx, weight_like(need_weight_grad), weight_like(need_weight_grad and has_bias)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, bias, _eps, rms = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.rms = rms
+
+
+def _norm_backward(ctx, dy, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    want_weight = ctx.needs_input_grad[1]
+    want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, want_weight or want_bias)
+    return dx, dw if want_weight else None, db if want_bias else None, None, None
+
+
+norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Fused RMSNorm (caller checked norm_supported)."""
+    weight, _ = _kernel_params(x, weight, None)
+    return norm_fwd(x, weight, None, float(eps), True)[0]
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    """Fused LayerNorm (caller checked norm_supported)."""
+    weight, bias = _kernel_params(x, weight, bias)
+    return norm_fwd(x, weight, bias, float(eps), False)[0]
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+@torch.library.custom_op("trellis::softmax_fwd", mutates_args=(), device_types="cuda")
+def softmax_fwd(scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    """softmax(scale * scores) with mask (True = masked out) and/or causal masking."""
+    return _ext().softmax_forward(scores.contiguous(), _kernel_mask(mask, scores.shape), scale, causal)
+
+
+@softmax_fwd.register_fake
+def _softmax_fwd_fake(scores, mask, scale, causal):
+    return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+
+
+@torch.library.custom_op("trellis::softmax_bwd", mutates_args=(), device_types="cuda")
+def softmax_bwd(dy: Tensor, y: Tensor, scale: float, causal: bool) -> Tensor:
+    """Gradient of the scores from the saved probabilities y."""
+    return _ext().softmax_backward(dy.contiguous(), y.contiguous(), scale, causal)
+
+
+@softmax_bwd.register_fake
+def _softmax_bwd_fake(dy, y, scale, causal):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+def _softmax_setup_context(ctx, inputs, output):
+    _scores, _mask, scale, causal = inputs
+    ctx.save_for_backward(output)
+    ctx.scale = scale
+    ctx.causal = causal
+
+
+def _softmax_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return softmax_bwd(dy, y, ctx.scale, ctx.causal), None, None, None
+
+
+softmax_fwd.register_autograd(_softmax_backward, setup_context=_softmax_setup_context)
+
+
+def scaled_masked_softmax(scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    """Fused scale + mask + softmax (caller checked softmax_supported)."""
+    return softmax_fwd(scores, mask, float(scale), bool(causal))
