@@ -55,11 +55,9 @@ def softmax_supported(scores: Tensor, mask: Optional[Tensor]) -> bool:
         return True
     if mask.dtype != torch.bool or mask.device != scores.device or mask.dim() > 4:
         return False
-    try:
-        torch.broadcast_shapes(mask.shape, scores.shape)
-    except RuntimeError:
-        return False
-    return torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
+    # The mask must broadcast to the scores without growing them (right-aligned dims).
+    mask_shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return all(m in (1, s) for m, s in zip(mask_shape, scores.shape))
 
 
 def _kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
