@@ -226,6 +226,14 @@ def register_usage(module) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| case | mode | variant | median ms | GB/s | % measured copy | % of 3.0 TB/s | fused speed-up vs eager / compile |",
              "|---|---|---|---:|---:|---:|---:|---|"]
@@ -259,6 +267,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
         "command": " ".join([sys.executable] + sys.argv), "arch_flags": loader.cuda_arch_flags(),
+        "git_commit": _git_commit(), "kernel_cache": str(loader.kernel_cache_dir()),
     }
 
     def save():
@@ -270,7 +279,7 @@ def main(argv=None) -> int:
     report["build_seconds"] = time.perf_counter() - started
     report["extension"] = ext.__file__
     print(f"# Trellis kernels on {report['device']} (torch {report['torch']}, CUDA {report['cuda']})\n")
-    print(f"build/load: {report['build_seconds']:.1f}s  {ext.__file__}")
+    print(f"build/load: {report['build_seconds']:.1f}s  {ext.__file__}", flush=True)
     report["register_usage"] = register_usage(ext)
     spills = report["register_usage"].get("spilling")
     print(f"kernels spilling registers: {spills if spills is not None else report['register_usage'].get('error')}")
@@ -301,7 +310,10 @@ def main(argv=None) -> int:
                   lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "padding")]
     report["results"] = []
     for make_case in cases:
-        report["results"] += run_case(make_case(), args.warmup, args.reps, not args.no_compile, copy["tb_per_s"])
+        case = make_case()
+        print(f"timing {case['name']} ...", flush=True)
+        report["results"] += run_case(case, args.warmup, args.reps, not args.no_compile, copy["tb_per_s"])
+        del case
         save()
         torch.cuda.empty_cache()
     print("\n" + markdown_table(report["results"]))
