@@ -1,8 +1,11 @@
 """Autograd-aware torch ops around the trellis_kernels CUDA extension.
 
-Each kernel is registered as a torch custom op (`torch.ops.trellis.*`) with a fake (shape)
-implementation and an autograd formula, so the fused ops run in eager mode and also sit in a
-torch.compile graph as single opaque nodes, with no graph break.
+Two doors to the same kernels:
+- eager mode: small `torch.autograd.Function`s that call the extension directly (a custom
+  op's Python dispatch costs several times more CPU time per call);
+- under torch.compile: torch custom ops (`torch.ops.trellis.*`) with fake (shape)
+  implementations and autograd formulas, so each op is one opaque graph node, no graph break.
+`torch.compiler.is_compiling()` picks the door; both call the `_*_impl` functions below.
 
 Use the dispatchers in csrc/loader.py (rms_norm, layer_norm, scaled_masked_softmax); they
 call into this module only for CUDA tensors the kernels support, and fall back otherwise.
@@ -82,14 +85,75 @@ def _kernel_mask(mask: Optional[Tensor], shape) -> Optional[Tensor]:
     return mask.expand(shape).contiguous()
 
 
-# ----------------------------------------------------------------------------- norms
+# ----------------------------------------------------------------------------- shared bodies
 
 
-@torch.library.custom_op("trellis::norm_fwd", mutates_args=(), device_types="cuda")
+def _norm_forward_impl(x, weight, bias, eps, rms):
+    return _ext().norm_forward(x.contiguous(), weight.contiguous(),
+                               None if bias is None else bias.contiguous(), eps, rms)
+
+
+def _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad):
+    return _ext().norm_backward(dy.contiguous(), x.contiguous(), weight.contiguous(), mean, rstd,
+                                has_bias, rms, need_weight_grad)
+
+
+def _softmax_forward_impl(scores, mask, scale, causal):
+    return _ext().softmax_forward(scores.contiguous(), _kernel_mask(mask, scores.shape), scale, causal)
+
+
+def _softmax_backward_impl(dy, y, scale, causal):
+    return _ext().softmax_backward(dy.contiguous(), y.contiguous(), scale, causal)
+
+
+def _norm_grads(backward, ctx, dy, x, weight, mean, rstd):
+    """(dx, dweight or None, dbias or None) from `backward` (the impl in eager mode, the
+    custom op when the graph may be traced), computing weight grads only when wanted."""
+    want_weight = ctx.needs_input_grad[1]
+    want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = backward(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, want_weight or want_bias)
+    return dx, dw if want_weight else None, db if want_bias else None
+
+
+# ----------------------------------------------------------------------------- eager autograd
+
+
+class _FusedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, rms):
+        y, mean, rstd = _norm_forward_impl(x, weight, bias, eps, rms)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias, ctx.rms = bias is not None, rms
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_norm_grads(_norm_backward_impl, ctx, dy, *ctx.saved_tensors), None, None)
+
+
+class _FusedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, mask, scale, causal):
+        y = _softmax_forward_impl(scores, mask, scale, causal)
+        ctx.save_for_backward(y)
+        ctx.scale, ctx.causal = scale, causal
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return _softmax_backward_impl(dy, y, ctx.scale, ctx.causal), None, None, None
+
+
+# ----------------------------------------------------------------------------- custom ops
+# Registered for every device: the dispatchers only send CUDA tensors here, and the CPU
+# tests run these ops against an emulation of the extension.
+
+
+@torch.library.custom_op("trellis::norm_fwd", mutates_args=())
 def norm_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean, rstd); mean is empty for RMSNorm. mean/rstd are fp32 per row."""
-    y, mean, rstd = _ext().norm_forward(x.contiguous(), weight.contiguous(),
-                                        None if bias is None else bias.contiguous(), eps, rms)
+    y, mean, rstd = _norm_forward_impl(x, weight, bias, eps, rms)
     return y, mean, rstd
 
 
@@ -101,12 +165,11 @@ def _norm_fwd_fake(x, weight, bias, eps, rms):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.empty((rows,), **stats)
 
 
-@torch.library.custom_op("trellis::norm_bwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("trellis::norm_bwd", mutates_args=())
 def norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, has_bias: bool, rms: bool,
              need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias); dweight/dbias are empty when not asked for."""
-    dx, dw, db = _ext().norm_backward(dy.contiguous(), x.contiguous(), weight.contiguous(), mean, rstd,
-                                      has_bias, rms, need_weight_grad)
+    dx, dw, db = _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad)
     return dx, dw, db
 
 
@@ -123,40 +186,20 @@ def _norm_setup_context(ctx, inputs, output):
     x, weight, bias, _eps, rms = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
-    ctx.rms = rms
+    ctx.has_bias, ctx.rms = bias is not None, rms
 
 
-def _norm_backward(ctx, dy, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    want_weight = ctx.needs_input_grad[1]
-    want_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, want_weight or want_bias)
-    return dx, dw if want_weight else None, db if want_bias else None, None, None
+def _norm_op_backward(ctx, dy, _grad_mean, _grad_rstd):
+    return (*_norm_grads(norm_bwd, ctx, dy, *ctx.saved_tensors), None, None)
 
 
-norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+norm_fwd.register_autograd(_norm_op_backward, setup_context=_norm_setup_context)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Fused RMSNorm (caller checked norm_supported)."""
-    weight, _ = _kernel_params(x, weight, None)
-    return norm_fwd(x, weight, None, float(eps), True)[0]
-
-
-def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
-    """Fused LayerNorm (caller checked norm_supported)."""
-    weight, bias = _kernel_params(x, weight, bias)
-    return norm_fwd(x, weight, bias, float(eps), False)[0]
-
-
-# ----------------------------------------------------------------------------- softmax
-
-
-@torch.library.custom_op("trellis::softmax_fwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("trellis::softmax_fwd", mutates_args=())
 def softmax_fwd(scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
     """softmax(scale * scores) with mask (True = masked out) and/or causal masking."""
-    return _ext().softmax_forward(scores.contiguous(), _kernel_mask(mask, scores.shape), scale, causal)
+    return _softmax_forward_impl(scores, mask, scale, causal)
 
 
 @softmax_fwd.register_fake
@@ -164,10 +207,10 @@ def _softmax_fwd_fake(scores, mask, scale, causal):
     return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
 
 
-@torch.library.custom_op("trellis::softmax_bwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("trellis::softmax_bwd", mutates_args=())
 def softmax_bwd(dy: Tensor, y: Tensor, scale: float, causal: bool) -> Tensor:
     """Gradient of the scores from the saved probabilities y."""
-    return _ext().softmax_backward(dy.contiguous(), y.contiguous(), scale, causal)
+    return _softmax_backward_impl(dy, y, scale, causal)
 
 
 @softmax_bwd.register_fake
@@ -178,18 +221,38 @@ def _softmax_bwd_fake(dy, y, scale, causal):
 def _softmax_setup_context(ctx, inputs, output):
     _scores, _mask, scale, causal = inputs
     ctx.save_for_backward(output)
-    ctx.scale = scale
-    ctx.causal = causal
+    ctx.scale, ctx.causal = scale, causal
 
 
-def _softmax_backward(ctx, dy):
+def _softmax_op_backward(ctx, dy):
     (y,) = ctx.saved_tensors
     return softmax_bwd(dy, y, ctx.scale, ctx.causal), None, None, None
 
 
-softmax_fwd.register_autograd(_softmax_backward, setup_context=_softmax_setup_context)
+softmax_fwd.register_autograd(_softmax_op_backward, setup_context=_softmax_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Fused RMSNorm (caller checked norm_supported)."""
+    weight, _ = _kernel_params(x, weight, None)
+    if torch.compiler.is_compiling():
+        return norm_fwd(x, weight, None, float(eps), True)[0]
+    return _FusedNorm.apply(x, weight, None, float(eps), True)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    """Fused LayerNorm (caller checked norm_supported)."""
+    weight, bias = _kernel_params(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return norm_fwd(x, weight, bias, float(eps), False)[0]
+    return _FusedNorm.apply(x, weight, bias, float(eps), False)
 
 
 def scaled_masked_softmax(scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
     """Fused scale + mask + softmax (caller checked softmax_supported)."""
-    return softmax_fwd(scores, mask, float(scale), bool(causal))
+    if torch.compiler.is_compiling():
+        return softmax_fwd(scores, mask, float(scale), bool(causal))
+    return _FusedSoftmax.apply(scores, mask, float(scale), bool(causal))

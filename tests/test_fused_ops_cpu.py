@@ -170,107 +170,146 @@ def test_reference_gradcheck():
 
 
 # ----------------------------------------------------------------------------- op wiring
-# The custom ops' CUDA bodies call the compiled extension. Here a CPU body runs the same
-# contract in plain torch: norm_forward returns (y, mean, rstd) with fp32 per-row stats, and
-# the backward uses the closed forms the kernels implement. Gradchecking the ops through
-# this emulation checks the autograd wiring and the formulas on CPU.
+# The fused ops call the compiled extension through fused_ops._ext(). Here _ext() returns a
+# plain-torch emulation of the extension's contract: norm_forward returns (y, mean, rstd)
+# with fp32 per-row statistics, and the backward uses the closed forms the kernels implement.
+# Running the ops through it on CPU checks the autograd wiring (eager autograd.Function and
+# the custom ops used under torch.compile) and the backward formulas.
 
 
-def _emulated_norm_forward(x, weight, bias, eps, rms):
-    hidden = x.shape[-1]
-    xf = x.reshape(-1, hidden).double()
-    mean = torch.zeros(xf.shape[0], dtype=torch.float64) if rms else xf.mean(-1)
-    rstd = torch.rsqrt((xf - mean[:, None]).pow(2).mean(-1) + eps)
-    y = (xf - mean[:, None]) * rstd[:, None] * weight.double()
-    if bias is not None:
-        y = y + bias.double()
-    mean_out = torch.empty(0, dtype=torch.float32) if rms else mean.float()
-    return y.to(x.dtype).reshape(x.shape), mean_out, rstd.float()
+class EmulatedExtension:
+    @staticmethod
+    def norm_forward(x, weight, bias, eps, rms):
+        hidden = x.shape[-1]
+        xf = x.reshape(-1, hidden).double()
+        mean = torch.zeros(xf.shape[0], dtype=torch.float64) if rms else xf.mean(-1)
+        rstd = torch.rsqrt((xf - mean[:, None]).pow(2).mean(-1) + eps)
+        y = (xf - mean[:, None]) * rstd[:, None] * weight.double()
+        if bias is not None:
+            y = y + bias.double()
+        mean_out = torch.empty(0, dtype=torch.float32) if rms else mean.float()
+        return y.to(x.dtype).reshape(x.shape), mean_out, rstd.float()
+
+    @staticmethod
+    def norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, blocks=0):
+        hidden = x.shape[-1]
+        xf, g0 = x.reshape(-1, hidden).double(), dy.reshape(-1, hidden).double()
+        rs = rstd.double()[:, None]
+        xhat = (xf - (0.0 if rms else mean.double()[:, None])) * rs
+        g = g0 * weight.double()
+        mean_g = 0.0 if rms else g.mean(-1, keepdim=True)
+        dx = rs * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (g0 * xhat).sum(0).to(weight.dtype) if need_weight_grad else torch.empty(0, dtype=weight.dtype)
+        db = g0.sum(0).to(weight.dtype) if need_weight_grad and has_bias else torch.empty(0, dtype=weight.dtype)
+        return dx.to(x.dtype).reshape(x.shape), dw, db
+
+    @staticmethod
+    def softmax_forward(scores, mask, scale, causal):
+        assert mask is None or (mask.shape == scores.shape and mask.stride(3) == 1)
+        return loader.scaled_masked_softmax_reference(scores, mask, scale, causal)
+
+    @staticmethod
+    def softmax_backward(dy, y, scale, causal):
+        yf, gf = y.double(), dy.double()
+        return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
 
 
-def _emulated_norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad):
-    hidden = x.shape[-1]
-    xf, g0 = x.reshape(-1, hidden).double(), dy.reshape(-1, hidden).double()
-    mu = torch.zeros_like(rstd, dtype=torch.float64) if rms else mean.double()
-    rs = rstd.double()[:, None]
-    xhat = (xf - mu[:, None]) * rs
-    g = g0 * weight.double()
-    mean_g = torch.zeros_like(rs) if rms else g.mean(-1, keepdim=True)
-    dx = rs * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
-    empty = torch.empty(0, dtype=weight.dtype)
-    dw = (g0 * xhat).sum(0).to(weight.dtype) if need_weight_grad else empty
-    db = g0.sum(0).to(weight.dtype) if need_weight_grad and has_bias else empty.clone()
-    return dx.to(x.dtype).reshape(x.shape), dw, db
-
-
-def _emulated_softmax_backward(dy, y, scale, causal):
-    yf, gf = y.double(), dy.double()
-    return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
-
-
-@pytest.fixture(scope="module")
-def emulated_ops():
-    """Give the custom ops CPU bodies (once per process; harmless to other tests, since the
-    dispatchers only route CUDA tensors to these ops)."""
-    if not getattr(fused_ops, "_cpu_emulation_registered", False):
-        fused_ops.norm_fwd.register_kernel("cpu")(_emulated_norm_forward)
-        fused_ops.norm_bwd.register_kernel("cpu")(_emulated_norm_backward)
-        fused_ops.softmax_fwd.register_kernel("cpu")(
-            lambda s, m, scale, causal: loader.scaled_masked_softmax_reference(s, m, scale, causal))
-        fused_ops.softmax_bwd.register_kernel("cpu")(_emulated_softmax_backward)
-        fused_ops._cpu_emulation_registered = True
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(fused_ops, "_ext", lambda: EmulatedExtension)
     return fused_ops
 
 
-def test_norm_ops_gradcheck(emulated_ops):
+def _norm_op(x, w, b, eps, rms):
+    """The custom-op door (what torch.compile graphs call)."""
+    return fused_ops.norm_fwd(x, w, b, eps, rms)[0]
+
+
+def test_norm_gradcheck_eager_and_op(emulated):
     torch.manual_seed(0)
     opts = dict(dtype=torch.float64, requires_grad=True)
     x, w, b = torch.randn(2, 3, 16, **opts), torch.randn(16, **opts), torch.randn(16, **opts)
     # fp32 saved statistics bound the agreement of analytic and numeric gradients.
     tol = dict(atol=1e-4, rtol=1e-3)
-    assert torch.autograd.gradcheck(lambda x, w: emulated_ops.rms_norm(x, w, 1e-6), (x, w), **tol)
-    assert torch.autograd.gradcheck(lambda x, w, b: emulated_ops.layer_norm(x, w, b, 1e-5), (x, w, b), **tol)
-    assert torch.autograd.gradcheck(lambda x, w: emulated_ops.layer_norm(x, w, None, 1e-5), (x, w), **tol)
+    check = torch.autograd.gradcheck
+    assert check(lambda x, w: emulated.rms_norm(x, w, 1e-6), (x, w), **tol)
+    assert check(lambda x, w, b: emulated.layer_norm(x, w, b, 1e-5), (x, w, b), **tol)
+    assert check(lambda x, w: emulated.layer_norm(x, w, None, 1e-5), (x, w), **tol)
+    assert check(lambda x, w: _norm_op(x, w, None, 1e-6, True), (x, w), **tol)
+    assert check(lambda x, w, b: _norm_op(x, w, b, 1e-5, False), (x, w, b), **tol)
 
 
+@pytest.mark.parametrize("door", ["eager", "op"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_norm_op_grads_match_reference(emulated_ops, bias):
+def test_norm_grads_match_reference(emulated, door, bias):
     torch.manual_seed(0)
     x = torch.randn(4, 7, 32, requires_grad=True)
     w = torch.randn(32, requires_grad=True)
     b = torch.randn(32, requires_grad=True) if bias else None
     grad = torch.randn(4, 7, 32)
-    fused = emulated_ops.layer_norm(x, w, b, 1e-5)
-    grads = torch.autograd.grad(fused, [x, w] + ([b] if bias else []), grad)
+    leaves = [x, w] + ([b] if bias else [])
+    fused = emulated.layer_norm(x, w, b, 1e-5) if door == "eager" else _norm_op(x, w, b, 1e-5, False)
     ref = loader.layer_norm_reference(x, w, b, 1e-5)
-    ref_grads = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), grad)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(torch.autograd.grad(fused, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_norm_op_weight_grad_only_when_needed(emulated_ops):
+def test_norm_weight_grad_only_when_needed(emulated, monkeypatch):
+    seen = []
+    real = EmulatedExtension.norm_backward
+    monkeypatch.setattr(EmulatedExtension, "norm_backward",
+                        staticmethod(lambda *a, **k: seen.append(a[7]) or real(*a, **k)))
     x = torch.randn(3, 16, requires_grad=True)
-    w = torch.randn(16)  # frozen weight: no weight gradient computed or returned
-    emulated_ops.rms_norm(x, w, 1e-6).sum().backward()
-    assert x.grad is not None and w.grad is None
+    w = torch.randn(16)  # frozen weight
+    emulated.rms_norm(x, w, 1e-6).sum().backward()
+    assert x.grad is not None and w.grad is None and seen == [False]
 
 
-def test_norm_op_casts_odd_weight_dtype(emulated_ops):
+def test_norm_casts_odd_weight_dtype(emulated):
     x = torch.randn(3, 16, dtype=torch.float32)
     w = torch.randn(16, dtype=torch.bfloat16, requires_grad=True)  # neither x's dtype nor fp32
-    y = emulated_ops.rms_norm(x, w, 1e-6)
+    y = emulated.rms_norm(x, w, 1e-6)
     torch.testing.assert_close(y, loader.rms_norm_reference(x, w, 1e-6))
     y.sum().backward()
     assert w.grad.dtype == torch.bfloat16
 
 
-def test_softmax_ops_gradcheck(emulated_ops):
+def test_softmax_gradcheck_eager_and_op(emulated):
     torch.manual_seed(0)
     scores = torch.randn(2, 2, 4, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 1, 1, 8) > 0.7
-    assert torch.autograd.gradcheck(lambda s: emulated_ops.scaled_masked_softmax(s, mask, 0.5, True), (scores,))
-    assert torch.autograd.gradcheck(lambda s: emulated_ops.scaled_masked_softmax(s, None, 2.0, False), (scores,))
+    check = torch.autograd.gradcheck
+    assert check(lambda s: emulated.scaled_masked_softmax(s, mask, 0.5, True), (scores,))
+    assert check(lambda s: emulated.scaled_masked_softmax(s, None, 2.0, False), (scores,))
+    assert check(lambda s: fused_ops.softmax_fwd(s, mask, 0.5, True), (scores,))
+
+
+def test_compiled_graph_uses_the_ops(emulated):
+    """torch.compile (fullgraph) takes the custom-op door, forward and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    scores = torch.randn(2, 2, 8, 16, requires_grad=True)
+
+    def f(x, w, scores):
+        n = emulated.rms_norm(x, w, 1e-6) + emulated.layer_norm(x, w, None, 1e-5)
+        return n.sum() + (emulated.scaled_masked_softmax(scores, None, 0.3, True) * scores).sum()
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(f, backend=recording_backend, fullgraph=True)(x, w, scores)
+    assert "trellis.norm_fwd" in graphs[0] and "trellis.softmax_fwd" in graphs[0]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w, scores), (x, w, scores))
+    want = torch.autograd.grad(f(x, w, scores), (x, w, scores))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_ops_fake_shapes_with_fake_cuda_tensors():
