@@ -4,13 +4,35 @@
 None. The fused ops below use CUDA kernels when a CUDA tensor arrives and the kernels can be
 built; otherwise they run the plain torch reference, which is also what the tests compare
 the kernels against.
+
+The CUDA kernels (csrc/*.cu) form one extension, `trellis_kernels`, compiled just in time by
+`torch.utils.cpp_extension.load` on first use (or ahead of time by `build_kernels()` /
+`python -m csrc.loader --build`) into `$TRELLIS_KERNEL_CACHE` (default
+`~/.cache/trellis_kernels`). A failed build logs one warning and the process keeps using the
+references; `TRELLIS_DISABLE_KERNELS=1` forces the references.
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("trellis.kernels")
+
+DISABLE_ENV = "TRELLIS_DISABLE_KERNELS"
+CACHE_ENV = "TRELLIS_KERNEL_CACHE"
+EXTENSION_NAME = "trellis_kernels"
+_CSRC_DIR = Path(__file__).resolve().parent
+_KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "bindings.cu")
+_KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,22 +45,225 @@ def cpp_helpers():
     return trellis_cpp
 
 
+# ----------------------------------------------------------------------------- references
+# These define the ops. They stay plain torch (fp32 math, output in the input dtype) and are
+# what runs on CPU; the CUDA kernels are tested against them.
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; float64 stays float64 (so gradcheck can run)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm with fp32 statistics, returned in the input dtype."""
-    xf = x.float()
+    compute = _compute_dtype(x)
+    xf = x.to(compute)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(compute)).to(x.dtype)
 
 
 def layer_norm_reference(x, weight, bias, eps: float) -> torch.Tensor:
     """LayerNorm with fp32 statistics, returned in the input dtype."""
-    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    compute = _compute_dtype(x)
+    y = F.layer_norm(x.to(compute), (x.shape[-1],), weight.to(compute),
+                     None if bias is None else bias.to(compute), eps)
     return y.to(x.dtype)
 
 
+def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
+    """[sq, sk] bool, True where query i may NOT see key j: j > i + (sk - sq).
+
+    Bottom-right aligned (the last query sees every key), which is the usual convention when
+    queries are the tail of a longer key sequence (a KV cache); for sq == sk it is the plain
+    upper triangle.
+    """
+    queries = torch.arange(sq, device=device).unsqueeze(1)
+    keys = torch.arange(sk, device=device).unsqueeze(0)
+    return keys > queries + (sk - sq)
+
+
+def scaled_masked_softmax_reference(scores: torch.Tensor, mask: torch.Tensor | None = None,
+                                    scale: float = 1.0, causal: bool = False) -> torch.Tensor:
+    """softmax(scale * scores) over the last dim with masked keys removed, fp32 math.
+
+    scores: [b, h, sq, sk]. mask: bool, broadcastable to scores, True = masked out (the
+    Megatron convention). causal: also hide keys right of the (bottom-right) diagonal. A row
+    whose keys are all masked gives zeros. Returned in the scores' dtype.
+    """
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = masked out), got {mask.dtype}")
+    x = scores.to(_compute_dtype(scores)) * scale
+    hidden = mask
+    if causal:
+        tri = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
+        hidden = tri if hidden is None else hidden | tri
+    if hidden is None:
+        return torch.softmax(x, dim=-1).to(scores.dtype)
+    y = torch.softmax(x.masked_fill(hidden, float("-inf")), dim=-1)
+    # Fully masked rows come out NaN (0/0); every entry of such a row is masked, so this
+    # sets them to 0 and leaves other rows exactly as they were (masked entries are 0 already).
+    return y.masked_fill(hidden, 0.0).to(scores.dtype)
+
+
+# ----------------------------------------------------------------------------- kernel build
+
+
+def kernels_disabled() -> bool:
+    """True when TRELLIS_DISABLE_KERNELS asks for the torch references."""
+    return os.environ.get(DISABLE_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def kernel_cache_dir() -> Path:
+    """Where the extension is built: per torch and CUDA version, since the binary links both."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "trellis_kernels").expanduser()
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    return root / tag
+
+
+_ARCH_PATTERN = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+
+
+def cuda_arch_flags() -> list[str]:
+    """-gencode flags: sm_90, every visible GPU's arch, and whatever TORCH_CUDA_ARCH_LIST says.
+
+    Passing our own arch flags stops torch from adding its defaults. Named entries of
+    TORCH_CUDA_ARCH_LIST ("Ampere", ...) are not expanded here: use numbers ("8.0;9.0+PTX").
+    """
+    archs: dict[str, bool] = {"90": False}  # arch -> also embed PTX
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            archs.setdefault(f"{major}{minor}", False)
+    for entry in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()):
+        if not entry:
+            continue
+        match = _ARCH_PATTERN.match(entry)
+        if match is None:
+            logger.warning("ignoring TORCH_CUDA_ARCH_LIST entry %r (use numbers like 9.0 or 8.6+PTX)", entry)
+            continue
+        arch = f"{match.group(1)}{match.group(2)}{match.group(3)}"
+        archs[arch] = archs.get(arch, False) or bool(match.group(4))
+    flags = []
+    for arch, ptx in sorted(archs.items()):
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+    return flags
+
+
+_built_module = None
+
+
+def build_kernels(verbose: bool = False):
+    """Compile (or load from the cache) the CUDA extension and return it. Raises on failure.
+
+    Builds at most once per process. Safe to call from several processes at once: torch's
+    loader takes a file lock in the build directory, so one compiles and the others wait.
+    """
+    global _built_module
+    if _built_module is None:
+        _built_module = _compile_kernels(verbose)
+    return _built_module
+
+
+def _compile_kernels(verbose: bool):
+    if not torch.cuda.is_available():
+        raise RuntimeError("the CUDA kernels need a CUDA build of torch and a visible GPU")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("nvcc not found: set CUDA_HOME to the CUDA toolkit")
+    build_dir = kernel_cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    module = cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(_CSRC_DIR / name) for name in _KERNEL_SOURCES],
+        extra_include_paths=[str(_CSRC_DIR)],
+        extra_cflags=["-O3"],
+        # -lineinfo maps SASS back to source in profilers and costs nothing at run time.
+        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *cuda_arch_flags()],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+    logger.info("trellis kernels ready in %.1fs (%s)", time.perf_counter() - started, build_dir)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_or_none():
+    try:
+        return build_kernels()
+    except Exception as error:  # any build or load failure: warn once, use the references
+        logger.warning("trellis CUDA kernels unavailable, using torch reference ops: %s", error)
+        return None
+
+
+def kernels():
+    """The compiled extension, or None when disabled, without CUDA, or when the build failed."""
+    if kernels_disabled() or not torch.cuda.is_available():
+        return None
+    return _kernels_or_none()
+
+
+@torch.compiler.assume_constant_result
+def fused_kernels_available() -> bool:
+    """Whether the fused path can run; a constant to torch.compile (traced once, not into)."""
+    return kernels() is not None
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (fp32 statistics, output in x's dtype)."""
+    if x.is_cuda and fused_kernels_available():
+        if fused_ops.norm_supported(x, weight, None):
+            return fused_ops.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim, optional bias (fp32 statistics, output in x's dtype)."""
+    if x.is_cuda and fused_kernels_available():
+        if fused_ops.norm_supported(x, weight, bias):
+            return fused_ops.layer_norm(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
+
+
+def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0,
+                          causal: bool = False) -> torch.Tensor:
+    """softmax(scale * scores, masked) over keys of [b, h, sq, sk]; see the reference for the rules."""
+    if scores.is_cuda and fused_kernels_available():
+        if fused_ops.softmax_supported(scores, mask):
+            return fused_ops.scaled_masked_softmax(scores, mask, scale, causal)
+    return scaled_masked_softmax_reference(scores, mask, scale, causal)
+
+
+# Imported last: fused_ops imports `kernels` from this module, which now exists. A module-level
+# import (not one inside the dispatchers) keeps the dispatchers traceable by torch.compile.
+from . import fused_ops  # noqa: E402
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Build the Trellis CUDA kernels ahead of time.")
+    parser.add_argument("--build", action="store_true", help="compile (or load from cache) the extension")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    try:
+        module = build_kernels(verbose=args.verbose)
+    except Exception as error:
+        print(f"build failed: {error}", file=sys.stderr)
+        return 1
+    print(f"built {EXTENSION_NAME} in {time.perf_counter() - started:.1f}s: {module.__file__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,36 @@
+// Host entry points of the trellis_kernels extension (bound to Python in bindings.cu).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace trellis {
+
+// Longest hidden size the fused norms take (any multiple of 8 up to it). The backward keeps
+// fp32 weight/bias-gradient accumulators for a whole row in shared memory: 16384 columns
+// x 4 bytes x 2 (weight and bias) = 128 KiB, inside Hopper's 227 KiB per block.
+constexpr int64_t max_norm_hidden() { return 16384; }
+// Longest softmax row (keys); rows stay in registers, up to 8 vectors x 512 threads of fp32.
+constexpr int64_t max_softmax_keys() { return 16384; }
+
+// Returns {y, mean, rstd}; mean is empty for RMSNorm. Statistics are fp32, one per row.
+std::vector<at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias, double eps, bool rms);
+
+// Returns {dx, dweight, dbias}: dweight/dbias are empty when not asked for (need_weight_grad
+// false, or no bias). `blocks` > 0 overrides the number of partial-sum blocks (tuning only).
+std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
+                                      bool rms, bool need_weight_grad, int64_t blocks);
+
+// y = softmax(scale * scores with masked entries removed) over the last dim of [b, h, sq, sk].
+// mask (optional): bool, True = masked out, a [b, h, sq, sk] view whose strides may be 0.
+// causal: key j is visible to query i iff j <= i + (sk - sq). Fully masked rows give zeros.
+at::Tensor softmax_forward(const at::Tensor& scores, const c10::optional<at::Tensor>& mask, double scale,
+                           bool causal);
+
+// d scores from the saved softmax output: scale * y * (dy - sum(dy * y)).
+at::Tensor softmax_backward(const at::Tensor& dy, const at::Tensor& y, double scale, bool causal);
+
+}  // namespace trellis

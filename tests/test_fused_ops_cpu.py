@@ -1,0 +1,344 @@
+"""CPU checks of the fused-op layer: dispatch fallback, the torch references, and the
+autograd wiring of the custom ops (run here against a plain-torch emulation of the CUDA
+extension's contract, so the backward formulas the kernels implement are checked too)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csrc import fused_ops, loader
+
+
+def hand_rms_norm(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def hand_softmax(scores, hidden, scale):
+    """Softmax over unmasked keys written out; rows with no visible key give zeros."""
+    x = scores * scale
+    x = torch.where(hidden, torch.full_like(x, -1e30), x)
+    e = torch.exp(x - x.amax(-1, keepdim=True)) * (~hidden)
+    total = e.sum(-1, keepdim=True)
+    return torch.where(total > 0, e / total.clamp_min(1e-300), torch.zeros_like(e))
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_falls_back_on_cpu():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 64), torch.randn(64), torch.randn(64)
+    assert torch.equal(loader.rms_norm(x, w, 1e-6), loader.rms_norm_reference(x, w, 1e-6))
+    assert torch.equal(loader.layer_norm(x, w, b, 1e-5), loader.layer_norm_reference(x, w, b, 1e-5))
+    s, m = torch.randn(2, 3, 4, 16), torch.rand(2, 1, 1, 16) > 0.5
+    assert torch.equal(loader.scaled_masked_softmax(s, m, 0.3, True),
+                       loader.scaled_masked_softmax_reference(s, m, 0.3, True))
+    if not torch.cuda.is_available():
+        assert loader.kernels() is None and not loader.fused_kernels_available()
+
+
+def test_disable_env_forces_reference(monkeypatch):
+    monkeypatch.setenv(loader.DISABLE_ENV, "1")
+    assert loader.kernels_disabled() and loader.kernels() is None
+    monkeypatch.setenv(loader.DISABLE_ENV, "0")
+    assert not loader.kernels_disabled()
+
+
+def test_cache_dir_and_arch_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path))
+    assert loader.kernel_cache_dir().parent == tmp_path
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX 9.0a")
+    flags = loader.cuda_arch_flags()
+    for arch in ("80", "90", "90a"):
+        assert f"-gencode=arch=compute_{arch},code=sm_{arch}" in flags
+    assert "-gencode=arch=compute_90,code=compute_90" in flags
+    assert "-gencode=arch=compute_80,code=compute_80" not in flags
+
+
+def test_support_checks():
+    x = torch.randn(4, 4096, dtype=torch.bfloat16)
+    w = torch.randn(4096)
+    assert fused_ops.norm_supported(x, w, None)
+    assert not fused_ops.norm_supported(torch.randn(4, 100), torch.randn(100), None)  # not a multiple of 8
+    assert not fused_ops.norm_supported(torch.randn(2, 32768), torch.randn(32768), None)  # too long
+    assert not fused_ops.norm_supported(x.double(), w, None)
+    s = torch.randn(2, 4, 16, 64)
+    assert fused_ops.softmax_supported(s, None)
+    assert fused_ops.softmax_supported(s, torch.ones(2, 1, 1, 64, dtype=torch.bool))
+    assert not fused_ops.softmax_supported(s, torch.ones(2, 1, 1, 64))  # not bool
+    assert not fused_ops.softmax_supported(s, torch.ones(3, 1, 1, 64, dtype=torch.bool))
+    assert not fused_ops.softmax_supported(torch.randn(2, 4, 16, 60), None)
+
+
+def test_kernel_mask_views_without_copy():
+    shape = (2, 4, 16, 64)
+    padding = torch.rand(2, 1, 1, 64) > 0.5
+    view = fused_ops._kernel_mask(padding, shape)
+    assert view.shape == shape and view.data_ptr() == padding.data_ptr() and view.stride()[:3] == (64, 0, 0)
+    transposed = (torch.rand(64, 16) > 0.5).t()  # [16, 64], not contiguous along keys
+    fixed = fused_ops._kernel_mask(transposed, shape)
+    assert fixed.stride(3) == 1 and torch.equal(fixed, transposed.expand(shape))
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_reference(dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 96, dtype=dtype), torch.randn(96, dtype=dtype)
+    y = loader.rms_norm_reference(x, w, 1e-6)
+    assert y.dtype == dtype
+    expected = hand_rms_norm(x.double(), w.double(), 1e-6)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_reference(dtype, with_bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 96, dtype=dtype) * 3 + 1, torch.randn(96, dtype=dtype)
+    b = torch.randn(96, dtype=dtype) if with_bias else None
+    y = loader.layer_norm_reference(x, w, b, 1e-5)
+    assert y.dtype == dtype
+    expected = F.layer_norm(x.double(), (96,), w.double(), None if b is None else b.double(), 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+def test_norm_statistics_are_fp32_for_half_inputs():
+    # A bf16 input of large magnitude: squared values overflow nothing in fp32; the result
+    # must equal normalising the fp32 copy and rounding once.
+    x = (torch.randn(4, 64) * 300).bfloat16()
+    w = torch.ones(64, dtype=torch.bfloat16)
+    expected = hand_rms_norm(x.float(), w.float(), 1e-6).bfloat16()
+    assert torch.equal(loader.rms_norm_reference(x, w, 1e-6), expected)
+
+
+def _masks(b, h, sq, sk):
+    torch.manual_seed(1)
+    return {
+        "none": None,
+        "padding": torch.rand(b, 1, 1, sk) > 0.6,
+        "arbitrary": torch.rand(b, h, sq, sk) > 0.5,
+    }
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "arbitrary"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(8, 8), (4, 16), (16, 8)])
+def test_softmax_reference(mask_kind, causal, sq, sk):
+    torch.manual_seed(0)
+    b, h = 2, 3
+    scores = torch.randn(b, h, sq, sk, dtype=torch.float64) * 4
+    mask = _masks(b, h, sq, sk)[mask_kind]
+    hidden = torch.zeros(b, h, sq, sk, dtype=torch.bool)
+    if mask is not None:
+        hidden |= mask
+    if causal:  # key j hidden from query i when j > i + (sk - sq)
+        hidden |= torch.ones(sq, sk, dtype=torch.bool).triu(1 + sk - sq)
+    y = loader.scaled_masked_softmax_reference(scores, mask, 0.7, causal)
+    torch.testing.assert_close(y, hand_softmax(scores, hidden, 0.7), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(y).all()
+
+
+def test_softmax_reference_fully_masked_rows_are_zero_with_finite_grad():
+    scores = torch.randn(1, 2, 4, 8, requires_grad=True)
+    mask = torch.zeros(1, 2, 4, 8, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    y = loader.scaled_masked_softmax_reference(scores, mask, 1.0, False)
+    assert torch.equal(y[0, 1, 2], torch.zeros(8))
+    torch.testing.assert_close(y.sum(-1)[0, 0], torch.ones(4))
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(scores.grad).all() and torch.equal(scores.grad[0, 1, 2], torch.zeros(8))
+
+
+def test_softmax_reference_matches_torch_causal():
+    scores = torch.randn(2, 2, 8, 8)
+    expected = torch.softmax((scores * 0.5).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf")), -1)
+    torch.testing.assert_close(loader.scaled_masked_softmax_reference(scores, None, 0.5, True), expected)
+
+
+def test_reference_gradcheck():
+    torch.manual_seed(0)
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x, w, b = torch.randn(3, 8, **opts), torch.randn(8, **opts), torch.randn(8, **opts)
+    assert torch.autograd.gradcheck(lambda x, w: loader.rms_norm_reference(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w, b: loader.layer_norm_reference(x, w, b, 1e-5), (x, w, b))
+    scores = torch.randn(2, 2, 4, 8, **opts)
+    mask = torch.rand(2, 1, 4, 8) > 0.6
+    assert torch.autograd.gradcheck(lambda s: loader.scaled_masked_softmax_reference(s, mask, 0.5, True), (scores,))
+
+
+# ----------------------------------------------------------------------------- op wiring
+# The fused ops call the compiled extension through fused_ops._ext(). Here _ext() returns a
+# plain-torch emulation of the extension's contract: norm_forward returns (y, mean, rstd)
+# with fp32 per-row statistics, and the backward uses the closed forms the kernels implement.
+# Running the ops through it on CPU checks the autograd wiring (eager autograd.Function and
+# the custom ops used under torch.compile) and the backward formulas.
+
+
+class EmulatedExtension:
+    @staticmethod
+    def norm_forward(x, weight, bias, eps, rms):
+        hidden = x.shape[-1]
+        xf = x.reshape(-1, hidden).double()
+        mean = torch.zeros(xf.shape[0], dtype=torch.float64) if rms else xf.mean(-1)
+        rstd = torch.rsqrt((xf - mean[:, None]).pow(2).mean(-1) + eps)
+        y = (xf - mean[:, None]) * rstd[:, None] * weight.double()
+        if bias is not None:
+            y = y + bias.double()
+        mean_out = torch.empty(0, dtype=torch.float32) if rms else mean.float()
+        return y.to(x.dtype).reshape(x.shape), mean_out, rstd.float()
+
+    @staticmethod
+    def norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, blocks=0):
+        hidden = x.shape[-1]
+        xf, g0 = x.reshape(-1, hidden).double(), dy.reshape(-1, hidden).double()
+        rs = rstd.double()[:, None]
+        xhat = (xf - (0.0 if rms else mean.double()[:, None])) * rs
+        g = g0 * weight.double()
+        mean_g = 0.0 if rms else g.mean(-1, keepdim=True)
+        dx = rs * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (g0 * xhat).sum(0).to(weight.dtype) if need_weight_grad else torch.empty(0, dtype=weight.dtype)
+        db = g0.sum(0).to(weight.dtype) if need_weight_grad and has_bias else torch.empty(0, dtype=weight.dtype)
+        return dx.to(x.dtype).reshape(x.shape), dw, db
+
+    @staticmethod
+    def softmax_forward(scores, mask, scale, causal):
+        assert mask is None or (mask.shape == scores.shape and mask.stride(3) == 1)
+        return loader.scaled_masked_softmax_reference(scores, mask, scale, causal)
+
+    @staticmethod
+    def softmax_backward(dy, y, scale, causal):
+        yf, gf = y.double(), dy.double()
+        return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(fused_ops, "_ext", lambda: EmulatedExtension)
+    return fused_ops
+
+
+def _norm_op(x, w, b, eps, rms):
+    """The custom-op door (what torch.compile graphs call)."""
+    return fused_ops.norm_fwd(x, w, b, eps, rms)[0]
+
+
+def test_norm_gradcheck_eager_and_op(emulated):
+    torch.manual_seed(0)
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x, w, b = torch.randn(2, 3, 16, **opts), torch.randn(16, **opts), torch.randn(16, **opts)
+    # fp32 saved statistics bound the agreement of analytic and numeric gradients.
+    tol = dict(atol=1e-4, rtol=1e-3)
+    check = torch.autograd.gradcheck
+    assert check(lambda x, w: emulated.rms_norm(x, w, 1e-6), (x, w), **tol)
+    assert check(lambda x, w, b: emulated.layer_norm(x, w, b, 1e-5), (x, w, b), **tol)
+    assert check(lambda x, w: emulated.layer_norm(x, w, None, 1e-5), (x, w), **tol)
+    assert check(lambda x, w: _norm_op(x, w, None, 1e-6, True), (x, w), **tol)
+    assert check(lambda x, w, b: _norm_op(x, w, b, 1e-5, False), (x, w, b), **tol)
+
+
+@pytest.mark.parametrize("door", ["eager", "op"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_norm_grads_match_reference(emulated, door, bias):
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True) if bias else None
+    grad = torch.randn(4, 7, 32)
+    leaves = [x, w] + ([b] if bias else [])
+    fused = emulated.layer_norm(x, w, b, 1e-5) if door == "eager" else _norm_op(x, w, b, 1e-5, False)
+    ref = loader.layer_norm_reference(x, w, b, 1e-5)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(fused, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_norm_weight_grad_only_when_needed(emulated, monkeypatch):
+    seen = []
+    real = EmulatedExtension.norm_backward
+    monkeypatch.setattr(EmulatedExtension, "norm_backward",
+                        staticmethod(lambda *a, **k: seen.append(a[7]) or real(*a, **k)))
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(16)  # frozen weight
+    emulated.rms_norm(x, w, 1e-6).sum().backward()
+    assert x.grad is not None and w.grad is None and seen == [False]
+
+
+def test_norm_casts_odd_weight_dtype(emulated):
+    x = torch.randn(3, 16, dtype=torch.float32)
+    w = torch.randn(16, dtype=torch.bfloat16, requires_grad=True)  # neither x's dtype nor fp32
+    y = emulated.rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(y, loader.rms_norm_reference(x, w, 1e-6))
+    y.sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+
+
+def test_softmax_gradcheck_eager_and_op(emulated):
+    torch.manual_seed(0)
+    scores = torch.randn(2, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 1, 8) > 0.7
+    check = torch.autograd.gradcheck
+    assert check(lambda s: emulated.scaled_masked_softmax(s, mask, 0.5, True), (scores,))
+    assert check(lambda s: emulated.scaled_masked_softmax(s, None, 2.0, False), (scores,))
+    assert check(lambda s: fused_ops.softmax_fwd(s, mask, 0.5, True), (scores,))
+
+
+def test_compiled_graph_uses_the_ops(emulated):
+    """torch.compile (fullgraph) takes the custom-op door, forward and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    scores = torch.randn(2, 2, 8, 16, requires_grad=True)
+
+    def f(x, w, scores):
+        n = emulated.rms_norm(x, w, 1e-6) + emulated.layer_norm(x, w, None, 1e-5)
+        return n.sum() + (emulated.scaled_masked_softmax(scores, None, 0.3, True) * scores).sum()
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(f, backend=recording_backend, fullgraph=True)(x, w, scores)
+    assert "trellis.norm_fwd" in graphs[0] and "trellis.softmax_fwd" in graphs[0]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w, scores), (x, w, scores))
+    want = torch.autograd.grad(f(x, w, scores), (x, w, scores))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_ops_fake_shapes_with_fake_cuda_tensors():
+    """Shapes from the fake implementations, as torch.compile sees them. (Autograd on fake
+    CUDA tensors needs a CUDA build of torch, so the backward ops are called directly.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 64, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(64, device="cuda", dtype=torch.float32)
+        y, mean, rstd = fused_ops.norm_fwd(x, w, w, 1e-5, False)
+        assert y.shape == x.shape and y.dtype == x.dtype and mean.shape == rstd.shape == (10,)
+        assert fused_ops.norm_fwd(x, w, None, 1e-5, True)[1].shape == (0,)
+        dx, dw, db = fused_ops.norm_bwd(y, x, w, mean, rstd, True, False, True)
+        assert dx.shape == x.shape and dw.shape == db.shape == w.shape and dw.dtype == w.dtype
+        dx, dw, db = fused_ops.norm_bwd(y, x, w, rstd, rstd, False, True, False)
+        assert dw.shape == db.shape == (0,)
+        s = torch.empty(2, 3, 16, 32, device="cuda", dtype=torch.float16)
+        p = fused_ops.softmax_fwd(s, None, 0.1, True)
+        assert p.shape == s.shape and p.dtype == s.dtype
+        assert fused_ops.softmax_bwd(p, p, 0.1, True).shape == s.shape
+
+
+def test_dispatch_traces_under_torch_compile():
+    """The dispatchers compile without graph breaks on CPU (they take the reference path)."""
+    x, w = torch.randn(4, 64), torch.randn(64)
+
+    def f(x, w):
+        return loader.rms_norm(x, w, 1e-6) + loader.layer_norm(x, w, None, 1e-5)
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), f(x, w))

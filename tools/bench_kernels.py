@@ -1,0 +1,337 @@
+"""Check and time Trellis' fused CUDA kernels on a GPU, in one run.
+
+    PYTHONPATH=. python tools/bench_kernels.py --check --out $OUT/kernels.json
+
+Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py in this
+process; measure the device copy bandwidth; time fused vs eager torch vs torch.compile of
+the same op (forward, and forward+backward) on large shapes; sweep the norm backward's
+partial-sum grid; list kernels whose registers spilled. Prints markdown tables and writes
+everything to the JSON file given by --out.
+
+Bandwidth: "bytes" is the traffic an ideal fused implementation must move (inputs read once,
+outputs written once, fp32 per-row statistics, weights); the same figure is used for every
+variant, so GB/s compares times. Causal softmax counts full rows although the fused kernel
+skips reading keys right of the diagonal, so its GB/s there is an effective figure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from csrc import fused_ops, loader  # noqa: E402
+
+NOMINAL_COPY_TBPS = 3.0  # H100 SXM copy bandwidth (read + write) quoted in DESIGN.md
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_ms(fn, warmup: int, reps: int) -> dict:
+    """Median / min milliseconds of fn() over reps, each rep timed with its own CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+
+
+def copy_bandwidth(warmup: int, reps: int, gib: float = 2.0) -> dict:
+    """Device-to-device copy of a large buffer; bytes = read + written."""
+    numel = int(gib * 2**30) // 4
+    src = torch.empty(numel, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), warmup, reps)
+    moved = 2 * numel * 4
+    return {"bytes": moved, **timing, "tb_per_s": moved / (timing["median_ms"] * 1e-3) / 1e12}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _grad_fn(op, inputs, grad_out):
+    wants = [t for t in inputs if t is not None and t.requires_grad]
+    return lambda: torch.autograd.grad(op(*inputs), wants, grad_out)
+
+
+def norm_case(kind: str, rows: int, hidden: int, dtype: torch.dtype) -> dict:
+    """Ops and byte counts for RMSNorm ('rms') or LayerNorm with bias ('layer')."""
+    eps = 1e-5
+    x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    b = (0.1 * torch.randn(hidden, device="cuda")).to(dtype) if kind == "layer" else None
+    dy = torch.randn_like(x)
+    if kind == "rms":
+        fused = lambda x, w, b: loader.rms_norm(x, w, eps)  # noqa: E731
+        eager = lambda x, w, b: loader.rms_norm_reference(x, w, eps)  # noqa: E731
+    else:
+        fused = lambda x, w, b: loader.layer_norm(x, w, b, eps)  # noqa: E731
+        eager = lambda x, w, b: loader.layer_norm_reference(x, w, b, eps)  # noqa: E731
+    size = x.element_size()
+    tensor_bytes, param_bytes = rows * hidden * size, hidden * w.element_size() * (1 if b is None else 2)
+    stats_bytes = rows * 4 * (1 if kind == "rms" else 2)
+    forward_bytes = 2 * tensor_bytes + param_bytes + stats_bytes      # x, params -> y, stats
+    backward_bytes = 3 * tensor_bytes + 2 * param_bytes + stats_bytes  # dy, x, w, stats -> dx, dw, db
+    return {
+        "name": f"{'RMSNorm' if kind == 'rms' else 'LayerNorm+bias'} {rows}x{hidden} {str(dtype)[6:]}",
+        "inputs": (x, w, b), "grad_out": dy, "fused": fused, "eager": eager,
+        "bytes": {"fwd": forward_bytes, "fwd+bwd": forward_bytes + backward_bytes},
+        "fused_supported": fused_ops.norm_supported(x, w, b),
+    }
+
+
+def softmax_case(shape, dtype: torch.dtype, masking: str) -> dict:
+    """Scale + mask + softmax on [b, h, sq, sk]: masking is 'causal' or 'padding'."""
+    b, h, sq, sk = shape
+    scores = torch.randn(shape, device="cuda", dtype=dtype)
+    dy = torch.randn_like(scores)
+    mask = None
+    if masking == "padding":
+        lengths = torch.randint(sk // 2, sk + 1, (b,), device="cuda")
+        mask = (torch.arange(sk, device="cuda")[None, :] >= lengths[:, None]).view(b, 1, 1, sk)
+    causal, scale = masking == "causal", sk ** -0.5
+    fused = lambda s: loader.scaled_masked_softmax(s, mask, scale, causal)  # noqa: E731
+    eager = lambda s: loader.scaled_masked_softmax_reference(s, mask, scale, causal)  # noqa: E731
+    tensor_bytes = scores.numel() * scores.element_size()
+    mask_bytes = 0 if mask is None else mask.numel()
+    return {
+        "name": f"softmax {masking} {'x'.join(map(str, shape))} {str(dtype)[6:]}",
+        "inputs": (scores,), "grad_out": dy, "fused": fused, "eager": eager,
+        "bytes": {"fwd": 2 * tensor_bytes + mask_bytes, "fwd+bwd": 5 * tensor_bytes + mask_bytes},
+        "fused_supported": fused_ops.softmax_supported(scores, mask),
+    }
+
+
+def run_case(case: dict, warmup: int, reps: int, with_compile: bool, copy_tbps: float) -> list[dict]:
+    rows = []
+    variants = {"fused": case["fused"], "eager": case["eager"]}
+    for mode in ("fwd", "fwd+bwd"):
+        for variant, op in list(variants.items()) + ([("compile", None)] if with_compile else []):
+            if variant == "compile":
+                torch._dynamo.reset()  # a fresh, static-shape graph per case and mode
+                op = torch.compile(case["eager"], dynamic=False)
+            inputs = [t.detach().requires_grad_(mode == "fwd+bwd") if t is not None else None for t in case["inputs"]]
+            if mode == "fwd":
+                def run(op=op, inputs=inputs):
+                    with torch.no_grad():
+                        return op(*inputs)
+            else:
+                run = _grad_fn(op, inputs, case["grad_out"])
+            timing = time_ms(run, warmup, reps)
+            gbps = case["bytes"][mode] / (timing["median_ms"] * 1e-3) / 1e9
+            rows.append({
+                "case": case["name"], "mode": mode, "variant": variant, **timing, "bytes": case["bytes"][mode],
+                "gb_per_s": gbps, "pct_of_measured_copy": 100 * gbps / (copy_tbps * 1e3),
+                "pct_of_3tbps": 100 * gbps / (NOMINAL_COPY_TBPS * 1e3),
+                "fused_path_taken": case["fused_supported"] if variant == "fused" else None,
+            })
+        by_variant = {r["variant"]: r["median_ms"] for r in rows if r["mode"] == mode and r["case"] == case["name"]}
+        for r in rows:
+            if r["mode"] == mode and r["case"] == case["name"] and r["variant"] == "fused":
+                r["speedup_vs_eager"] = by_variant["eager"] / by_variant["fused"]
+                if "compile" in by_variant:
+                    r["speedup_vs_compile"] = by_variant["compile"] / by_variant["fused"]
+    return rows
+
+
+def sweep_norm_backward_blocks(ext, rows: int, hidden: int, dtype, warmup: int, reps: int) -> list[dict]:
+    """Time the LayerNorm backward (dx, dw, db) for several partial-sum grid sizes."""
+    x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    b = torch.randn(hidden, device="cuda", dtype=dtype)
+    dy = torch.randn_like(x)
+    _, mean, rstd = ext.norm_forward(x, w, b, 1e-5, False)
+    moved = 3 * x.numel() * x.element_size() + 3 * hidden * w.element_size() + 2 * rows * 4
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for blocks in (0, sms, 2 * sms, 4 * sms, 8 * sms, 16 * sms):
+        timing = time_ms(lambda: ext.norm_backward(dy, x, w, mean, rstd, True, False, True, blocks), warmup, reps)
+        results.append({"shape": f"{rows}x{hidden}", "blocks": blocks or "auto", **timing,
+                        "gb_per_s": moved / (timing["median_ms"] * 1e-3) / 1e9})
+    return results
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def run_gpu_tests(junit_path: Path | None) -> dict:
+    """Run tests/gpu/test_kernels.py in this process; return counts and failure texts."""
+    import pytest
+
+    class Collector:
+        def __init__(self):
+            self.passed, self.skipped, self.failed = 0, 0, []
+
+        def pytest_runtest_logreport(self, report):
+            if report.failed:
+                self.failed.append({"test": report.nodeid, "phase": report.when, "error": str(report.longrepr)[-3000:]})
+            elif report.skipped:
+                self.skipped += 1
+            elif report.when == "call":
+                self.passed += 1
+
+    collector = Collector()
+    args = [str(REPO / "tests" / "gpu" / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "-rf"]
+    if junit_path is not None:
+        args.append(f"--junitxml={junit_path}")
+    started = time.perf_counter()
+    exit_code = pytest.main(args, plugins=[collector])
+    return {"exit_code": int(exit_code), "passed": collector.passed, "skipped": collector.skipped,
+            "failed": collector.failed, "seconds": time.perf_counter() - started}
+
+
+def register_usage(module) -> dict:
+    """Registers / stack / local memory per kernel from cuobjdump (spills show as LOCAL > 0)."""
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+        tool = str(Path(cuda_home) / "bin" / "cuobjdump") if (Path(cuda_home) / "bin" / "cuobjdump").exists() else None
+    if tool is None:
+        return {"error": "cuobjdump not found"}
+    text = subprocess.run([tool, "-res-usage", module.__file__], capture_output=True, text=True).stdout
+    pattern = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+    kernels = [{"kernel": m.group(1), "registers": int(m.group(2)), "stack": int(m.group(3)),
+                "shared": int(m.group(4)), "local": int(m.group(5))} for m in pattern.finditer(text)]
+    names = [k["kernel"] for k in kernels]
+    if names and shutil.which("c++filt"):
+        demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+        for k, name in zip(kernels, demangled):
+            k["kernel"] = re.sub(r"\(.*", "", name)
+    if not kernels:
+        return {"error": "could not parse cuobjdump output", "raw": text[:4000]}
+    return {"kernels": kernels, "spilling": [k for k in kernels if k["local"] > 0 or k["stack"] > 0]}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| case | mode | variant | median ms | GB/s | % measured copy | % of 3.0 TB/s | fused speed-up vs eager / compile |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        speedup = ""
+        if r["variant"] == "fused":
+            speedup = f"{r['speedup_vs_eager']:.2f}x / " + (f"{r['speedup_vs_compile']:.2f}x" if "speedup_vs_compile" in r else "-")
+            if not r["fused_path_taken"]:
+                speedup += " (FALLBACK: reference ran)"
+        lines.append(f"| {r['case']} | {r['mode']} | {r['variant']} | {r['median_ms']:.4f} | {r['gb_per_s']:.0f} | "
+                     f"{r['pct_of_measured_copy']:.1f} | {r['pct_of_3tbps']:.1f} | {speedup} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON results file (its folder also gets the test report)")
+    parser.add_argument("--check", action="store_true", help="run tests/gpu/test_kernels.py first")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--quick", action="store_true", help="one shape per op (smoke run)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "command": " ".join([sys.executable] + sys.argv), "arch_flags": loader.cuda_arch_flags(),
+        "git_commit": _git_commit(), "kernel_cache": str(loader.kernel_cache_dir()),
+    }
+
+    def save():
+        if args.out is not None:
+            args.out.write_text(json.dumps(report, indent=2, default=str))
+
+    started = time.perf_counter()
+    ext = loader.build_kernels()
+    report["build_seconds"] = time.perf_counter() - started
+    report["extension"] = ext.__file__
+    print(f"# Trellis kernels on {report['device']} (torch {report['torch']}, CUDA {report['cuda']})\n")
+    print(f"build/load: {report['build_seconds']:.1f}s  {ext.__file__}", flush=True)
+    report["register_usage"] = register_usage(ext)
+    spills = report["register_usage"].get("spilling")
+    print(f"kernels spilling registers: {spills if spills is not None else report['register_usage'].get('error')}")
+    save()
+
+    if args.check:
+        junit = args.out.parent / "test_kernels_junit.xml" if args.out is not None else None
+        report["gpu_tests"] = run_gpu_tests(junit)
+        tests = report["gpu_tests"]
+        print(f"\ntests/gpu/test_kernels.py: {tests['passed']} passed, {len(tests['failed'])} failed, "
+              f"{tests['skipped']} skipped in {tests['seconds']:.0f}s")
+        for failure in tests["failed"][:20]:
+            print(f"  FAILED {failure['test']} ({failure['phase']})")
+        save()
+
+    copy = copy_bandwidth(args.warmup, args.reps)
+    report["copy_bandwidth"] = copy
+    print(f"\ndevice copy bandwidth (read + write): {copy['tb_per_s']:.3f} TB/s")
+
+    # Built one at a time (lambdas) so that only one case's tensors are alive.
+    cases = [lambda: norm_case("rms", 16384, 4096, torch.bfloat16),
+             lambda: norm_case("layer", 16384, 4096, torch.bfloat16),
+             lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "causal")]
+    if not args.quick:
+        cases += [lambda: norm_case("rms", 8192, 8192, torch.bfloat16),
+                  lambda: norm_case("layer", 8192, 8192, torch.bfloat16),
+                  lambda: norm_case("rms", 4096, 16384, torch.bfloat16),
+                  lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "padding")]
+    report["results"] = []
+    for make_case in cases:
+        case = make_case()
+        print(f"timing {case['name']} ...", flush=True)
+        report["results"] += run_case(case, args.warmup, args.reps, not args.no_compile, copy["tb_per_s"])
+        del case
+        save()
+        torch.cuda.empty_cache()
+    print("\n" + markdown_table(report["results"]))
+
+    report["norm_backward_block_sweep"] = []
+    for rows_, hidden in ((16384, 4096), (8192, 8192)):
+        report["norm_backward_block_sweep"] += sweep_norm_backward_blocks(ext, rows_, hidden, torch.bfloat16,
+                                                                         args.warmup, args.reps)
+    print("\nLayerNorm backward (dx, dw, db; bf16) vs partial-sum grid size:\n")
+    print("| shape | blocks | median ms | GB/s |\n|---|---|---:|---:|")
+    for r in report["norm_backward_block_sweep"]:
+        print(f"| {r['shape']} | {r['blocks']} | {r['median_ms']:.4f} | {r['gb_per_s']:.0f} |")
+    save()
+    if args.out is not None:
+        print(f"\nwrote {args.out}")
+    failed = args.check and (report["gpu_tests"]["exit_code"] != 0)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
