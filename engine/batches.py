@@ -34,16 +34,17 @@ class MockDataset:
         length = self.seq_length + 1
         fresh = rng.integers(0, self.vocab_size, size=length)
         follow = rng.random(length) < self.FOLLOW_PROBABILITY
-        # tokens[i] = successor[tokens[i-1]] where follow[i], else fresh[i]. Each pass settles
-        # at least one more position of every run, so the loop ends after the longest run
-        # (about 30 passes at 2k tokens) instead of a Python loop over every token.
-        tokens = fresh.astype(np.int64)
+        # tokens[i] = successor[tokens[i-1]] where follow[i], else fresh[i]. Positions are
+        # filled by their depth inside a run of follows, all runs at once: one short numpy
+        # step per depth (about 30 at 2k tokens) instead of a Python step per token.
         follow[0] = False
-        while True:
-            updated = np.where(follow[1:], self.successor[tokens[:-1]], fresh[1:])
-            if np.array_equal(updated, tokens[1:]):
-                break
-            tokens[1:] = updated
+        tokens = fresh.astype(np.int64)
+        depth = np.arange(length) - np.maximum.accumulate(np.where(follow, 0, np.arange(length)))
+        order = np.argsort(depth, kind="stable")
+        bounds = np.searchsorted(depth[order], np.arange(1, depth.max() + 2))
+        for level in range(1, depth.max() + 1):
+            positions = order[bounds[level - 1]:bounds[level]]
+            tokens[positions] = self.successor[tokens[positions - 1]]
         return tokens
 
 

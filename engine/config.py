@@ -53,7 +53,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # 0 disables clipping
     seed: int = 1234
     output_dir: str = "runs/default"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-autocast | fp16 (engine/precision.py)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-autocast | fp16 | fp8 (engine/precision.py)
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2

@@ -5,6 +5,8 @@
 - `bf16`: Megatron-style mixed precision: bf16 weights, gradients accumulated in an fp32
   `main_grad` buffer, fp32 master weights in the optimizer (copied back after each step).
 - `fp16`: as `bf16` with fp16 weights plus dynamic loss scaling.
+- `fp8`: as `bf16`, with the transformer layers' linears computing in FP8 (parallel/fp8.py:
+  e4m3 forward, e5m2 gradients, per-tensor scales); the output layer stays bf16.
 - `auto`: `bf16` on GPU, `fp32` on CPU.
 
 Autocast stays on for bf16/fp16 weights too: it keeps ops that create fp32 tensors (RoPE
@@ -16,8 +18,8 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
-_COMPUTE_DTYPE = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16", "fp8")
+_COMPUTE_DTYPE = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -28,7 +30,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def param_dtype(precision: str) -> torch.dtype:
     """The dtype of the model weights (the optimizer's masters are always fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(precision, torch.float32)
 
 
 def autocast_context(precision: str, device: torch.device):

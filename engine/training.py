@@ -18,6 +18,7 @@ from engine.precision import autocast_context, param_dtype, resolve_precision
 from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
 from parallel import comm
+from parallel.fp8 import enable_fp8
 from parallel.grid import ProcessGrid, build_grid, init_distributed
 from parallel.pipeline.embedding_sync import all_reduce_tied_embedding_grads, build_embedding_group
 from parallel.pipeline.p2p import PipelineCommunicator
@@ -58,6 +59,9 @@ class Trainer:
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
         precision = resolve_precision(cfg.train.precision, device)
         self.model_chunks = [chunk.to(param_dtype(precision)) for chunk in self.build_model()]
+        if precision == "fp8":
+            for chunk in self.model_chunks:
+                enable_fp8(chunk)
         self.pipeline_tracer = build_tracer(cfg.log.pipeline_trace, self.grid.rank, device)
         self.pipeline_comm = self.build_pipeline_communicator()
         self.embedding_group = self.build_embedding_group()

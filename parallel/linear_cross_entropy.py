@@ -38,8 +38,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 rows = slice(start, min(start + chunk, h.shape[0]))
                 dlogits, token_loss[rows] = _chunk_loss_and_grad(
                     h[rows], w, labels[rows], token_weights[rows], group, vocab_start, valid)
-                grad_hidden[rows] = (dlogits.to(dtype) @ w).to(grad_hidden.dtype)
-                grad_weight.addmm_(dlogits.t(), h[rows].float())
+                dlogits = dlogits.to(dtype)
+                grad_hidden[rows] = (dlogits @ w).to(grad_hidden.dtype)
+                # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul);
+                # an fp32 matmul here would cost more than the rest of the output layer.
+                grad_weight += dlogits.t() @ h[rows]
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return (token_loss * token_weights).sum(), token_loss

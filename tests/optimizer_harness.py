@@ -19,7 +19,7 @@ def build_trainer(overrides: dict):
 def finish(trainer, records: list, with_state: bool = False) -> dict:
     import torch
 
-    from engine.training import gather_full_state, shutdown
+    from engine.training import gather_model_state, shutdown
 
     trainer.optimizer.finish_param_sync()
     state, reloads_equal = None, None
@@ -29,7 +29,7 @@ def finish(trainer, records: list, with_state: bool = False) -> dict:
         again = trainer.optimizer.param_state_by_name()
         reloads_equal = all(torch.equal(again[n][k], v) for n, e in state.items() if not n.startswith("__")
                             for k, v in e.items())
-    weights = {k: v.float() for k, v in gather_full_state(trainer.model, trainer.grid.tp_group).items()}
+    weights = {k: v.float() for k, v in gather_model_state(trainer.model_chunks, trainer.grid).items()}
     shutdown()
     return {"records": records, "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
             "weights": weights, "state": state,

@@ -37,6 +37,7 @@ def parse_cli(argv):
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--out", default="")
+    parser.add_argument("--profile", default="", help="write a torch.profiler table of 2 extra Trellis steps here")
     return parser.parse_known_args(argv)
 
 
@@ -75,11 +76,26 @@ def run_trellis(args, extra):
     cfg = validate(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     trainer = Trainer(cfg)
     times, mem = timed_steps(trainer.train_step, args.warmup, args.steps, trainer.device)
+    if args.profile:
+        profile_steps(trainer, args.profile)
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     peak = device_peak_tflops(trainer.device, cfg.log.peak_tflops)
     row = summarise("trellis", times, tokens, cfg.model.flops_per_token(), trainer.grid.world_size, peak, mem)
     row["config"] = " ".join(argv)
     return cfg, trainer, row
+
+
+def profile_steps(trainer, path: str, steps: int = 2) -> None:
+    """Kernel-level time of a few training steps, sorted by device time (where it goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+    sort_key = "cuda_time_total" if trainer.device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as handle:
+        handle.write(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90))
 
 
 def run_baseline(name, cfg, args, device, peak):
