@@ -9,6 +9,8 @@ Matmul accumulation and outputs are bf16/fp32; master weights stay in higher pre
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -22,6 +24,19 @@ def quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None):
     scale = FP8_MAX[dtype] / amax.clamp(min=1e-12)
     fp8 = (x.float() * scale).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
     return fp8, scale.reciprocal()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quantize():
+    """On CUDA the scale, clamp and cast fuse into one kernel after the amax reduction;
+    eager they are four passes over the tensor, more than the FP8 matmul saves."""
+    return torch.compile(quantize, dynamic=False)
+
+
+def fast_quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None):
+    if x.is_cuda:
+        return _compiled_quantize()(x, dtype, amax)
+    return quantize(x, dtype, amax)
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -38,8 +53,8 @@ class _FP8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, amax_state):
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
         x2d = x.reshape(-1, x.shape[-1])
-        x8, x_inv = quantize(x2d, E4M3, amax_state.observe("x", x2d))
-        w8, w_inv = quantize(weight, E4M3, amax_state.observe("w", weight))
+        x8, x_inv = fast_quantize(x2d, E4M3, amax_state.observe("x", x2d))
+        w8, w_inv = fast_quantize(weight, E4M3, amax_state.observe("w", weight))
         y = scaled_matmul(x8, x_inv, w8.t(), w_inv, out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
@@ -53,7 +68,7 @@ class _FP8Linear(torch.autograd.Function):
         x_shape, x_dtype, w_dtype, has_bias, amax_state = ctx.meta
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         out_dtype = torch.float32 if g2d.dtype == torch.float32 else torch.bfloat16
-        g8, g_inv = quantize(g2d, E5M2, amax_state.observe("g", g2d))
+        g8, g_inv = fast_quantize(g2d, E5M2, amax_state.observe("g", g2d))
         grad_x = scaled_matmul(g8, g_inv, _column_major(w8), w_inv, out_dtype)
         grad_w = scaled_matmul(g8.t().contiguous(), g_inv, _column_major(x8), x_inv, torch.float32)
         grad_b = g2d.float().sum(0).to(w_dtype) if has_bias else None
