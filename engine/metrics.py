@@ -49,7 +49,8 @@ class MetricsLogger:
                 except ImportError:
                     print("warning: tensorboard is not installed; log.tensorboard ignored", file=sys.stderr)
 
-    def log(self, record: dict, console_keys=None) -> None:
+    def log(self, record: dict, console_keys=None, to_console: bool = True) -> None:
+        """Every record goes to metrics.jsonl (and TensorBoard); the console gets it when asked."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
@@ -57,7 +58,7 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record.get("step", 0))
-        if not self.quiet:
+        if to_console and not self.quiet:
             keys = console_keys or record.keys()
             print(" | ".join(_format(k, record[k]) for k in keys if k in record), flush=True)
 

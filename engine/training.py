@@ -208,8 +208,8 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
                 meter.lap()  # evaluation time is not training throughput
             history.append(record)
-            if self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters:
-                self.logger.log(record, CONSOLE_KEYS + ("val_loss",))
+            to_console = self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters
+            self.logger.log(record, CONSOLE_KEYS + ("val_loss",), to_console)
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
                 self.optimizer.finish_param_sync()  # weights must be complete before they are saved
                 save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
