@@ -54,7 +54,7 @@ RESHARD_SOURCES = {
     "tp2_dp2": (4, {"parallel": {"tp": 2}}),
     "tp2_pp2_dp2": (8, {"parallel": {"tp": 2, "pp": 2}}),
 }
-RESHARD_TARGETS = [(1, {}), (2, {"parallel": {"tp": 1}}), (4, {"parallel": {"tp": 4}})]
+RESHARD_TARGETS = [(1, {}), (2, {"parallel": {"tp": 1}}), (4, {"parallel": {"tp": 4}}), (4, {"parallel": {"tp": 1, "pp": 4}})]
 
 
 @pytest.mark.parametrize("source", sorted(RESHARD_SOURCES))
