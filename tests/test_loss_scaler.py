@@ -35,7 +35,7 @@ def test_scale_never_drops_below_min_and_state_round_trips():
     ({"optim": {"bucket_mb": 0}}, "optim.bucket_mb"),
     ({"optim": {"overlap_param_gather": True}}, "optim.overlap_param_gather"),
     ({"optim": {"hysteresis": 0}}, "optim.hysteresis"),
-    ({"train": {"precision": "fp8"}}, "train.precision"),
+    ({"train": {"precision": "int4"}}, "train.precision"),
 ])
 def test_bad_optim_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):
