@@ -11,40 +11,44 @@ import torch
 from parallel import comm
 
 
+def softmax_and_loss(logits, target, group, vocab_start: int, vocab_size: int):
+    """From fp32 local logits (overwritten): (local softmax, per-token loss, the local target
+    index, mask of targets outside this rank's slice). Shared by the plain and fused paths."""
+    local_vocab = logits.shape[-1]
+    valid = min(max(vocab_size - vocab_start, 0), local_vocab)
+    if valid < local_vocab:
+        logits[..., valid:] = float("-inf")
+    logits_max = logits.max(dim=-1).values
+    comm.all_reduce(logits_max, group, op=torch.distributed.ReduceOp.MAX)
+    logits.sub_(logits_max.unsqueeze(-1))
+    local_target = target - vocab_start
+    outside = (local_target < 0) | (local_target >= local_vocab)
+    index = local_target.masked_fill(outside, 0).unsqueeze(-1)
+    target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(outside, 0.0)
+    comm.all_reduce(target_logit, group)
+    probs = logits.exp_()
+    sum_exp = probs.sum(dim=-1)
+    comm.all_reduce(sum_exp, group)
+    loss = sum_exp.log() - target_logit
+    return probs.div_(sum_exp.unsqueeze(-1)), loss, index, outside
+
+
+def subtract_one_hot(probs, index, outside):
+    """softmax - one_hot(target) in place: d(loss)/d(logits) for targets on this rank."""
+    return probs.scatter_add_(-1, index, -(~outside).to(probs.dtype).unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, vocab_size):
-        logits = logits.float()
-        local_vocab = logits.shape[-1]
-        valid = min(max(vocab_size - vocab_start, 0), local_vocab)
-        if valid < local_vocab:
-            logits = logits.clone()
-            logits[..., valid:] = float("-inf")
-        logits_max = logits.max(dim=-1).values
-        comm.all_reduce(logits_max, group, op=torch.distributed.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
-
-        local_target = target - vocab_start
-        outside = (local_target < 0) | (local_target >= local_vocab)
-        index = local_target.masked_fill(outside, 0).unsqueeze(-1)
-        target_logit = shifted.gather(-1, index).squeeze(-1).masked_fill(outside, 0.0)
-        comm.all_reduce(target_logit, group)
-
-        exp = shifted.exp_()
-        sum_exp = exp.sum(dim=-1)
-        comm.all_reduce(sum_exp, group)
-        loss = sum_exp.log() - target_logit
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        softmax, loss, index, outside = softmax_and_loss(logits.float().clone(), target, group, vocab_start, vocab_size)
         ctx.save_for_backward(softmax, index, outside)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, index, outside = ctx.saved_tensors
-        grad = softmax
-        hit = (~outside).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, index, -hit)
+        grad = subtract_one_hot(softmax, index, outside)
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad, None, None, None, None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel import comm
+from parallel.cross_entropy import softmax_and_loss, subtract_one_hot
 
 DEFAULT_CHUNK_TOKENS = 2048
 
@@ -28,8 +28,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk):
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
-        local_vocab = w.shape[0]
-        valid = min(max(vocab_size - vocab_start, 0), local_vocab)
         grad_hidden = torch.empty_like(h)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
@@ -37,7 +35,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk):
                 rows = slice(start, min(start + chunk, h.shape[0]))
                 dlogits, token_loss[rows] = _chunk_loss_and_grad(
-                    h[rows], w, labels[rows], token_weights[rows], group, vocab_start, valid)
+                    h[rows], w, labels[rows], token_weights[rows], group, vocab_start, vocab_size)
                 dlogits = dlogits.to(dtype)
                 grad_hidden[rows] = (dlogits @ w).to(grad_hidden.dtype)
                 # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul);
@@ -55,27 +53,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def _chunk_loss_and_grad(h, w, labels, token_weights, group, vocab_start, valid):
+def _chunk_loss_and_grad(h, w, labels, token_weights, group, vocab_start, vocab_size):
     """Token losses of one chunk and d(sum weights*loss)/d(logits), both fp32."""
-    logits = (h @ w.t()).float()
-    if valid < logits.shape[-1]:
-        logits[:, valid:] = float("-inf")
-    logits_max = logits.max(dim=-1).values
-    comm.all_reduce(logits_max, group, op=torch.distributed.ReduceOp.MAX)
-    logits.sub_(logits_max.unsqueeze(-1))
-    local = labels - vocab_start
-    outside = (local < 0) | (local >= logits.shape[-1])
-    index = local.masked_fill(outside, 0).unsqueeze(-1)
-    target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(outside, 0.0)
-    comm.all_reduce(target_logit, group)
-    probs = logits.exp_()
-    sum_exp = probs.sum(dim=-1)
-    comm.all_reduce(sum_exp, group)
-    loss = sum_exp.log() - target_logit
-    probs.div_(sum_exp.unsqueeze(-1))
-    probs.scatter_add_(-1, index, -(~outside).float().unsqueeze(-1))
-    probs.mul_(token_weights.float().unsqueeze(-1))
-    return probs, loss
+    probs, loss, index, outside = softmax_and_loss((h @ w.t()).float(), labels, group, vocab_start, vocab_size)
+    dlogits = subtract_one_hot(probs, index, outside)
+    return dlogits.mul_(token_weights.float().unsqueeze(-1)), loss
 
 
 def linear_cross_entropy(hidden, weight, labels, token_weights, group, vocab_start: int, vocab_size: int,
