@@ -11,7 +11,7 @@ from torch import nn
 from models.attention import attend
 from models.config import ModelConfig
 from models.norms import Norm
-from models.rope import apply_rope
+from models.fused_elementwise import fused_rope, fused_swiglu
 from parallel import comm
 from parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         k = k.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         v = v.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = fused_rope(q, *rope), fused_rope(k, *rope)
         out = self._attend(q, k, v, document_ids)
         out = out.permute(2, 0, 1, 3).reshape(s, b, q_size)
         return self.proj(out)
@@ -73,8 +73,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = fused_swiglu(h)
         else:
             h = F.gelu(h, approximate="tanh")
         return self.fc2(h)
