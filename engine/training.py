@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from engine.batches import MockDataset, step_microbatches
 from engine.checkpoint import load_checkpoint, save_checkpoint, save_due
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
 from engine.optimizer import build_optimizer
@@ -33,7 +33,7 @@ def resolve_device(cfg: Config) -> str:
     if cfg.train.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is available")
+        raise ConfigError("train.device: cuda was asked for but no CUDA device is available")
     return cfg.train.device
 
 
