@@ -68,6 +68,7 @@ LAYOUTS = {
     "tp2": (2, {"parallel": {"tp": 2}}),
     "tp2_sp": (2, {"parallel": {"tp": 2, "sp": True}}),
     "tp2_pp2": (4, {"parallel": {"tp": 2, "pp": 2}}),
+    "tp2_dp2_sharded": (4, {"parallel": {"tp": 2}, "optim": {"shard": True}}),
 }
 
 
@@ -147,3 +148,15 @@ def test_lora_scaling():
 
     assert lora_scale(16.0, 4, rslora=False) == 4.0
     assert lora_scale(16.0, 4, rslora=True) == 8.0
+
+
+def test_lora_checkpoint_reshards_from_tp2_to_one_process(tmp_path):
+    """Adapters are saved under global keys: a TP=2 checkpoint resumes in one process."""
+    from tests.training_harness import train_and_collect
+
+    base = {"finetune": LORA, "train": {"iters": 6}}
+    straight = run_distributed(train_and_collect, 2, {**base, "parallel": {"tp": 2},
+                                                      "checkpoint": {"save": str(tmp_path), "interval": 3}}, False)[0]
+    resumed = run_distributed(train_and_collect, 1, {**base, "checkpoint": {"load": str(tmp_path), "load_step": 3}},
+                              False)[0]
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(straight["loss"][3:]), rtol=1e-5, atol=1e-6)
