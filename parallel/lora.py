@@ -98,7 +98,7 @@ def adapter_specs(module, rank: int, blocks) -> tuple:
     if isinstance(module, ColumnParallelLinear):
         parts = base.parts or (base.full_shape[0],)
         chosen = parts if blocks is ALL_BLOCKS else tuple(parts[i] for i in sorted(blocks))
-        b_parts = chosen if len(chosen) > 1 else ()
+        b_parts = chosen if blocks is not ALL_BLOCKS or len(chosen) > 1 else ()
         return (ShardSpec((rank, module.in_features)),
                 ShardSpec((sum(chosen), rank), 0, b_parts, base.rank, base.size))
     return (ShardSpec((rank, module.in_features), 1, (), base.rank, base.size),
@@ -114,6 +114,9 @@ def add_adapter(module, name: str, rank: int, scale: float, dropout: float, bloc
     # training starts from the base model. The full A comes from a per-name seed: every layout
     # starts equal.
     init_uniform_from_full(lora_a, f"{name}.lora_A", seed, 1.0 / math.sqrt(module.in_features))
+    if blocks is not ALL_BLOCKS:
+        # Which base blocks B's rows belong to: checkpoints name B's blocks after them.
+        lora_b.base_blocks = (len(local_part_sizes(module)), tuple(sorted(blocks)))
     partial = lora_a if isinstance(module, ColumnParallelLinear) else lora_b
     partial.tp_partial_grad = True
     module.register_parameter("lora_A", lora_a)

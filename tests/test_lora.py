@@ -160,3 +160,32 @@ def test_lora_checkpoint_reshards_from_tp2_to_one_process(tmp_path):
     resumed = run_distributed(train_and_collect, 1, {**base, "checkpoint": {"load": str(tmp_path), "load_step": 3}},
                               False)[0]
     torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(straight["loss"][3:]), rtol=1e-5, atol=1e-6)
+
+
+def checkpoint_keys(tp: int) -> list:
+    """Global keys of the adapters of a 1-layer model (q and v of qkv, all of fc1), at TP=tp."""
+    from engine.checkpoint_state import model_entries
+    from models.config import ModelConfig, resolve_preset
+    from models.gpt import GPTModel
+    from models.transformer import lora_aliases
+    from parallel.grid import build_grid, init_distributed
+    from parallel.lora import apply_lora
+    from parallel.random import RNGTracker
+
+    device = init_distributed("cpu", 60)
+    grid = build_grid(tp, 1, 1, device)
+    cfg = ModelConfig(preset="tiny", num_layers=1)
+    resolve_preset(cfg)
+    model = GPTModel(cfg, grid.tp_group, RNGTracker(device))
+    apply_lora(model, ["q", "v", "gate", "up", "o"], 4, 8.0, aliases=lora_aliases(cfg))
+    keys = sorted(k for k in model_entries([model], grid.mesh["tp"], for_load=False) if "lora" in k)
+    torch.distributed.destroy_process_group()
+    return keys
+
+
+def test_adapter_checkpoint_keys_name_their_blocks():
+    expected = ["model.layers.0.attn.proj.lora_A", "model.layers.0.attn.proj.lora_B",
+                "model.layers.0.attn.qkv.lora_A", "model.layers.0.attn.qkv.lora_B.q", "model.layers.0.attn.qkv.lora_B.v",
+                "model.layers.0.mlp.fc1.lora_A", "model.layers.0.mlp.fc1.lora_B.gate", "model.layers.0.mlp.fc1.lora_B.up"]
+    for tp in (1, 2):
+        assert run_distributed(checkpoint_keys, tp, tp) == [expected] * tp
