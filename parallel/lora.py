@@ -130,16 +130,16 @@ def resolve_targets(linears: dict, targets, aliases: dict) -> dict:
     for target in targets:
         pattern, block = aliases.get(target, (target, ALL_BLOCKS))
         for name in fnmatch.filter(linears, pattern):
-            if block is ALL_BLOCKS or chosen.get(name, set()) is ALL_BLOCKS:
-                chosen[name] = ALL_BLOCKS
-                continue
             count = len(local_part_sizes(linears[name]))
-            if block >= count:
+            if block is not ALL_BLOCKS and block >= count:
                 raise ValueError(f"LoRA target {target!r}: module {name} has {count} fused block(s), "
                                  f"not a block {block}")
-            chosen[name] = chosen.get(name, set()) | {block}
-    return {name: (ALL_BLOCKS if blocks is not ALL_BLOCKS and len(blocks) == len(local_part_sizes(linears[name]))
-                   else blocks) for name, blocks in chosen.items()}
+            if block is ALL_BLOCKS or chosen.get(name, set()) is ALL_BLOCKS:
+                chosen[name] = ALL_BLOCKS
+            else:
+                blocks = chosen.get(name, set()) | {block}
+                chosen[name] = ALL_BLOCKS if len(blocks) == count else blocks  # every block: the whole module
+    return chosen
 
 
 def apply_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
