@@ -189,3 +189,39 @@ def test_adapter_checkpoint_keys_name_their_blocks():
                 "model.layers.0.mlp.fc1.lora_A", "model.layers.0.mlp.fc1.lora_B.gate", "model.layers.0.mlp.fc1.lora_B.up"]
     for tp in (1, 2):
         assert run_distributed(checkpoint_keys, tp, tp) == [expected] * tp
+
+
+def eval_logits(overrides: dict) -> torch.Tensor:
+    """Full logits of the model a (validated tiny) config builds, on fixed tokens, in eval mode."""
+    import os
+
+    from engine.config import validate
+    from engine.training import Trainer, shutdown
+    from parallel.mappings import gather_from_tp
+    from tests.training_harness import tiny_config
+
+    cfg = validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"]))
+    trainer = Trainer(cfg)
+    model = trainer.model.eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = gather_from_tp(model(tokens), trainer.grid.tp_group)
+    shutdown()
+    return logits
+
+
+def test_merge_lora_tool_folds_a_tp2_checkpoint(tmp_path):
+    """Train adapters at TP=2, merge the checkpoint offline, and the plain merged model gives the
+    adapted model's logits."""
+    from tests.training_harness import train_and_collect
+    from tools.merge_lora import merge_checkpoint
+
+    lora_ckpt, merged_ckpt = str(tmp_path / "lora"), str(tmp_path / "merged")
+    run_distributed(train_and_collect, 2, {"finetune": LORA, "parallel": {"tp": 2}, "train": {"iters": 3},
+                                           "checkpoint": {"save": lora_ckpt}}, False)
+    merge_checkpoint(lora_ckpt, merged_ckpt)
+    adapted = run_distributed(eval_logits, 1, {"finetune": LORA, "checkpoint": {"load": lora_ckpt}})[0]
+    merged = run_distributed(eval_logits, 1, {"checkpoint": {"load": merged_ckpt}})[0]
+    fresh = run_distributed(eval_logits, 1, {})[0]
+    assert (adapted - fresh).abs().max() > 1e-4, "the adapters should have moved the logits"
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
