@@ -40,11 +40,23 @@ def is_mirror(chunk, name: str) -> bool:
     return checkpoint_name(chunk, name) != name
 
 
-def local_blocks(name: str, local: torch.Tensor, spec):
+def stored_block_names(name: str, param) -> tuple:
+    """Key suffixes of a parameter's fused blocks. A LoRA B that covers only some blocks of
+    its fused base (`base_blocks` = (base block count, chosen indices)) is named after those
+    blocks, so `q` and `v` adapters are stored as `.q` and `.v`, whatever else is targeted."""
+    base_blocks = getattr(param, "base_blocks", None)
+    if base_blocks is None:
+        return block_names(name, len(param.shard_spec.parts)) if len(param.shard_spec.parts) > 1 else ()
+    total, chosen = base_blocks
+    names = block_names(name, total)
+    return tuple(names[index] for index in chosen)
+
+
+def local_blocks(name: str, local: torch.Tensor, param):
     """(key suffix, view of `local`) for each fused block this rank holds."""
-    if len(spec.parts) <= 1:  # one block (e.g. GPT-2's fc1) is just the tensor
+    spec, names = param.shard_spec, stored_block_names(name, param)
+    if not names:  # one block (e.g. GPT-2's fc1) is just the tensor
         return [("", local)]
-    names = block_names(name, len(spec.parts))
     pieces, offset = [], 0
     for block, (_, length) in zip(names, spec.local_slices()):
         pieces.append(("." + block, local.narrow(spec.dim, offset, length)))
@@ -81,7 +93,7 @@ def sharded_entries(chunks, tp_mesh, prefix: str, tensor_of, include_mirrors: bo
             if tensor is None:
                 continue
             base = f"{prefix}{checkpoint_name(chunk, name)}"
-            for suffix, view in local_blocks(name, tensor, param.shard_spec):
+            for suffix, view in local_blocks(name, tensor, param):
                 add_entry(entries, base + suffix, as_global(view, param.shard_spec, tp_mesh), view)
     return entries
 
@@ -123,7 +135,7 @@ def optimizer_load_targets(chunks, stored_shapes: dict) -> dict:
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             base = f"optim.{checkpoint_name(chunk, name)}"
-            candidates = [base] + [base + suffix for suffix, _ in local_blocks(name, param.detach(), param.shard_spec)]
+            candidates = [base] + [base + suffix for suffix, _ in local_blocks(name, param.detach(), param)]
             for tensor_key in candidates:
                 for state_name, is_scalar in states_by_key.get(tensor_key, {}).items():
                     empty = torch.zeros((), dtype=torch.float32) if is_scalar else torch.zeros_like(param.detach())

@@ -102,6 +102,22 @@ class OptimConfig:
     hysteresis: int = 2  # overflowing steps before the scale halves
 
 
+FINETUNE_METHODS = ("none", "lora")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Parameter-efficient fine-tuning (docs/finetuning.md). LoRA freezes the base model and
+    trains low-rank adapters on the targeted linears."""
+    method: str = "none"  # none | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # update scale alpha / rank (alpha / sqrt(rank) with lora_rslora)
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_rslora: bool = False
+    # fnmatch patterns over linear names (layers.*.attn.qkv) or aliases q k v o gate up down
+    lora_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o"])
+
+
 @dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -111,6 +127,7 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,6 +279,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
     validate_pipeline(cfg, dp)
     validate_optim(cfg.optim)
+    validate_finetune(cfg.finetune, t.precision)
     _require(cfg.data.mock or bool(cfg.data.path), "data.path", "give dataset prefixes, or set data.mock true")
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
@@ -288,6 +306,20 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
              f"parallel.pp={p.pp}")
     _require(not (p.sp and p.tp > 1) or cfg.model.seq_length % p.tp == 0, "model.seq_length",
              f"{cfg.model.seq_length} must be divisible by parallel.tp={p.tp} under sequence parallelism")
+
+
+def validate_finetune(f: FinetuneConfig, precision: str) -> None:
+    _require(f.method in FINETUNE_METHODS, "finetune.method",
+             f"must be one of {', '.join(FINETUNE_METHODS)}; got {f.method!r}")
+    if f.method != "lora":
+        return
+    _require(f.lora_rank >= 1, "finetune.lora_rank", f"must be at least 1, got {f.lora_rank}")
+    _require(f.lora_alpha > 0, "finetune.lora_alpha", f"must be positive, got {f.lora_alpha}")
+    _require(0 <= f.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {f.lora_dropout}")
+    _require(bool(f.lora_targets), "finetune.lora_targets",
+             "give at least one module pattern (layers.*.attn.qkv) or alias (q k v o gate up down)")
+    # FP8 replaces every linear's linear_fn after the model is built, which would drop the adapters.
+    _require(precision != "fp8", "train.precision", "fp8 is not available with finetune.method lora; use bf16")
 
 
 def validate_optim(o: OptimConfig) -> None:

@@ -17,9 +17,11 @@ from engine.optimizer import build_optimizer
 from engine.precision import autocast_context, param_dtype, resolve_precision
 from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
+from models.transformer import lora_aliases
 from parallel import comm
 from parallel.fp8 import enable_fp8
 from parallel.grid import ProcessGrid, build_grid, init_distributed
+from parallel.lora import apply_lora
 from parallel.pipeline.embedding_sync import all_reduce_tied_embedding_grads, build_embedding_group
 from parallel.pipeline.p2p import PipelineCommunicator
 from parallel.pipeline.schedules import run_schedule
@@ -83,13 +85,14 @@ class Trainer:
         c * pp + pp_rank; the first model stage embeds, the last computes the loss."""
         cfg, grid = self.cfg, self.grid
         pp, vpp = cfg.parallel.pp, cfg.parallel.vpp
-        chunks = []
+        chunks, self.adapted_modules = [], []
         for chunk in range(vpp):
             stage = model_stage(grid.pp_rank, chunk, pp)
             layer_ids = chunk_layer_ids(cfg.model.num_layers, pp, vpp, grid.pp_rank, chunk, cfg.parallel.pipeline_layers)
             model = GPTModel(cfg.model, grid.tp_group, self.rng, layer_ids=layer_ids, pre_process=stage == 0,
                              post_process=stage == pp * vpp - 1, sequence_parallel=cfg.parallel.sp, device=self.device)
             model.init_weights(cfg.train.seed)
+            self.apply_finetune(model)
             if cfg.model.tie_embeddings and hasattr(model, "output_weight"):
                 # The last stage's copy of the embedding: counted once (on the first stage) in the grad norm.
                 model.output_weight.tied_embedding_copy = True
@@ -97,7 +100,28 @@ class Trainer:
             if cfg.model.tie_embeddings and pp > 1 and model.pre_process:
                 model.embedding.weight.defer_grad_reduce = True  # summed with the last stage's copy first
             chunks.append(model)
+        self.check_finetune_targets(chunks)
         return chunks
+
+    def apply_finetune(self, model) -> None:
+        """LoRA: freeze the base and add adapters (after init_weights, so a checkpoint load
+        overwrites the base weights as usual)."""
+        f = self.cfg.finetune
+        if f.method != "lora":
+            return
+        self.adapted_modules += apply_lora(
+            model, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_rslora,
+            seed=self.cfg.train.seed, aliases=lora_aliases(self.cfg.model), rng=self.rng)
+
+    def check_finetune_targets(self, chunks) -> None:
+        """A target list that matches no linear on any pipeline stage is a user error."""
+        if self.cfg.finetune.method != "lora":
+            return
+        count = torch.tensor(float(len(self.adapted_modules)), device=self.device)
+        comm.all_reduce(count, self.grid.pp_group)
+        if count.item() == 0:
+            raise ConfigError(f"finetune.lora_targets {self.cfg.finetune.lora_targets} match no linear layer; "
+                             "use patterns such as layers.*.attn.qkv or aliases q k v o gate up down")
 
     def build_pipeline_communicator(self):
         if self.grid.pp == 1:
@@ -121,7 +145,8 @@ class Trainer:
     def tied_embedding_params(self) -> list:
         first, last = self.model_chunks[0], self.model_chunks[-1]
         params = [first.embedding.weight] if first.pre_process else []
-        return params + ([last.output_weight] if last.post_process else [])
+        params = params + ([last.output_weight] if last.post_process else [])
+        return [p for p in params if p.requires_grad]  # a frozen embedding (LoRA) has no gradient
 
     def sync_tied_embedding_grads(self) -> None:
         """After backward, before the optimizer: both embedding copies get the summed gradient."""

@@ -16,6 +16,18 @@ from parallel import comm
 from parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
+def lora_aliases(cfg: ModelConfig) -> dict:
+    """Hugging Face-style LoRA target names -> (module pattern, fused block index or None for
+    the whole module). q/k/v are blocks of the fused qkv, gate/up of SwiGLU's fused fc1."""
+    aliases = {"q": ("layers.*.attn.qkv", 0), "k": ("layers.*.attn.qkv", 1), "v": ("layers.*.attn.qkv", 2),
+               "o": ("layers.*.attn.proj", None), "down": ("layers.*.mlp.fc2", None)}
+    if cfg.activation == "swiglu":
+        aliases.update(gate=("layers.*.mlp.fc1", 0), up=("layers.*.mlp.fc1", 1))
+    else:
+        aliases["up"] = ("layers.*.mlp.fc1", None)
+    return aliases
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped KV heads; heads split across TP ranks."""
 

@@ -39,10 +39,17 @@ def all_reduce_coalesced(tensors, group, bucket_numel: int = DEFAULT_BUCKET_NUME
             tensor.copy_(synced)
 
 
+def holds_partial_tp_grad(param) -> bool:
+    """A TP-replicated parameter whose per-rank gradient is only a part of the full one:
+    applied to a sequence slice (`sequence_parallel`), or feeding a TP-split tensor (a LoRA
+    adapter next to a split base weight, `tp_partial_grad`)."""
+    return getattr(param, "sequence_parallel", False) or getattr(param, "tp_partial_grad", False)
+
+
 def reduce_sequence_parallel_grads(params, tp_group) -> None:
-    """Replicated parameters applied to sequence slices hold partial grads: sum their fp32
+    """Replicated parameters with partial grads (holds_partial_tp_grad): sum their fp32
     main_grad over TP. Sums commute, so this may run before or after the DP reduction."""
-    all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)], tp_group)
+    all_reduce_coalesced([p.main_grad for p in params if holds_partial_tp_grad(p)], tp_group)
 
 
 def is_counted_on_this_rank(param, tp_rank: int) -> bool:

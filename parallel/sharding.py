@@ -83,11 +83,23 @@ def seed_for(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _full_generator(param: torch.Tensor, key: str, seed: int) -> torch.Generator:
+    return torch.Generator(device=param.device).manual_seed(seed_for(seed, key))
+
+
 @torch.no_grad()
 def init_from_full(param: torch.Tensor, key: str, seed: int, std: float) -> None:
     """Fill `param` with its shard of a full N(0, std) tensor drawn from a per-key seed."""
     spec: ShardSpec = param.shard_spec
-    generator = torch.Generator(device=param.device).manual_seed(seed_for(seed, key))
     full = torch.empty(spec.full_shape, dtype=torch.float32, device=param.device)
-    full.normal_(0.0, std, generator=generator)
+    full.normal_(0.0, std, generator=_full_generator(param, key, seed))
+    param.copy_(spec.slice(full))
+
+
+@torch.no_grad()
+def init_uniform_from_full(param: torch.Tensor, key: str, seed: int, bound: float) -> None:
+    """Fill `param` with its shard of a full U(-bound, bound) tensor drawn from a per-key seed."""
+    spec: ShardSpec = param.shard_spec
+    full = torch.empty(spec.full_shape, dtype=torch.float32, device=param.device)
+    full.uniform_(-bound, bound, generator=_full_generator(param, key, seed))
     param.copy_(spec.slice(full))
