@@ -141,10 +141,11 @@ def microbatches_in_flight(layout: Layout) -> float:
     return min(in_flight, m)
 
 
-def activation_bytes(m: ModelConfig, layout: Layout) -> float:
-    """Activations alive at the first pipeline stage's peak (the busiest stage)."""
+def activation_bytes(m: ModelConfig, layout: Layout, in_flight: float | None = None) -> float:
+    """Activations alive at a stage's peak: by default the first stage's (the busiest); the
+    last stage of 1F1B holds one microbatch (in_flight=1)."""
     seq, layers = m.seq_length, m.num_layers // layout.pp
-    in_flight = microbatches_in_flight(layout)
+    in_flight = microbatches_in_flight(layout) if in_flight is None else in_flight
     if layout.recompute == "full":
         kept = layers * layer_input_bytes(m, layout, seq) * in_flight
         return kept + layer_activation_bytes(m, layout, seq)  # one layer recomputed at a time
@@ -186,8 +187,12 @@ def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Mem
     # The bf16 .grad of the largest parameter exists while it is added into main_grad.
     largest = max(layer_params(m) / layout.tp / 3, m.padded_vocab_size(layout.tp) * m.hidden_size / layout.tp)
     gradients = params * GRAD_BYTES[p] + (largest * 2 if WEIGHT_BYTES[p] == 2 else 0)
-    activations = activation_bytes(m, layout) if first else activation_bytes(m, layout) / microbatches_in_flight(layout)
+    activations = activation_bytes(m, layout, None if first else 1.0)
     logits = logits_bytes(m, layout) if last else 0.0
+    if layout.recompute == "full":
+        # The output layer's transient is freed before the last layer is recomputed, so only
+        # the larger of the two is ever alive (activation_bytes already holds the layer).
+        logits = max(0.0, logits - layer_activation_bytes(m, layout, m.seq_length))
     tensors = params * WEIGHT_BYTES[p] + gradients + optimizer + activations + logits
     allowance = tensors * ALLOWANCE_FRACTION + ALLOWANCE_FIXED_GIB * GIB
     return Memory(params * WEIGHT_BYTES[p], gradients, optimizer, activations, logits, allowance)

@@ -181,10 +181,10 @@ class Trainer:
     def train_step(self) -> dict:
         for chunk in self.model_chunks:
             chunk.train()
+        self.monitor.operation = f"step {self.step + 1} forward-backward (pipeline and gradient reduction)"
         inject_test_failure(self.grid.rank, self.step + 1)
         lr = self.scheduler.apply()
         self.optimizer.zero_grad()
-        self.monitor.operation = f"step {self.step + 1} forward-backward (pipeline and gradient reduction)"
         loss = self.forward_backward(self.microbatches(self.train_data, self.step))
         self.monitor.operation = f"step {self.step + 1} optimizer step (gradient reduction, norm, weight gather)"
         stats = self.optimizer.step()

@@ -72,6 +72,10 @@ def test_pipeline_in_flight_and_recompute(tiny):
     # plus one layer's activations while it is recomputed
     recompute = est.Layout(pp=2, micro_batch=2, global_batch=16, recompute="full")
     assert est.activation_bytes(tiny, recompute) == 2 * 16384 * 2 + 311296
+    # on the last stage the logits chunk (786432 B) and the recomputed layer (311296 B) are
+    # never alive together: only the larger one counts
+    last = est.stage_memory(tiny, recompute, False, True)
+    assert last.activations + last.logits == 2 * 16384 + 311296 + (786432 - 311296)
 
 
 def test_step_time_compute_and_bubble(tiny):
