@@ -8,7 +8,8 @@ import os
 import sys
 
 from engine.config import describe_keys, parse_args, validate
-from engine.launch import UserError, report_user_error
+from engine.launch import (RunMonitor, UserError, is_collective_failure, report_collective_failure,
+                           report_termination, report_user_error)
 
 
 def main(argv=None) -> int:
@@ -17,15 +18,22 @@ def main(argv=None) -> int:
         print(__doc__.strip() + "\n\n" + describe_keys())
         return 0
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    monitor = RunMonitor()
+    report_termination(monitor)
     try:
         cfg = validate(parse_args(argv), world_size)
         from engine.training import Trainer, shutdown  # after validation: no process group on bad input
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, monitor)
         trainer.train()
+        monitor.operation = "final barrier"
+        shutdown()
     except UserError as error:
         return report_user_error(error)
-    shutdown()
+    except Exception as error:  # noqa: BLE001 - only distributed failures are handled here
+        if world_size > 1 and is_collective_failure(error):
+            report_collective_failure(error, monitor)
+        raise
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 USER_ERROR_EXIT = 2
 
@@ -36,3 +37,65 @@ def report_user_error(error: Exception) -> int:
         if _parent_is_torchrun():
             os.kill(os.getppid(), signal.SIGKILL)
     return USER_ERROR_EXIT
+
+
+# ---- distributed failures -------------------------------------------------------------------
+# When a rank dies or a collective times out, the others must not hang or print pages of
+# tracebacks: each prints one line naming itself and the operation in flight, then leaves at
+# once (os._exit: destroying a process group whose peer is gone can block).
+COLLECTIVE_ERROR_EXIT = 3
+TERMINATED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a terminated process
+_COLLECTIVE_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
+                     "process group", "collective")
+
+
+class RunMonitor:
+    """Where this process is and what it is doing, for the one-line failure report."""
+
+    def __init__(self):
+        self.where = f"rank {os.environ.get('RANK', 0)}"  # replaced by grid coordinates once known
+        self.operation = "startup"
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Errors of the distributed backends: torch's DistError family, or a RuntimeError that gloo
+    or NCCL raised (their messages name the transport, a peer or a timeout)."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _COLLECTIVE_WORDS)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def report_collective_failure(error: BaseException, monitor: RunMonitor) -> None:
+    """Print `error: rank R (coordinates): <operation> failed: <reason>` and exit now."""
+    print(f"error: {monitor.where}: {monitor.operation} failed: {_first_line(error)}", file=sys.stderr, flush=True)
+    os._exit(COLLECTIVE_ERROR_EXIT)
+
+
+def report_termination(monitor: RunMonitor) -> None:
+    """On SIGTERM (torchrun stops a node's workers when one of them fails): one line, then exit."""
+    def handler(signum, frame):
+        print(f"error: {monitor.where}: {monitor.operation} interrupted: the launcher terminated this worker "
+              f"(signal {signum}), usually because another worker failed", file=sys.stderr, flush=True)
+        os._exit(TERMINATED_EXIT)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def inject_test_failure(rank: int, step: int) -> None:
+    """Test hook: TRELLIS_FAIL_RANK=R TRELLIS_FAIL_STEP=S makes rank R die abruptly (as a crashed
+    or killed process would, without cleanup) when step S begins; with TRELLIS_FAIL_MODE=hang it
+    stops answering instead (a stuck rank), so its peers' collectives run into the timeout."""
+    if os.environ.get("TRELLIS_FAIL_RANK") != str(rank) or os.environ.get("TRELLIS_FAIL_STEP") != str(step):
+        return
+    mode = os.environ.get("TRELLIS_FAIL_MODE", "exit")
+    print(f"rank {rank}: TRELLIS_FAIL_RANK hook, {mode} at step {step}", file=sys.stderr, flush=True)
+    if mode == "hang":
+        while True:
+            time.sleep(3600)
+    os._exit(1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from engine.batches import MockDataset, step_microbatches
 from engine.checkpoint import load_checkpoint, save_checkpoint, save_due
 from engine.config import Config, ConfigError
+from engine.launch import RunMonitor, inject_test_failure
 from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
 from engine.optimizer import build_optimizer
@@ -51,11 +53,15 @@ def build_datasets(cfg: Config, grid: ProcessGrid):
 class Trainer:
     """Everything a run needs to continue lives here (model, optimizer, scheduler, RNG, step)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, monitor: RunMonitor | None = None):
         self.cfg = cfg
+        self.monitor = monitor or RunMonitor()  # names the operation in flight if a collective fails
+        self.monitor.operation = "process-group setup"
         device = init_distributed(resolve_device(cfg), cfg.parallel.timeout_s)
         p = cfg.parallel
-        self.grid = build_grid(p.tp, p.pp, p.cp, device)
+        self.grid = build_grid(p.tp, p.pp, p.cp, device, p.timeout_s)
+        self.monitor.where = f"rank {self.grid.rank} ({self.grid.coordinates()})"
+        self.monitor.operation = "model, optimizer and data setup"
         self.device = device
         self.rng = RNGTracker(device)
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
@@ -140,7 +146,7 @@ class Trainer:
         if self.grid.pp == 1 or not self.cfg.model.tie_embeddings:
             return None
         pipelines = self.grid.mesh.mesh.reshape(self.grid.pp, -1).t().tolist()
-        return build_embedding_group(pipelines, self.grid.rank)
+        return build_embedding_group(pipelines, self.grid.rank, datetime.timedelta(seconds=self.cfg.parallel.timeout_s))
 
     def tied_embedding_params(self) -> list:
         first, last = self.model_chunks[0], self.model_chunks[-1]
@@ -200,11 +206,15 @@ class Trainer:
     def train_step(self) -> dict:
         for chunk in self.model_chunks:
             chunk.train()
+        self.monitor.operation = f"step {self.step + 1} forward-backward (pipeline and gradient reduction)"
+        inject_test_failure(self.grid.rank, self.step + 1)
         lr = self.scheduler.apply()
         self.optimizer.zero_grad()
         loss = self.forward_backward(self.microbatches(self.train_data, self.step))
+        self.monitor.operation = f"step {self.step + 1} optimizer step (gradient reduction, norm, weight gather)"
         stats = self.optimizer.step()
         self.scheduler.advance()
+        self.monitor.operation = f"step {self.step + 1} loss all-reduce over data-parallel ranks"
         comm.all_reduce(loss, self.grid.dp_group)
         self.step += 1
         return {"step": self.step, "loss": loss.item(), "lr": lr, **stats}
@@ -213,6 +223,7 @@ class Trainer:
     def evaluate(self) -> float:
         for chunk in self.model_chunks:
             chunk.eval()
+        self.monitor.operation = f"evaluation after step {self.step}"
         loss_sum = torch.zeros((), device=self.device)
         for index in range(self.cfg.train.eval_iters):
             loss_sum += self.run_pipeline(self.microbatches(self.valid_data, index), forward_only=True)
@@ -236,6 +247,7 @@ class Trainer:
             to_console = self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters
             self.logger.log(record, CONSOLE_KEYS + ("val_loss",), to_console)
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
+                self.monitor.operation = f"checkpoint save at step {self.step}"
                 self.optimizer.finish_param_sync()  # weights must be complete before they are saved
                 save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
         self.optimizer.finish_param_sync()  # the last step's weight all-gather may still run

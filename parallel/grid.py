@@ -58,6 +58,7 @@ class ProcessGrid(StagePosition):
     dp: int
     cp: int
     device: torch.device
+    timeout_s: float = 600.0  # every group's collective timeout (parallel.timeout_s)
 
     @property
     def rank(self) -> int:
@@ -101,6 +102,10 @@ class ProcessGrid(StagePosition):
         """Global rank of `stage` in this rank's pipeline (same TP, CP and DP coordinates)."""
         return dist.get_process_group_ranks(self.pp_group)[stage]
 
+    def coordinates(self) -> str:
+        """This rank's place in the grid, for error messages."""
+        return f"tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, dp {self.dp_rank}/{self.dp}"
+
     @property
     def is_logging_rank(self) -> bool:
         """The single rank that writes logs: last stage, first of its TP/CP/DP groups."""
@@ -119,6 +124,10 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> torch.device
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device_type == "cuda":
+        # A failed or timed-out NCCL collective aborts the communicator and raises in the
+        # caller instead of leaving the rank blocked in a kernel forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = default_backend(device_type)
@@ -131,10 +140,21 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> torch.device
     return device
 
 
-def build_grid(tp: int = 1, pp: int = 1, cp: int = 1, device: torch.device | None = None) -> ProcessGrid:
+def build_grid(tp: int = 1, pp: int = 1, cp: int = 1, device: torch.device | None = None,
+               timeout_s: float = 600.0) -> ProcessGrid:
     """Split the initialised world into the TP x CP x DP x PP grid."""
     world = dist.get_world_size()
     dp = check_layout(world, tp, pp, cp)
     device = device or torch.device("cpu")
     mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIMS)
-    return ProcessGrid(mesh=mesh, tp=tp, pp=pp, dp=dp, cp=cp, device=device)
+    for dim in MESH_DIMS:
+        set_group_timeout(mesh.get_group(dim), timeout_s)
+    return ProcessGrid(mesh=mesh, tp=tp, pp=pp, dp=dp, cp=cp, device=device, timeout_s=timeout_s)
+
+
+def set_group_timeout(group, timeout_s: float) -> None:
+    """Subgroups get torch's default timeout (30 min for gloo, 10 for NCCL), not the world's;
+    without this a rank that dies would leave its peers waiting in a TP/DP/PP collective far
+    longer than parallel.timeout_s."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # no public setter for existing groups
+    _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)

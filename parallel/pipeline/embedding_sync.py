@@ -13,13 +13,13 @@ import torch.distributed as dist
 from parallel import comm
 
 
-def build_embedding_group(pipelines: list, my_rank: int):
+def build_embedding_group(pipelines: list, my_rank: int, timeout=None):
     """The group of the first and last rank of this rank's pipeline (None if not in one).
     `pipelines`: every pipeline's global ranks in stage order, the same list on every rank,
     because new_group is collective and must be called in the same order everywhere."""
     mine = None
     for ranks in pipelines:
-        group = dist.new_group([ranks[0], ranks[-1]])
+        group = dist.new_group([ranks[0], ranks[-1]], timeout=timeout)
         if my_rank in (ranks[0], ranks[-1]):
             mine = group
     return mine

@@ -1,0 +1,330 @@
+"""Per-GPU memory and step-time estimates for a model and a parallel layout (pure arithmetic).
+
+Memory follows what Trellis allocates (docs/optimizer.md, docs/pipeline.md): weights, the fp32
+gradient buffer, optimizer state with fp32 masters, the activations the schedule keeps alive on
+the busiest pipeline stage, the output layer's chunked logits and a calibrated allowance for
+the caching allocator's fragmentation and library workspaces. Step time is compute (model FLOPs
+at an achieved TFLOP/s) plus the optimizer's memory traffic plus the exposed communication,
+stretched by the pipeline bubble. Calibration and its check: docs/benchmarks.md, "Estimator".
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from models.config import ModelConfig
+
+GIB = 2**30
+
+# Bytes per parameter of the weights as stored, of the gradient buffer, and of the optimizer
+# (Adam moments, plus fp32 master weights on the mixed-precision path).
+WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 4, "fp32": 4}
+GRAD_BYTES = {"bf16": 4, "fp16": 4, "fp8": 4, "bf16-autocast": 4, "fp32": 4}  # fp32 main_grad / .grad
+ADAM_BYTES = {"bf16": 12, "fp16": 12, "fp8": 12, "bf16-autocast": 8, "fp32": 8}
+# Bytes of one element of a saved activation: matmul inputs are bf16 under every mixed precision;
+# under bf16-autocast and fp32 the residual stream (norm inputs) stays fp32.
+RESIDUAL_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 4, "fp32": 4}
+MATMUL_INPUT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 2, "fp32": 4}
+
+# Achieved dense-math rate of the forward/backward on one H100 (model FLOPs per second, excluding
+# the optimizer step). bf16, fp16 and compile are fitted to the llama-1.3b rows of
+# docs/benchmarks.md, fp8 to the 8-layer llama3-8b row with the compiled quantisation, and
+# bf16-autocast to the starting-point row; see that file's "Estimator" section.
+DEFAULT_TFLOPS = {"bf16": 394.0, "fp16": 383.0, "fp8": 345.0, "bf16-autocast": 300.0, "fp32": 50.0}
+COMPILE_TFLOPS_GAIN = 1.19  # bf16 + model.compile against bf16 eager on llama-1.3b
+OPTIMIZER_BYTES_PER_PARAM = 34  # fused AdamW: read/write masters and moments, read grads, write weights
+HBM_BYTES_PER_S = 2.9e12  # achieved by the fused AdamW on H100 (16 ms for 1.36B params, profile)
+CE_CHUNK_TOKENS = 2048  # parallel/linear_cross_entropy.py keeps logits for this many tokens at a time
+# Fragmentation and workspace allowance: fraction of the tensor total plus a fixed part (cuBLAS
+# and cuDNN workspaces, communication buffers); calibrated on the one-GPU runs.
+ALLOWANCE_FRACTION = 0.03
+ALLOWANCE_FIXED_GIB = 0.5
+
+
+@dataclasses.dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    sp: bool = False
+    micro_batch: int = 1
+    global_batch: int = 0  # 0: micro_batch x dp (one microbatch per step)
+    recompute: str = "none"  # none | full
+    precision: str = "bf16"
+    shard_optimizer: bool = False
+    compile: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def microbatches(self) -> int:
+        batch = self.global_batch or self.micro_batch * self.dp
+        return batch // (self.micro_batch * self.dp)
+
+
+@dataclasses.dataclass
+class Hardware:
+    """Link bandwidths are achieved bus bandwidths (bytes/s) of NCCL collectives on H100 systems."""
+    gpu_mem_gib: float = 80.0
+    gpus_per_node: int = 8
+    nvlink_bytes_per_s: float = 360e9  # NVLink 4 all-reduce bus bandwidth, 8 GPUs
+    network_bytes_per_s: float = 40e9  # 400 Gb/s InfiniBand per GPU
+    tflops: float = 0.0  # 0: DEFAULT_TFLOPS for the precision
+
+
+# ---- parameters -----------------------------------------------------------------------------
+def layer_params(m: ModelConfig) -> int:
+    """One transformer layer: QKV, projection, MLP, two norms (biases where the model has them)."""
+    h, f, kv = m.hidden_size, m.ffn_hidden_size, m.num_kv_heads * m.head_dim()
+    mlp_in = (2 if m.activation == "swiglu" else 1) * f
+    weights = h * (h + 2 * kv) + h * h + h * mlp_in + f * h + 2 * h
+    biases = (h + 2 * kv) if (m.add_bias_linear or m.add_qkv_bias) else 0
+    if m.add_bias_linear:
+        biases += h + mlp_in + h + (2 * h if m.norm == "layernorm" else 0)
+    return weights + biases
+
+
+def stage_params(m: ModelConfig, layout: Layout, first: bool, last: bool) -> int:
+    """Parameters one GPU of a pipeline stage holds (its TP shard)."""
+    layers = m.num_layers // layout.pp
+    vocab = m.padded_vocab_size(layout.tp)
+    params = layers * layer_params(m) / layout.tp
+    if first:
+        params += vocab * m.hidden_size / layout.tp
+        params += m.max_position_embeddings * m.hidden_size if m.position_embedding == "learned" else 0
+    if last:
+        params += m.hidden_size  # final norm
+        if not m.tie_embeddings or layout.pp > 1:  # untied, or the last stage's tied copy
+            params += vocab * m.hidden_size / layout.tp
+    return int(params)
+
+
+# ---- activations ----------------------------------------------------------------------------
+def layer_activation_bytes(m: ModelConfig, layout: Layout, seq: int) -> float:
+    """Bytes one transformer layer saves for backward for one microbatch (Korthikanti et al.'s
+    count, s*b*h*(34 + 5*a*s/h) for GPT-3 in 16-bit, without the a*s^2 score terms: flash/SDPA
+    attention keeps only its output and log-sum-exp). Generalised to GQA, SwiGLU and no dropout:
+    - residual stream: the two norm inputs (RESIDUAL_BYTES each);
+    - attention: norm output (QKV input), Q, K, V, attention output, projection input;
+    - MLP: norm output (fc1 input), and 2 tensors of f for GeLU (fc1 output, fc2 input) or 4 for
+      SwiGLU (gate, silu(gate), up, their product = fc2 input);
+    - dropout masks (1 byte) after attention and MLP when dropout > 0.
+    Tensors of [s, b, h] are split over TP under sequence parallelism; those inside the
+    TP region (Q, K, V, attention output, MLP intermediates) are always split over TP."""
+    s, b, h, f, tp = seq, layout.micro_batch, m.hidden_size, m.ffn_hidden_size, layout.tp
+    kv = m.num_kv_heads * m.head_dim()
+    r, x = RESIDUAL_BYTES[layout.precision], MATMUL_INPUT_BYTES[layout.precision]
+    sp_split = tp if layout.sp else 1
+    replicated = s * b * h * (2 * r + 2 * x) / sp_split  # norm inputs, QKV and fc1 inputs
+    attention = s * b * (3 * h + 2 * kv) * x / tp  # Q, K, V, attention output, projection input
+    mlp = s * b * f * (4 if m.activation == "swiglu" else 2) * x / tp
+    dropout = 2 * s * b * h / sp_split if m.dropout > 0 else 0
+    attention_scores = 0  # flash / SDPA: no [a, s, s] tensor is saved
+    return replicated + attention + mlp + dropout + attention_scores
+
+
+def layer_input_bytes(m: ModelConfig, layout: Layout, seq: int) -> float:
+    """What full recompute keeps per layer: its input on the residual stream."""
+    return seq * layout.micro_batch * m.hidden_size * RESIDUAL_BYTES[layout.precision] / (layout.tp if layout.sp else 1)
+
+
+def microbatches_in_flight(layout: Layout) -> float:
+    """Microbatches whose activations the first stage holds at its peak, in units of its layers'
+    activations: 1F1B warms up with pp microbatches; interleaved 1F1B (Megatron, Korthikanti et
+    al. eq. 5) holds pp * (1 + (pp-1)/(pp*vpp)) stage-equivalents. Never more than the step has."""
+    p, v, m = layout.pp, layout.vpp, layout.microbatches()
+    if p == 1:
+        return 1.0
+    in_flight = p * (1 + (p - 1) / (p * v)) if v > 1 else p
+    return min(in_flight, m)
+
+
+def activation_bytes(m: ModelConfig, layout: Layout, in_flight: float | None = None) -> float:
+    """Activations alive at a stage's peak: by default the first stage's (the busiest); the
+    last stage of 1F1B holds one microbatch (in_flight=1)."""
+    seq, layers = m.seq_length, m.num_layers // layout.pp
+    in_flight = microbatches_in_flight(layout) if in_flight is None else in_flight
+    if layout.recompute == "full":
+        kept = layers * layer_input_bytes(m, layout, seq) * in_flight
+        return kept + layer_activation_bytes(m, layout, seq)  # one layer recomputed at a time
+    return layers * layer_activation_bytes(m, layout, seq) * in_flight
+
+
+def logits_bytes(m: ModelConfig, layout: Layout) -> float:
+    """The output layer's transient: fp32 logits, their softmax and gradient for one chunk of
+    tokens (fused cross-entropy), or for the whole microbatch plus the bf16 logits otherwise."""
+    tokens = m.seq_length * layout.micro_batch
+    vocab = m.padded_vocab_size(layout.tp) / layout.tp
+    if m.fused_cross_entropy:
+        return min(tokens, CE_CHUNK_TOKENS) * vocab * 4 * 3
+    return tokens * vocab * (2 + 4)  # bf16 logits and the fp32 softmax kept for backward
+
+
+# ---- memory ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Memory:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    allowance: float
+
+    @property
+    def total(self) -> float:
+        return sum(dataclasses.astuple(self))
+
+    def gib(self) -> dict:
+        return {k: v / GIB for k, v in dataclasses.asdict(self).items()} | {"total": self.total / GIB}
+
+
+def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Memory:
+    p = layout.precision
+    params = stage_params(m, layout, first, last)
+    optimizer = params * ADAM_BYTES[p] / (layout.dp if layout.shard_optimizer else 1)
+    # The bf16 .grad of the largest parameter exists while it is added into main_grad.
+    largest = max(layer_params(m) / layout.tp / 3, m.padded_vocab_size(layout.tp) * m.hidden_size / layout.tp)
+    gradients = params * GRAD_BYTES[p] + (largest * 2 if WEIGHT_BYTES[p] == 2 else 0)
+    activations = activation_bytes(m, layout, None if first else 1.0)
+    logits = logits_bytes(m, layout) if last else 0.0
+    if layout.recompute == "full":
+        # The output layer's transient is freed before the last layer is recomputed, so only
+        # the larger of the two is ever alive (activation_bytes already holds the layer).
+        logits = max(0.0, logits - layer_activation_bytes(m, layout, m.seq_length))
+    tensors = params * WEIGHT_BYTES[p] + gradients + optimizer + activations + logits
+    allowance = tensors * ALLOWANCE_FRACTION + ALLOWANCE_FIXED_GIB * GIB
+    return Memory(params * WEIGHT_BYTES[p], gradients, optimizer, activations, logits, allowance)
+
+
+def peak_memory(m: ModelConfig, layout: Layout) -> Memory:
+    """The larger of the first stage (most activations) and the last stage (output layer)."""
+    if layout.pp == 1:
+        return stage_memory(m, layout, True, True)
+    first, last = stage_memory(m, layout, True, False), stage_memory(m, layout, False, True)
+    return first if first.total >= last.total else last
+
+
+# ---- time -----------------------------------------------------------------------------------
+def ring_seconds(message_bytes: float, ranks: int, bandwidth: float, passes: float) -> float:
+    """Ring collective: `passes` x (n-1)/n of the message crosses each link (all-reduce: 2)."""
+    return 0.0 if ranks == 1 else passes * (ranks - 1) / ranks * message_bytes / bandwidth
+
+
+def group_bandwidth(hw: Hardware, span: int) -> float:
+    """A group whose ranks lie within one node uses NVLink; otherwise the network."""
+    return hw.nvlink_bytes_per_s if span <= hw.gpus_per_node else hw.network_bytes_per_s
+
+
+@dataclasses.dataclass
+class StepTime:
+    compute: float
+    optimizer: float
+    tp_comm: float
+    dp_comm: float
+    pp_comm: float
+    bubble: float
+
+    @property
+    def total(self) -> float:
+        return sum(dataclasses.astuple(self))
+
+
+def achieved_tflops(layout: Layout, hw: Hardware) -> float:
+    if hw.tflops:
+        return hw.tflops
+    rate = DEFAULT_TFLOPS[layout.precision]
+    return rate * COMPILE_TFLOPS_GAIN if layout.compile else rate
+
+
+def step_time(m: ModelConfig, layout: Layout, hw: Hardware) -> StepTime:
+    micro, layers = layout.microbatches(), m.num_layers // layout.pp
+    tokens_per_gpu = micro * layout.micro_batch * m.seq_length  # per model replica, over its tp*pp GPUs
+    recompute = 4 / 3 if layout.recompute == "full" else 1.0
+    flops = m.flops_per_token() * tokens_per_gpu * recompute / (layout.tp * layout.pp)
+    compute = flops / (achieved_tflops(layout, hw) * 1e12)
+    params = stage_params(m, layout, True, layout.pp == 1)
+    optimizer = params * OPTIMIZER_BYTES_PER_PARAM / (layout.dp if layout.shard_optimizer else 1) / HBM_BYTES_PER_S
+    # TP: per layer 2 all-reduces forward and 2 backward (SP: the same volume as all-gather +
+    # reduce-scatter), one more forward's worth under full recompute; not overlapped.
+    activation_message = m.seq_length * layout.micro_batch * m.hidden_size * 2
+    per_layer = 4 + (2 if layout.recompute == "full" else 0)
+    tp_bw = group_bandwidth(hw, layout.tp)
+    tp_comm = micro * layers * per_layer * ring_seconds(activation_message, layout.tp, tp_bw, 1.0)
+    # DP: fp32 gradients reduced (all-reduce, or reduce-scatter + a bf16 all-gather when sharded);
+    # overlapped with the last microbatch's backward (2/3 of its compute), the rest is exposed.
+    dp_bw = group_bandwidth(hw, layout.tp * layout.dp)
+    if layout.shard_optimizer:
+        dp_full = ring_seconds(params * 4, layout.dp, dp_bw, 1.0) + ring_seconds(params * 2, layout.dp, dp_bw, 1.0)
+    else:
+        dp_full = ring_seconds(params * 4, layout.dp, dp_bw, 2.0)
+    dp_comm = max(0.0, dp_full - compute / micro * 2 / 3)
+    # PP: each microbatch's activation goes forward and its gradient back once per stage boundary
+    # (per virtual chunk); the critical path crosses (m + p - 1) of them each way.
+    pp_bw = group_bandwidth(hw, layout.gpus)  # stages lie farthest apart in the rank order
+    pp_message = activation_message / (layout.tp if layout.sp else 1)
+    pp_comm = 0.0 if layout.pp == 1 else 2 * (micro * layout.vpp + layout.pp - 1) * pp_message / pp_bw
+    bubble = compute * (layout.pp - 1) / (micro * layout.vpp)
+    return StepTime(compute, optimizer, tp_comm, dp_comm, pp_comm, bubble)
+
+
+def tokens_per_second(m: ModelConfig, layout: Layout, hw: Hardware) -> float:
+    """Tokens of the whole job per second (divide by layout.gpus for per-GPU)."""
+    tokens = layout.microbatches() * layout.micro_batch * layout.dp * m.seq_length
+    return tokens / step_time(m, layout, hw).total
+
+
+# ---- planning -------------------------------------------------------------------------------
+def divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_valid(m: ModelConfig, layout: Layout) -> bool:
+    """The constraints engine/config.py enforces, checked without building anything."""
+    kv_ok = m.num_kv_heads % layout.tp == 0 and m.num_heads % layout.tp == 0 and m.ffn_hidden_size % layout.tp == 0
+    pp_ok = m.num_layers % (layout.pp * layout.vpp) == 0
+    batch_ok = layout.global_batch % (layout.micro_batch * layout.dp) == 0
+    interleave_ok = layout.vpp == 1 or (layout.pp > 1 and layout.microbatches() % layout.pp == 0)
+    return kv_ok and pp_ok and batch_ok and interleave_ok and (not layout.sp or m.seq_length % layout.tp == 0)
+
+
+def plan(m: ModelConfig, gpus: int, global_batch: int, hw: Hardware, precision: str = "bf16",
+         micro_batches=(1, 2, 4, 8), max_tp: int = 8) -> list:
+    """Every valid layout on `gpus` GPUs that fits in hw.gpu_mem_gib, fastest first, as
+    (tokens/s, Layout, Memory, StepTime)."""
+    results = []
+    for tp in [t for t in divisors(gpus) if t <= max_tp]:
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            for vpp, mb, recompute, shard in _choices(pp, dp, micro_batches):
+                layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, sp=tp > 1, micro_batch=mb, global_batch=global_batch,
+                                recompute=recompute, precision=precision, shard_optimizer=shard)
+                if not layout_valid(m, layout) or layout.microbatches() < 1:
+                    continue
+                memory = peak_memory(m, layout)
+                if memory.total > hw.gpu_mem_gib * GIB:
+                    continue
+                results.append((tokens_per_second(m, layout, hw), layout, memory, step_time(m, layout, hw)))
+    results.sort(key=lambda r: -r[0])
+    return results
+
+
+def _choices(pp: int, dp: int, micro_batches):
+    for vpp in ((1, 2, 4) if pp > 1 else (1,)):
+        for mb in micro_batches:
+            for recompute in ("none", "full"):
+                for shard in ((True, False) if dp > 1 else (False,)):  # sharding over one rank changes nothing
+                    yield vpp, mb, recompute, shard
+
+
+def describe(layout: Layout) -> str:
+    parts = [f"tp{layout.tp}", f"pp{layout.pp}"] + ([f"vpp{layout.vpp}"] if layout.vpp > 1 else [])
+    parts += [f"dp{layout.dp}", f"mb{layout.micro_batch}", f"gb{layout.global_batch or layout.micro_batch * layout.dp}"]
+    parts += (["sp"] if layout.sp and layout.tp > 1 else []) + (["recompute"] if layout.recompute == "full" else [])
+    parts += (["shard"] if layout.shard_optimizer else []) + (["compile"] if layout.compile else [])
+    return " ".join(parts + [layout.precision])
+
+
+def gib_ceil(value: float) -> float:
+    return math.ceil(value / GIB * 10) / 10

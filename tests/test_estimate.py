@@ -1,0 +1,93 @@
+"""The estimator's memory arithmetic on a model small enough to count by hand.
+
+The `tiny` preset: 4 layers, hidden h=64, 4 heads of 16, 2 KV heads (kv = 32), SwiGLU ffn
+f=176, vocab 512 (already a multiple of 128), seq 64, RMSNorm, untied embeddings, no biases.
+"""
+import pytest
+
+from engine import estimator as est
+from models.config import ModelConfig, resolve_preset
+
+GIB = 2**30
+
+
+@pytest.fixture
+def tiny():
+    return resolve_preset(ModelConfig(preset="tiny"))
+
+
+def test_parameter_count(tiny):
+    # QKV 64*(64+2*32)=8192, proj 64*64=4096, gate+up 64*2*176=22528, down 176*64=11264, 2 norms 128
+    assert est.layer_params(tiny) == 46208
+    # 4 layers 184832 + embedding 512*64=32768 + final norm 64 + output layer 32768
+    assert est.stage_params(tiny, est.Layout(), True, True) == 250432
+
+
+def test_bf16_memory_one_gpu(tiny):
+    layout = est.Layout(micro_batch=2, precision="bf16")
+    memory = est.peak_memory(tiny, layout)
+    assert memory.weights == 2 * 250432  # bf16 weights
+    # fp32 main_grad 4 B/param + the bf16 .grad of the largest tensor (the 512x64 embedding)
+    assert memory.gradients == 4 * 250432 + 2 * 32768
+    assert memory.optimizer == 12 * 250432  # fp32 master + two Adam moments
+    # per layer, s*b = 64*2 = 128 tokens: norm inputs and QKV/fc1 inputs 128*64*(2+2+2+2) = 65536;
+    # Q, K, V, attention output, projection input 128*(3*64+2*32)*2 = 65536;
+    # SwiGLU gate, silu(gate), up, product 128*176*4*2 = 180224 -> 311296 per layer, 4 layers
+    assert memory.activations == 4 * 311296
+    assert memory.logits == 128 * 512 * 4 * 3  # one chunk (128 tokens < 2048) of fp32 logits, softmax, grad
+    tensors = 500864 + (1001728 + 65536) + 3005184 + 1245184 + 786432
+    assert memory.allowance == pytest.approx(tensors * 0.03 + 0.5 * GIB)
+    assert memory.total == pytest.approx(tensors * 1.03 + 0.5 * GIB)
+
+
+def test_autocast_keeps_fp32_weights_and_residual_stream(tiny):
+    memory = est.peak_memory(tiny, est.Layout(micro_batch=2, precision="bf16-autocast"))
+    assert memory.weights == 4 * 250432 and memory.optimizer == 8 * 250432  # no master copy
+    # norm inputs in fp32: 128*64*(4+4+2+2) = 98304 instead of 65536 per layer
+    assert memory.activations == 4 * (98304 + 65536 + 180224)
+
+
+def test_tensor_and_sequence_parallel_split(tiny):
+    layout = est.Layout(tp=2, sp=True, dp=2, micro_batch=2, shard_optimizer=True)
+    memory = est.peak_memory(tiny, layout)
+    params = 4 * 46208 // 2 + 2 * 32768 // 2 + 64  # TP halves layers and vocab; the final norm is whole
+    assert memory.weights == 2 * params
+    assert memory.optimizer == 12 * params / 2  # sharded over DP=2
+    assert memory.activations == 4 * 311296 / 2  # everything split over TP with SP
+    no_sp = est.peak_memory(tiny, est.Layout(tp=2, micro_batch=2))
+    assert no_sp.activations == 4 * (65536 + (65536 + 180224) / 2)  # [s,b,h] tensors replicated
+
+
+def test_pipeline_in_flight_and_recompute(tiny):
+    # PP=2, 8 microbatches: stage 0 holds 2 layers x 2 microbatches (1F1B warm-up = pp)
+    layout = est.Layout(pp=2, micro_batch=2, global_batch=16)
+    assert est.stage_memory(tiny, layout, True, False).activations == 2 * 311296 * 2
+    # the last stage's peak holds one microbatch of its layers, plus the output layer's logits
+    last = est.stage_memory(tiny, layout, False, True)
+    assert last.activations == 2 * 311296 and last.logits == 128 * 512 * 4 * 3
+    # interleaved, vpp=2: pp * (1 + (pp-1)/(pp*vpp)) = 2.5 stage-equivalents
+    interleaved = est.Layout(pp=2, vpp=2, micro_batch=2, global_batch=16)
+    assert est.activation_bytes(tiny, interleaved) == 2 * 311296 * 2.5
+    # full recompute keeps each layer's bf16 input (128*64*2 = 16384) per microbatch in flight,
+    # plus one layer's activations while it is recomputed
+    recompute = est.Layout(pp=2, micro_batch=2, global_batch=16, recompute="full")
+    assert est.activation_bytes(tiny, recompute) == 2 * 16384 * 2 + 311296
+    # on the last stage the logits chunk (786432 B) and the recomputed layer (311296 B) are
+    # never alive together: only the larger one counts
+    last = est.stage_memory(tiny, recompute, False, True)
+    assert last.activations + last.logits == 2 * 16384 + 311296 + (786432 - 311296)
+
+
+def test_step_time_compute_and_bubble(tiny):
+    hw = est.Hardware(tflops=100.0)
+    layout = est.Layout(pp=2, micro_batch=2, global_batch=16)
+    time = est.step_time(tiny, layout, hw)
+    flops = tiny.flops_per_token() * 8 * 2 * 64 / 2  # 8 microbatches of 128 tokens over 2 stages
+    assert time.compute == pytest.approx(flops / 100e12)
+    assert time.bubble == pytest.approx(time.compute * 1 / 8)  # (p-1)/m
+
+
+def test_plan_only_lists_layouts_that_fit(tiny):
+    results = est.plan(tiny, 8, 16, est.Hardware(gpu_mem_gib=0.52))
+    assert results and all(memory.total <= 0.52 * GIB for _, _, memory, _ in results)
+    assert [r[0] for r in results] == sorted((r[0] for r in results), reverse=True)
