@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
+    eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
     objective: str = "lm"  # lm (pretraining on data.path) | sft (chat JSONL in data.sft_train, docs/finetuning.md)
     freeze: typing.List[str] = dataclasses.field(default_factory=list)  # fnmatch patterns of parameter names not trained
     early_stop_patience: int = 0  # stop after this many evaluations without a new best val_loss (0: off)

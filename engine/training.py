@@ -215,6 +215,9 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
         meter = Throughput(tokens_per_step, cfg.model.flops_per_token(), self.grid.world_size,
                            device_peak_tflops(self.device, cfg.log.peak_tflops))
+        if cfg.train.eval_at_start and self.valid_data is not None:
+            self.logger.log({"step": self.step, "val_loss": self.evaluate()}, ("step", "val_loss"))
+            meter.lap()
         while self.step < cfg.train.iters:
             record = self.train_step()
             _, tokens_per_s, mfu = meter.lap()

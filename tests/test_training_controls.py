@@ -85,16 +85,23 @@ def test_spike_guard_rules():
     assert not SpikeGuard(0.0, 1).should_skip(1e9, 1)  # off
 
 
-def early_stop_run() -> int:
+def early_stop_run() -> tuple:
+    import json
+
     from engine.training import shutdown
 
-    trainer = _trainer({"train": {"iters": 20, "eval_interval": 2, "early_stop_patience": 2}})
-    val_losses = iter([5.0, 4.0, 4.5, 4.2, 1.0])  # best at the 2nd evaluation, then two without gain
+    trainer = _trainer({"train": {"iters": 20, "eval_interval": 2, "early_stop_patience": 2, "eval_at_start": True}})
+    # At start (not judged), then: best at the 2nd evaluation, then two without gain.
+    val_losses = iter([9.0, 5.0, 4.0, 4.5, 4.2, 1.0])
     trainer.evaluate = lambda: next(val_losses)
     history = trainer.train()
     shutdown()
-    return len(history)
+    with open(os.path.join(trainer.cfg.train.output_dir, "metrics.jsonl")) as handle:
+        first = json.loads(handle.readline())
+    return len(history), first
 
 
 def test_early_stopping_ends_the_run_after_patience_evaluations():
-    assert run_distributed(early_stop_run, 1)[0] == 8  # the 4th evaluation (step 8) is the second without gain
+    steps, first_record = run_distributed(early_stop_run, 1)[0]
+    assert steps == 8  # the 4th evaluation (step 8) is the second without gain
+    assert first_record == {"step": 0, "val_loss": 9.0}  # train.eval_at_start
