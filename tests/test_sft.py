@@ -41,13 +41,13 @@ def sft_files(sp_model_path, tmp_path_factory):  # noqa: F811
 
 
 # ---- one process: packing and masking --------------------------------------------------------
-def _tiny_model():
+def _tiny_model(preset: str = "tiny"):
     from models.config import ModelConfig, resolve_preset
     from models.gpt import GPTModel
     from parallel.random import RNGTracker
 
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    cfg = resolve_preset(ModelConfig(preset="tiny", seq_length=PACK_SEQ))
+    cfg = resolve_preset(ModelConfig(preset=preset, seq_length=PACK_SEQ))
     model = GPTModel(cfg, torch.distributed.group.WORLD, RNGTracker("cpu"))
     model.init_weights(3)
     return model.eval()
@@ -62,11 +62,11 @@ def _packed_sample(model_path, train_path):
     return dataset[index]
 
 
-def packed_vs_alone(model_path, train_path) -> dict:
+def packed_vs_alone(model_path, train_path, preset) -> dict:
     """Logits and token losses of a packed sample, and of each of its documents run alone."""
     from engine.batches import collate
 
-    model = _tiny_model()
+    model = _tiny_model(preset)
     batch = collate([_packed_sample(model_path, train_path)], "cpu")
     with torch.no_grad():
         packed_logits = model(batch["tokens"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
@@ -83,8 +83,11 @@ def packed_vs_alone(model_path, train_path) -> dict:
             "loss_mask": batch["loss_mask"]}
 
 
-def test_packed_documents_equal_documents_run_alone(sft_files):
-    result = run_distributed(packed_vs_alone, 1, sft_files["model"], sft_files["train"])[0]
+# RoPE (tiny) is shift-invariant, so it checks the document mask; learned positions
+# (tiny-gpt2) also check that positions restart at 0 in every document.
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_packed_documents_equal_documents_run_alone(sft_files, preset):
+    result = run_distributed(packed_vs_alone, 1, sft_files["model"], sft_files["train"], preset)[0]
     assert len(result["alone"]) >= 3
     for where, logits, loss in result["alone"]:
         torch.testing.assert_close(result["packed_logits"][where], logits, rtol=1e-5, atol=1e-5)
