@@ -54,15 +54,31 @@ def _as_sample(item) -> dict:
     return {"tokens": np.asarray(item, dtype=np.int64)}
 
 
+# Fields of an already-shifted sample (SFT: engine/data/sft.py) that go to the model as they are.
+SHIFTED_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
+
+
 def collate(items, device) -> dict:
-    """Stack samples into {tokens, labels, loss_mask} tensors of shape [b, seq]."""
+    """Stack samples into [b, seq] tensors: tokens, labels, loss_mask (and, for packed samples,
+    position_ids and document_ids).
+
+    Two kinds of sample: pretraining samples hold seq+1 tokens (and maybe a loss_mask of the
+    same length) and are shifted here, labels being the tokens one ahead; samples that carry
+    `labels` (SFT) are already shifted, with seq tokens and -100 where nothing is trained."""
     samples = [_as_sample(item) for item in items]
-    full = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
-    batch = {"tokens": full[:, :-1], "labels": full[:, 1:]}
-    if "loss_mask" in samples[0]:
-        batch["loss_mask"] = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]))[:, 1:].float()
+    if "labels" in samples[0]:
+        batch = {key: torch.from_numpy(np.stack([s[key] for s in samples]))
+                 for key in SHIFTED_FIELDS if key in samples[0]}
+        batch["loss_mask"] = batch["loss_mask"].float()
+        # -100 marks untrained positions; the loss mask zeroes them, any valid id will do as the target
+        batch["labels"] = batch["labels"].clamp(min=0)
     else:
-        batch["loss_mask"] = torch.ones_like(batch["labels"], dtype=torch.float32)
+        full = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
+        batch = {"tokens": full[:, :-1], "labels": full[:, 1:]}
+        if "loss_mask" in samples[0]:
+            batch["loss_mask"] = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]))[:, 1:].float()
+        else:
+            batch["loss_mask"] = torch.ones_like(batch["labels"], dtype=torch.float32)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -322,9 +322,10 @@ def restore_rng(trainer, meta: dict, shapes: dict) -> None:
                           f"generators re-seeded from train.seed + step, so dropout masks differ from the original run")
 
 
-def load_checkpoint(trainer, root: str, step: int = -1) -> int:
-    """Restore model (and, when saved, optimizer, schedule, scaler, RNG and step) at this
-    rank's layout; collective. Returns the step to continue from."""
+def load_checkpoint(trainer, root: str, step: int = -1, model_only: bool = False) -> int:
+    """Restore model (and, when saved and not model_only, optimizer, schedule, scaler, RNG and
+    step) at this rank's layout; collective. Returns the step to continue from. model_only
+    starts a fine-tune from pretrained weights: step 0, fresh optimizer and schedule."""
     start = time.perf_counter()
     step_dir = resolve_step_dir(root, step)
     meta = read_meta(step_dir)
@@ -333,12 +334,15 @@ def load_checkpoint(trainer, root: str, step: int = -1) -> int:
     shapes = stored_shapes(step_dir)
     chunks, tp_mesh = trainer.model_chunks, trainer.grid.mesh["tp"]
     entries = model_entries(chunks, tp_mesh, for_load=True)
-    optim_targets = optimizer_load_targets(chunks, shapes) if "optimizer" in meta["contents"] else {}
+    optim_targets = optimizer_load_targets(chunks, shapes) if "optimizer" in meta["contents"] and not model_only else {}
     entries.update(optimizer_entries(chunks, tp_mesh, optim_targets, for_load=True))
     check_keys(step_dir, entries, shapes)
     read_entries(step_dir, entries)
     if optim_targets:
         trainer.optimizer.load_param_state_by_name({**optim_targets, "__step__": meta.get("optimizer_steps", 0)})
+    if model_only:
+        announce(trainer, f"checkpoint: loaded the weights of {step_dir} (model only) in {time.perf_counter() - start:.2f}s")
+        return trainer.step
     if "trainer" in meta["contents"]:
         trainer.scheduler.load_state_dict(meta["scheduler"])
         scaler = getattr(trainer.optimizer, "scaler", None)

@@ -57,6 +57,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
+    eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
+    objective: str = "lm"  # lm (pretraining on data.path) | sft (chat JSONL in data.sft_train, docs/finetuning.md)
+    freeze: typing.List[str] = dataclasses.field(default_factory=list)  # fnmatch patterns of parameter names not trained
+    early_stop_patience: int = 0  # stop after this many evaluations without a new best val_loss (0: off)
+    spike_factor: float = 0.0  # skip a step whose loss exceeds this x the running mean of recent losses (0: off)
+    spike_max_skips: int = 3  # stop the run after this many spike-skipped steps in a row
 
 
 @dataclasses.dataclass
@@ -67,6 +73,9 @@ class DataConfig:
     tokenizer_type: str = "sentencepiece"
     tokenizer: str = ""
     cache_dir: str = ""
+    sft_train: str = ""  # SFT chat JSONL for training (train.objective sft)
+    sft_valid: str = ""  # SFT chat JSONL for validation ("" = no validation data)
+    sft_packing: bool = True  # pack several conversations into one sequence (attention stays per conversation)
 
 
 @dataclasses.dataclass
@@ -85,6 +94,7 @@ class CheckpointConfig:
     keep: int = 0  # keep the newest K checkpoints (0: keep all)
     load: str = ""  # directory (or one step's directory) to resume from
     load_step: int = -1  # step to load; 0 or -1: the latest
+    load_model_only: bool = False  # take only the weights (start a fine-tune at step 0 with a fresh optimizer)
 
 
 @dataclasses.dataclass
@@ -215,6 +225,10 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+# Command-line shorthands for keys users type often (the issue's `--objective sft`).
+ALIASES = {"objective": "train.objective"}
+
+
 def parse_args(argv: list[str]) -> Config:
     """--config FILE first, then `--section.key value` / `section.key=value` overrides in order."""
     cfg, overrides, index = Config(), [], 0
@@ -242,7 +256,7 @@ def parse_args(argv: list[str]) -> Config:
             raise ConfigError(f"unexpected argument {arg!r}: use --section.key value or section.key=value")
         index += 1
     for key, value in overrides:
-        set_value(cfg, key, value)
+        set_value(cfg, ALIASES.get(key, key), value)
     return cfg
 
 
@@ -280,12 +294,33 @@ def validate(cfg: Config, world_size: int) -> Config:
     validate_pipeline(cfg, dp)
     validate_optim(cfg.optim)
     validate_finetune(cfg.finetune, t.precision)
-    _require(cfg.data.mock or bool(cfg.data.path), "data.path", "give dataset prefixes, or set data.mock true")
+    validate_objective(cfg)
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
     _require(c.keep >= 0, "checkpoint.keep", f"must be non-negative, got {c.keep}")
     _require(not c.load or os.path.isdir(c.load), "checkpoint.load", f"directory {c.load!r} does not exist")
     return cfg
+
+
+def validate_objective(cfg: Config) -> None:
+    """The data each objective needs, and the training controls' ranges."""
+    t, d = cfg.train, cfg.data
+    _require(t.objective in ("lm", "sft"), "train.objective", f"must be lm or sft; got {t.objective!r}")
+    if t.objective == "sft":
+        _require(bool(d.sft_train), "data.sft_train", "train.objective sft needs a chat JSONL file of training conversations")
+        for key, path in (("data.sft_train", d.sft_train), ("data.sft_valid", d.sft_valid)):
+            _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
+        _require(bool(d.tokenizer), "data.tokenizer", "train.objective sft needs the tokenizer (model file or directory)")
+        _require(not t.eval_interval or bool(d.sft_valid), "data.sft_valid",
+                 "train.eval_interval is set but there is no validation JSONL")
+    else:
+        _require(d.mock or bool(d.path), "data.path", "give dataset prefixes, or set data.mock true")
+    _require(t.early_stop_patience >= 0, "train.early_stop_patience", f"must be non-negative, got {t.early_stop_patience}")
+    _require(not t.early_stop_patience or t.eval_interval > 0, "train.early_stop_patience",
+             "early stopping needs validation: set train.eval_interval")
+    _require(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor",
+             f"must be 0 (off) or greater than 1, got {t.spike_factor}")
+    _require(t.spike_max_skips >= 1, "train.spike_max_skips", f"must be at least 1, got {t.spike_max_skips}")
 
 
 def validate_pipeline(cfg: Config, dp: int) -> None:

@@ -83,6 +83,13 @@ class TrainingOptimizer:
         for buffer in self.buffers:
             buffer.zero_grad()
 
+    def discard_grads(self) -> None:
+        """Drop this step's gradients without an update (loss-spike guard). Reductions the
+        backward hooks started are completed first, so every rank's collectives stay in step."""
+        for buffer in self.buffers:
+            buffer.finish_grad_reduce()
+        self.zero_grad()
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scaler.scale if self.scaler else loss
 

@@ -17,6 +17,7 @@ from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
 from engine.optimizer import build_optimizer
 from engine.precision import autocast_context, param_dtype, resolve_precision
+from engine.training_controls import EarlyStopper, SpikeGuard, freeze_parameters
 from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
 from models.transformer import lora_aliases
@@ -44,6 +45,9 @@ def resolve_device(cfg: Config) -> str:
 def build_datasets(cfg: Config, grid: ProcessGrid):
     """(train, valid) datasets of token samples."""
     m = cfg.model
+    if cfg.train.objective == "sft":
+        from engine.sft_data import build_sft_datasets  # chat JSONL, rendered and packed
+        return build_sft_datasets(cfg)
     if cfg.data.mock:
         return MockDataset(m.vocab_size, m.seq_length, cfg.train.seed, 0), MockDataset(m.vocab_size, m.seq_length, cfg.train.seed, 1)
     from engine.data_setup import build_text_datasets  # the indexed-dataset pipeline
@@ -70,6 +74,7 @@ class Trainer:
         if precision == "fp8":
             for chunk in self.model_chunks:
                 enable_fp8(chunk)
+        self.frozen = freeze_parameters(self.model_chunks, cfg.train.freeze)  # before the optimizer takes the trainable ones
         self.pipeline_tracer = build_tracer(cfg.log.pipeline_trace, self.grid.rank, device)
         self.pipeline_comm = self.build_pipeline_communicator()
         self.embedding_group = self.build_embedding_group()
@@ -79,12 +84,14 @@ class Trainer:
         self.autocast = autocast_context(precision, device)
         self.train_data, self.valid_data = build_datasets(cfg, self.grid)
         self.step = 0
+        self.spike_guard = SpikeGuard(cfg.train.spike_factor, cfg.train.spike_max_skips)
+        self.early_stopper = EarlyStopper(cfg.train.early_stop_patience)
         self.logger = MetricsLogger(cfg.train.output_dir, self.grid.is_logging_rank, cfg.log.quiet, cfg.log.tensorboard)
         if self.grid.is_logging_rank:
             with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as handle:
                 json.dump(dataclasses.asdict(cfg), handle, indent=1)
         if cfg.checkpoint.load:
-            load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step)
+            load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step, cfg.checkpoint.load_model_only)
 
     def build_model(self) -> list:
         """This rank's model chunks, one per virtual pipeline stage: chunk c is model stage
@@ -179,12 +186,15 @@ class Trainer:
         that microbatch's summed token loss / global token count; other stages their hidden state."""
         def forward_step(chunk_index: int, microbatch: int, input_tensor):
             model, batch = self.model_chunks[chunk_index], batches[microbatch]
+            # Packed samples: every stage needs the per-document positions (RoPE is applied in
+            # each layer) and document ids (attention stays inside a document).
+            packing = {key: batch.get(key) for key in ("position_ids", "document_ids")}
             with self.autocast():
                 if not model.post_process:
-                    output = model(batch["tokens"] if model.pre_process else None, hidden=input_tensor)
+                    output = model(batch["tokens"] if model.pre_process else None, hidden=input_tensor, **packing)
                     return output.to(self.pipeline_comm.dtype)  # what the next stage expects to receive
                 return model(batch["tokens"] if model.pre_process else None, hidden=input_tensor,
-                             labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens)
+                             labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens, **packing)
         return forward_step
 
     def run_pipeline(self, batches, forward_only: bool) -> torch.Tensor:
@@ -211,11 +221,17 @@ class Trainer:
         lr = self.scheduler.apply()
         self.optimizer.zero_grad()
         loss = self.forward_backward(self.microbatches(self.train_data, self.step))
+        self.monitor.operation = f"step {self.step + 1} loss all-reduce over data-parallel ranks"
+        comm.all_reduce(loss, self.grid.dp_group)  # the global loss: every rank takes the same decision below
+        # Only an active guard reads the loss here: the read waits for the backward to finish.
+        if self.spike_guard.enabled and self.spike_guard.should_skip(loss.item(), self.step + 1):
+            # The batch is consumed but changes nothing: no update, no LR-schedule step.
+            self.optimizer.discard_grads()
+            self.step += 1
+            return {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float("nan"), "spike_skipped": True}
         self.monitor.operation = f"step {self.step + 1} optimizer step (gradient reduction, norm, weight gather)"
         stats = self.optimizer.step()
         self.scheduler.advance()
-        self.monitor.operation = f"step {self.step + 1} loss all-reduce over data-parallel ranks"
-        comm.all_reduce(loss, self.grid.dp_group)
         self.step += 1
         return {"step": self.step, "loss": loss.item(), "lr": lr, **stats}
 
@@ -236,6 +252,9 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
         meter = Throughput(tokens_per_step, cfg.model.flops_per_token(), self.grid.world_size,
                            device_peak_tflops(self.device, cfg.log.peak_tflops))
+        if cfg.train.eval_at_start and self.valid_data is not None:
+            self.logger.log({"step": self.step, "val_loss": self.evaluate()}, ("step", "val_loss"))
+            meter.lap()
         while self.step < cfg.train.iters:
             record = self.train_step()
             _, tokens_per_s, mfu = meter.lap()
@@ -243,6 +262,7 @@ class Trainer:
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.iters):
                 record["val_loss"] = self.evaluate()
                 meter.lap()  # evaluation time is not training throughput
+                record["early_stop"] = self.early_stopper.should_stop(record["val_loss"])
             history.append(record)
             to_console = self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters
             self.logger.log(record, CONSOLE_KEYS + ("val_loss",), to_console)
@@ -250,10 +270,23 @@ class Trainer:
                 self.monitor.operation = f"checkpoint save at step {self.step}"
                 self.optimizer.finish_param_sync()  # weights must be complete before they are saved
                 save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
+            if record.get("early_stop"):
+                self.stop_early()
+                break
         self.optimizer.finish_param_sync()  # the last step's weight all-gather may still run
         self.logger.close()
         self.pipeline_tracer.save()
         return history
+
+    def stop_early(self) -> None:
+        """Validation stopped improving: say so, and keep the weights of this step."""
+        patience = self.cfg.train.early_stop_patience
+        if self.grid.is_logging_rank:
+            print(f"early stop at step {self.step}: val_loss has not improved on {self.early_stopper.best:.4f} "
+                  f"for {patience} evaluations (train.early_stop_patience)", flush=True)
+        if self.cfg.checkpoint.save and not save_due(self.cfg.checkpoint, self.step, final=False):
+            self.optimizer.finish_param_sync()
+            save_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep)
 
 
 def gather_full_state(model, tp_group) -> dict:
