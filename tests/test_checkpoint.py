@@ -34,7 +34,7 @@ def layout_accepted(overrides: dict, world: int) -> bool:
 RESUME_LAYOUTS = {
     "tp2_dp2": (4, {"parallel": {"tp": 2}}),
     "tp2_pp2_dp2": (8, {"parallel": {"tp": 2, "pp": 2}}),
-    "tp2_dp2_sharded_optimizer": (4, {"parallel": {"tp": 2}, "optim": {"shard": True}}),
+    "tp2_pp2_dp2_sharded_optimizer": (8, {"parallel": {"tp": 2, "pp": 2}, "optim": {"shard": True}}),
 }
 
 
