@@ -30,5 +30,5 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "sentencepiece", "tokenizers", "safetensors"],
     # megatron-core is pinned for the .bin/.idx compatibility tests; its own requirements are
     # torch>=2.6, numpy, packaging, so an installed CPU torch stays as it is.
-    extras_require={"dev": ["pytest", "pybind11>=2.10", "transformers", "peft", "jinja2", "megatron-core==0.16.1"]},
+    extras_require={"dev": ["pytest", "pybind11>=2.10", "transformers", "peft", "jinja2", "psutil", "megatron-core==0.16.1"]},
 )
