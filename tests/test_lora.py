@@ -225,3 +225,30 @@ def test_merge_lora_tool_folds_a_tp2_checkpoint(tmp_path):
     fresh = run_distributed(eval_logits, 1, {})[0]
     assert (adapted - fresh).abs().max() > 1e-4, "the adapters should have moved the logits"
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_export_loads_in_peft_with_our_logits(tmp_path):
+    """Adapters trained at TP=2, exported in PEFT's format beside the base converted to HF:
+    transformers + peft give the logits of our adapted model (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from tests.training_harness import train_and_collect
+    from tools.convert_checkpoint import trellis_to_hf
+    from tools.export_peft import export_peft
+
+    lora_ckpt, hf_dir, adapter_dir = str(tmp_path / "lora"), str(tmp_path / "hf"), str(tmp_path / "adapter")
+    run_distributed(train_and_collect, 2, {"finetune": LORA, "parallel": {"tp": 2}, "train": {"iters": 3},
+                                           "checkpoint": {"save": lora_ckpt}}, False)
+    trellis_to_hf(lora_ckpt, hf_dir)
+    export_peft(lora_ckpt, adapter_dir)
+    ours = run_distributed(eval_logits, 1, {"finetune": LORA, "checkpoint": {"load": lora_ckpt}})[0]
+    fresh = run_distributed(eval_logits, 1, {})[0]
+    assert (ours - fresh).abs().max() > 1e-4, "the adapters should have moved the logits"
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    seq, batch, vocab = ours.shape
+    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = model(input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours.permute(1, 0, 2)[..., :theirs.shape[-1]], rtol=1e-4, atol=1e-4)
