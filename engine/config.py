@@ -372,10 +372,6 @@ def validate_optim(o: OptimConfig) -> None:
     _require(o.hysteresis >= 1, "optim.hysteresis", f"must be at least 1, got {o.hysteresis}")
 
 
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
-
-
 def describe_keys() -> str:
     """Every configuration key with its type and default, for --help."""
     lines = ["Configuration keys (YAML sections, or --section.key value on the command line):"]
