@@ -19,7 +19,7 @@ from engine.loss_scaler import DynamicLossScaler
 from engine.precision import param_dtype, resolve_precision
 from parallel.distributed_optimizer import copy_masters_to_model, gather_state_by_name, load_state_by_name, owned_pieces
 from parallel.grad_buffer import GradBuffer
-from parallel.gradients import clip_grads, global_grad_norm, is_counted_on_this_rank, reduce_sequence_parallel_grads
+from parallel.gradients import clip_coefficient, global_grad_norm, is_counted_on_this_rank, reduce_sequence_parallel_grads
 
 # Per-element state of each optimizer (what param_state_by_name gathers over DP).
 ELEMENT_STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",), "sgd": ("momentum_buffer",),
@@ -62,7 +62,9 @@ class TrainingOptimizer:
         self.named_by_chunk = [[(n, p) for n, p in chunk.named_parameters() if p.requires_grad] for chunk in model_chunks]
         self.buffers = [GradBuffer(named, grid.dp_group, bucket_numel, optim_cfg.shard, optim_cfg.overlap_grad_reduce,
                                    microbatches) for named in self.named_by_chunk]
-        self.pieces_by_buffer = [owned_pieces(buffer) for buffer in self.buffers]
+        owned = [owned_pieces(buffer) for buffer in self.buffers]
+        self.pieces_by_buffer = [pieces for pieces, _ in owned]
+        self.master_shards = [shard for _, shards in owned for shard in shards]
         self.pieces = [piece for pieces in self.pieces_by_buffer for piece in pieces]
         self.params = [p for named in self.named_by_chunk for _, p in named]
         self.inner = build_torch_optimizer(param_groups(self.pieces, train_cfg.weight_decay), train_cfg, optim_cfg, device)
@@ -113,15 +115,33 @@ class TrainingOptimizer:
             stats.update(loss_scale=self.scaler.scale, skipped=skip, skipped_steps=self.scaler.skipped_steps)
             if skip:
                 return stats
-        stats["clipped"] = clip_grads(grads, self.cfg.clip_grad, grad_norm)
-        self.inner.step()
+        coef = clip_coefficient(self.cfg.clip_grad, grad_norm) if grads else None
+        stats["clipped"] = coef is not None
+        self.apply_update(grads, coef)
         self.steps_taken += 1
-        copy_masters_to_model(self.pieces)
+        copy_masters_to_model(self.master_shards)
         for buffer in self.buffers:
             buffer.launch_param_gather()
         if not self.optim_cfg.overlap_param_gather:
             self.finish_param_sync()
         return stats
+
+    def apply_update(self, grads, clip_coef) -> None:
+        """The inner step on gradients scaled by clip_coef (None: unscaled). torch's fused
+        Adam/AdamW divides each gradient by `grad_scale` inside its kernel, which saves a pass
+        over all fp32 gradients; other optimizers get the scaling as its own pass."""
+        fused_adam = isinstance(self.inner, (torch.optim.Adam, torch.optim.AdamW)) and self.inner.defaults.get("fused")
+        if clip_coef is None:
+            self.inner.step()
+        elif fused_adam:
+            self.inner.grad_scale = clip_coef.reciprocal()
+            try:
+                self.inner.step()
+            finally:
+                del self.inner.grad_scale
+        else:
+            torch._foreach_mul_(grads, clip_coef)
+            self.inner.step()
 
     def grad_norm(self) -> torch.Tensor:
         """Each element once: this rank's pieces (its DP shard when sharded), TP-replicated

@@ -1,9 +1,16 @@
-"""Elementwise pieces of the layer (RoPE, SwiGLU) fused by torch.compile on CUDA.
+"""Elementwise pieces of the layer (QKV split + RoPE, SwiGLU) fused by torch.compile on CUDA.
 
 Eager, RoPE is five kernels per tensor (two muls, a split, a negation, a concatenation) and
 SwiGLU three, each a full pass over the activations, forward and again backward: on an H100
 that was about a fifth of a llama-1.3b step. Compiled, each becomes one kernel per pass. CPU
 runs the eager code, which is also what the compiled version is checked against.
+
+The QKV split and RoPE are one function so that their backward is one kernel too: it reads
+the q/k/v gradients and writes the fused qkv gradient directly (split's backward would
+otherwise be a separate concatenation). RoPE runs on the [s, b, n, d] layout of the qkv
+projection, so q/k/v reach attention as [b, n, s, d] views of [s, b, n, d] memory; cuDNN and
+flash attention take those strides as they are and return their output in the same layout, so
+going back to [s, b, h] after attention is a view, not a copy.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from models.rope import apply_rope
+from models.rope import apply_rope, rope_for_sbnd
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -25,8 +32,25 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def fused_rope(x, cos, sin):
-    return _compiled(apply_rope)(x, cos, sin) if x.is_cuda else apply_rope(x, cos, sin)
+def split_qkv_rope(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """qkv [s, b, (heads + 2 kv_heads) d] -> q [b, heads, s, d], k and v [b, kv_heads, s, d]
+    (views of [s, b, n, d] memory), RoPE applied to q and k when cos/sin are given."""
+    s, b = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k = q.reshape(s, b, heads, head_dim), k.reshape(s, b, kv_heads, head_dim)
+    # A dense v (written in the same kernel pass as q and k): attention would otherwise copy the
+    # strided slice of qkv itself, outside the fused kernel.
+    v = v.reshape(s, b, kv_heads, head_dim).contiguous()
+    if cos is not None:
+        cos, sin = rope_for_sbnd(cos), rope_for_sbnd(sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return tuple(t.permute(1, 2, 0, 3) for t in (q, k, v))
+
+
+def fused_split_qkv_rope(qkv, rope, heads: int, kv_heads: int, head_dim: int):
+    cos, sin = rope if rope is not None else (None, None)
+    fn = _compiled(split_qkv_rope) if qkv.is_cuda else split_qkv_rope
+    return fn(qkv, cos, sin, heads, kv_heads, head_dim)
 
 
 def fused_swiglu(h):

@@ -128,7 +128,7 @@ class GPTModel(nn.Module):
             s, b, h = hidden.shape
             total, _ = linear_cross_entropy(hidden.reshape(s * b, h), weight, labels.t().reshape(-1),
                                             loss_weights.t().reshape(-1), self.tp_group, vocab_start,
-                                            self.cfg.vocab_size)
+                                            self.cfg.vocab_size, sole_use=hasattr(self, "output_weight"))
             return total
         logits = nn.functional.linear(hidden, weight)
         if labels is None:

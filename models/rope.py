@@ -21,9 +21,17 @@ def _rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
+def rope_for_sbnd(table: torch.Tensor) -> torch.Tensor:
+    """cos or sin of rope_cache ([s, d] or [b, s, d]) shaped to broadcast over [s, b, n, d]."""
+    if table.dim() == 3:
+        return table.permute(1, 0, 2).unsqueeze(2)
+    return table[:, None, None, :]
+
+
 def apply_rope(x, cos, sin):
-    """x: [b, n, s, d]; cos/sin: [s, d] or [b, s, d]. Computed in x's dtype with cos/sin cast
-    to it, as Hugging Face's Llama does (bf16 under autocast: no fp32 copies of q and k)."""
+    """x: [b, n, s, d] with cos/sin [s, d] or [b, s, d], or any layout with cos/sin already
+    shaped to broadcast over it (rope_for_sbnd). Computed in x's dtype with cos/sin cast to it,
+    as Hugging Face's Llama does (bf16 under autocast: no fp32 copies of q and k)."""
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)

@@ -11,7 +11,7 @@ from torch import nn
 from models.attention import attend
 from models.config import ModelConfig
 from models.norms import Norm
-from models.fused_elementwise import fused_rope, fused_swiglu
+from models.fused_elementwise import fused_split_qkv_rope, fused_swiglu
 from parallel import comm
 from parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -50,17 +50,9 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, document_ids=None):
         qkv = self.qkv(x)
         s, b = qkv.shape[0], qkv.shape[1]
-        q_size = self.local_heads * self.head_dim
-        kv_size = self.local_kv_heads * self.head_dim
-        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        # [s, b, n*d] -> [b, n, s, d]
-        q = q.reshape(s, b, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
-        k = k.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        v = v.reshape(s, b, self.local_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        if rope is not None:
-            q, k = fused_rope(q, *rope), fused_rope(k, *rope)
+        q, k, v = fused_split_qkv_rope(qkv, rope, self.local_heads, self.local_kv_heads, self.head_dim)
         out = self._attend(q, k, v, document_ids)
-        out = out.permute(2, 0, 1, 3).reshape(s, b, q_size)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
         return self.proj(out)
 
     def _attend(self, q, k, v, document_ids):

@@ -39,32 +39,41 @@ class Piece:
         return self.main.data_ptr() != self.model_view().data_ptr()
 
 
-def owned_pieces(buffer) -> list:
-    """This rank's pieces of `buffer` (a GradBuffer), in buffer order."""
-    pieces = []
+@dataclasses.dataclass
+class MasterShard:
+    """A bucket's shard of the model weights (bf16/fp16) and its fp32 master, both flat, so the
+    post-step copy is one kernel a bucket instead of one a parameter."""
+    model: torch.Tensor
+    master: torch.Tensor
+
+
+def owned_pieces(buffer) -> tuple:
+    """This rank's pieces of `buffer` (a GradBuffer), in buffer order, and the flat master
+    shards their fp32 masters are views of (none when the weights are fp32 themselves)."""
+    pieces, shards = [], []
     for bucket in buffer.buckets:
         shard_start, shard_end = buffer.shard_range(bucket)
+        model_flat = buffer.param_data[shard_start:shard_end]
+        shard = None
+        if model_flat.dtype != torch.float32:
+            shard = MasterShard(model_flat, model_flat.detach().float())
+            shards.append(shard)
         for param in bucket.params:
             p_start, p_end = buffer.param_range(param)
             lo, hi = max(p_start, shard_start), min(p_end, shard_end)
             if lo < hi:
-                pieces.append(_make_piece(buffer.names[param], param, lo - p_start, hi - p_start))
-    return pieces
+                piece = Piece(buffer.names[param], param, lo - p_start, hi - p_start, main=None)
+                view = piece.model_view()
+                # fp32 weights are their own master; bf16/fp16 weights get an fp32 copy (the master).
+                piece.main = view if shard is None else shard.master[lo - shard_start:hi - shard_start].view(view.shape)
+                piece.main.grad = piece.grad_view()
+                pieces.append(piece)
+    return pieces, shards
 
 
-def _make_piece(name, param, start, end) -> Piece:
-    piece = Piece(name, param, start, end, main=None)
-    view = piece.model_view()
-    # fp32 weights are their own master; bf16/fp16 weights get an fp32 copy (the master).
-    piece.main = view if view.dtype == torch.float32 else view.detach().float().clone()
-    piece.main.grad = piece.grad_view()
-    return piece
-
-
-def copy_masters_to_model(pieces) -> None:
-    for piece in pieces:
-        if piece.has_master:
-            piece.model_view().copy_(piece.main)
+def copy_masters_to_model(shards) -> None:
+    for shard in shards:
+        shard.model.copy_(shard.master)
 
 
 def gather_state_by_name(named_params, pieces, inner_state, keys, with_master: bool, dp_group) -> dict:

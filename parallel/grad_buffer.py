@@ -4,7 +4,8 @@ reduced over data parallelism as soon as their gradients are complete.
 Megatron-style: every parameter's `.data` becomes a view into one flat parameter buffer and
 it gains a `main_grad`, a view into one flat fp32 gradient buffer of the same layout. A
 post-accumulate hook adds each fresh `.grad` (bf16, fp16 or fp32) into `main_grad` and frees
-it, so gradients accumulate across micro-batches in fp32. When the last micro-batch's gradient
+it, so gradients accumulate across micro-batches in fp32 (the linears' GEMMs write theirs into
+main_grad directly and flag it, parallel/main_grad_linear.py; the hook then only counts it). When the last micro-batch's gradient
 of every parameter of a bucket has arrived, the hook launches that bucket's asynchronous
 all-reduce (replicated optimizer) or reduce-scatter (sharded optimizer), overlapping the
 communication with the rest of the backward pass. Buckets are padded to a multiple of the DP
@@ -122,7 +123,10 @@ class GradBuffer:
                 raise RuntimeError(
                     f"a gradient of bucket {bucket.index} arrived after the bucket was reduced: this step ran more "
                     f"than the {self.microbatches} backward passes per step the optimizer was built for")
-            param.main_grad.add_(param.grad)
+            if getattr(param, "main_grad_filled", False):
+                param.main_grad_filled = False  # the GEMM already added it (parallel/main_grad_linear.py)
+            else:
+                param.main_grad.add_(param.grad)
             param.grad = None
             bucket.arrived += 1
             if self.overlap and bucket.arrived == bucket.expected_grads and not bucket.deferred:

@@ -66,20 +66,19 @@ def global_grad_norm(grads, reduce_groups, device) -> torch.Tensor:
     The caller passes each gradient element once across those groups: TP-replicated
     parameters only from TP rank 0, and under DP sharding only this rank's shard."""
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    for grad in grads:
-        squares += grad.detach().float().pow(2).sum()
+    if grads:
+        # One multi-tensor kernel for all per-tensor norms instead of three kernels a tensor.
+        norms = torch._foreach_norm([g.detach().float() for g in grads])
+        squares = torch.stack(norms).pow(2).sum()
     for group in reduce_groups:
         comm.all_reduce(squares, group)
     return squares.sqrt()
 
 
-def clip_grads(grads, max_norm: float, total_norm: torch.Tensor) -> bool:
-    """Scale gradients so the global norm is at most max_norm (as torch's clip_grad_norm_);
-    returns whether they were scaled down."""
-    if max_norm <= 0 or not grads:
-        return False
+def clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor | None:
+    """The factor that brings the global norm down to max_norm (as torch's clip_grad_norm_),
+    or None when no clipping is needed (one host sync; the log reads the norm anyway)."""
+    if max_norm <= 0:
+        return None
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    if not bool(coef < 1.0):
-        return False  # one host sync (the log reads the norm anyway) saves a pass over all grads
-    torch._foreach_mul_(grads, coef)
-    return True
+    return coef if bool(coef < 1.0) else None

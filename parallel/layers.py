@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel import comm
+from parallel import comm, main_grad_linear
 from parallel.mappings import (
     copy_to_tp,
     gather_from_sp,
@@ -50,7 +50,7 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             bias_spec = ShardSpec((self.out_features,), 0, out_parts, rank, self.tp)
             self.bias = _param(bias_spec.local_shape(), bias_spec, device, dtype)
-        self.linear_fn = F.linear
+        self.linear_fn = main_grad_linear.linear
 
     def forward(self, x):
         if self.sequence_parallel:
@@ -81,7 +81,7 @@ class RowParallelLinear(nn.Module):
             self.bias = _param((out_features,), ShardSpec((out_features,)), device, dtype)
             if sequence_parallel:
                 mark_sequence_parallel(self.bias)
-        self.linear_fn = F.linear
+        self.linear_fn = main_grad_linear.linear
 
     def forward(self, x):
         y = self.linear_fn(x, self.weight, None)

@@ -7,12 +7,17 @@ the forward pass and immediately turned into the gradients of the hidden states 
 weight. That is possible because the loss is a weighted sum of token losses whose weights
 (loss mask / global token count) are known up front; backward only multiplies by the
 incoming scalar gradient.
+
+The weight gradient of all chunks accumulates in fp32 inside the GEMMs; when the caller says
+the weight is used nowhere else (an untied output layer), the backward adds it straight into
+the weight's main_grad, as the tensor-parallel linears do (parallel/main_grad_linear.py).
 """
 from __future__ import annotations
 
 import torch
 
 from parallel.cross_entropy import softmax_and_loss, subtract_one_hot
+from parallel.main_grad_linear import accumulate_weight_grad, fp32_matmul, fuses_into_main_grad
 
 DEFAULT_CHUNK_TOKENS = 2048
 
@@ -25,7 +30,7 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk):
+    def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk, sole_use):
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
         grad_hidden = torch.empty_like(h)
@@ -40,29 +45,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[rows] = (dlogits @ w).to(grad_hidden.dtype)
                 # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul);
                 # an fp32 matmul here would cost more than the rest of the output layer.
-                grad_weight += dlogits.t() @ h[rows]
+                accumulate_weight_grad(grad_weight, dlogits, h[rows])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.weight = weight if sole_use and fuses_into_main_grad(weight, dtype) else None
         return (token_loss * token_weights).sum(), token_loss
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_token_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden * grad_sum).to(hidden_dtype), (grad_weight * grad_sum).to(weight_dtype),
-                None, None, None, None, None, None)
+        if ctx.weight is not None:
+            ctx.weight.main_grad.addcmul_(grad_weight, grad_sum)
+            ctx.weight.main_grad_filled = True
+            grad_weight = torch.empty_like(ctx.weight)  # never read: the buffer's hook skips it
+        else:
+            grad_weight = (grad_weight * grad_sum).to(weight_dtype)
+        return (grad_hidden * grad_sum).to(hidden_dtype), grad_weight, None, None, None, None, None, None, None
 
 
 def _chunk_loss_and_grad(h, w, labels, token_weights, group, vocab_start, vocab_size):
     """Token losses of one chunk and d(sum weights*loss)/d(logits), both fp32."""
-    probs, loss, index, outside = softmax_and_loss((h @ w.t()).float(), labels, group, vocab_start, vocab_size)
+    probs, loss, index, outside = softmax_and_loss(fp32_matmul(h, w.t()), labels, group, vocab_start, vocab_size)
     dlogits = subtract_one_hot(probs, index, outside)
     return dlogits.mul_(token_weights.float().unsqueeze(-1)), loss
 
 
 def linear_cross_entropy(hidden, weight, labels, token_weights, group, vocab_start: int, vocab_size: int,
-                         chunk: int = DEFAULT_CHUNK_TOKENS):
+                         chunk: int = DEFAULT_CHUNK_TOKENS, sole_use: bool = False):
     """(sum over tokens of weight x loss, per-token losses) for hidden [T, h], weight [v/tp, h],
     labels and token_weights [T]; `hidden` must already be the TP-replicated input (its
-    gradient is this rank's partial sum, reduced by the caller's copy-to-TP mapping)."""
-    return _LinearCrossEntropy.apply(hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk)
+    gradient is this rank's partial sum, reduced by the caller's copy-to-TP mapping).
+    sole_use: the weight gets no other gradient in this backward (not a tied embedding), so
+    its gradient may go straight into its main_grad."""
+    return _LinearCrossEntropy.apply(hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk,
+                                     sole_use)

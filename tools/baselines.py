@@ -102,13 +102,16 @@ def build_baseline(name: str, cfg, device):
     return model
 
 
-def baseline_step_fn(model, device):
+def baseline_step_fn(model, device, accumulation: int = 1):
+    """One optimizer step over `accumulation` micro-batches (the same one each time: this is for
+    timing), the loss of each divided by their number as gradient accumulation does."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step(tokens, labels):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(tokens, labels)
-        loss.backward()
+        for _ in range(accumulation):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(tokens, labels) / accumulation
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()

@@ -5,7 +5,9 @@
 
 Warm-up steps are excluded from the timing. `--baselines` also times, in the same launch and
 on the same GPU (single process only), a plain-PyTorch model of the same shape (eager and
-torch.compile) and Hugging Face LlamaForCausalLM, and reports Trellis's ratio to each.
+torch.compile) and Hugging Face LlamaForCausalLM, and reports Trellis's ratio to each. With
+`--global-batch` larger than the micro-batch, every stack accumulates gradients over the same
+number of micro-batches per optimizer step, as a training run does.
 Extra `--section.key value` arguments go to the Trellis configuration unchanged.
 """
 from __future__ import annotations
@@ -103,11 +105,12 @@ def run_baseline(name, cfg, args, device, peak):
 
     torch.manual_seed(0)
     model = build_baseline(name, cfg.model, device)
-    step = baseline_step_fn(model, device)
+    accumulation = cfg.train.global_batch_size // args.micro_batch
+    step = baseline_step_fn(model, device, accumulation)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq + 1), device=device)
     times, mem = timed_steps(lambda: step(tokens[:, :-1], tokens[:, 1:]), args.warmup, args.steps, device)
     del model, step
-    return summarise(name, times, args.micro_batch * args.seq, cfg.model.flops_per_token(), 1, peak, mem)
+    return summarise(name, times, cfg.train.global_batch_size * args.seq, cfg.model.flops_per_token(), 1, peak, mem)
 
 
 def print_table(rows):
