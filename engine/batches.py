@@ -84,12 +84,39 @@ def collate(items, device) -> dict:
 
 def step_microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                       device) -> list:
-    """This DP rank's micro-batches for training step `step`."""
+    """This DP rank's micro-batches for training step `step` (every step of size global_batch)."""
+    return sample_microbatches(dataset, step * global_batch, global_batch, micro_batch, dp_rank, dp_size, device)
+
+
+def sample_microbatches(dataset, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int,
+                        dp_size: int, device) -> list:
+    """This DP rank's micro-batches of the global batch [first_sample, first_sample + global_batch)."""
     per_rank = global_batch // dp_size
-    start = step * global_batch + dp_rank * per_rank
+    start = first_sample + dp_rank * per_rank
     if start + per_rank > len(dataset):
-        raise IndexError(f"step {step} needs sample {start + per_rank - 1} but the dataset has {len(dataset)}")
+        raise IndexError(f"samples up to {start + per_rank - 1} are needed but the dataset has {len(dataset)}")
     return [
         collate([dataset[i] for i in range(first, first + micro_batch)], device)
         for first in range(start, start + per_rank, micro_batch)
     ]
+
+
+class BatchRamp:
+    """The global batch size as a function of consumed samples (Megatron's
+    --rampup-batch-size start increment samples): it starts at `start` and grows by `increment`
+    after every samples / ((global - start) / increment) consumed samples, then stays at
+    `global_batch`. Without a ramp it is always `global_batch`. Steps then consume different
+    numbers of samples, so the loop tracks consumed samples (saved in checkpoints) and reads
+    the batch [consumed, consumed + batch)."""
+
+    def __init__(self, global_batch: int, ramp=()):
+        self.global_batch = global_batch
+        self.start, self.increment, self.samples = ramp if ramp else (global_batch, 1, 0)
+
+    def batch_at(self, consumed_samples: int) -> int:
+        if self.start >= self.global_batch:
+            return self.global_batch
+        increments = (self.global_batch - self.start) // self.increment
+        samples_per_increment = self.samples / increments
+        done = int(consumed_samples / samples_per_increment)
+        return min(self.global_batch, self.start + done * self.increment)

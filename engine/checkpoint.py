@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint_state import model_entries, optimizer_entries, optimizer_load_targets
+from engine.config import ADAPTER_METHODS
 from engine.launch import UserError
 
 META_FILE = "trellis.json"
@@ -146,6 +147,9 @@ def stored_shapes(step_dir: str) -> dict:
 def check_keys(step_dir: str, entries: dict, shapes: dict) -> None:
     """Fail with one sentence before DCP does with a page: a missing key or a wrong shape."""
     missing = [key for key in entries if key not in shapes]
+    if missing and all(".lora_" in key for key in missing):
+        raise CheckpointError(f"checkpoint {step_dir} holds no LoRA adapters (it is a model): to fine-tune it with "
+                              f"adapters give it as --finetune.base {step_dir}")
     if missing:
         raise CheckpointError(f"checkpoint {step_dir} lacks {len(missing)} tensor(s) this model needs, "
                               f"e.g. {missing[0]}; it was saved for another model")
@@ -211,10 +215,17 @@ def jsonable(value):
     raise TypeError(f"cannot store {type(value).__name__} in {META_FILE}")
 
 
+def trainable_only(trainer) -> bool:
+    """LoRA/QLoRA checkpoints keep only what trains (the adapters): the frozen base comes from
+    finetune.base (or, without one, from the seeded initialisation) on every load."""
+    return trainer.cfg.finetune.method in ADAPTER_METHODS
+
+
 def run_meta(trainer, contents: list) -> dict:
     scaler = getattr(trainer.optimizer, "scaler", None)
     return {
         "format": FORMAT, "version": 1, "step": trainer.step, "contents": contents,
+        "trainable_only": trainable_only(trainer), "consumed_samples": trainer.consumed_samples,
         "layout": layout_of(trainer.grid), "padded_vocab": trainer.model_chunks[0].padded_vocab,
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -231,11 +242,37 @@ def per_parameter(param_state: dict) -> dict:
 
 def training_entries(trainer) -> dict:
     tp_mesh = trainer.grid.mesh["tp"]
-    entries = model_entries(trainer.model_chunks, tp_mesh, for_load=False)
+    entries = model_entries(trainer.model_chunks, tp_mesh, for_load=False, trainable_only=trainable_only(trainer))
     entries.update(optimizer_entries(trainer.model_chunks, tp_mesh, per_parameter(trainer.optimizer.param_state_by_name()),
                                      for_load=False))
     entries.update(rng_entries(trainer))
+    entries.update(rank_local_entries(trainer))
     return entries
+
+
+def rank_local_prefix(grid) -> str:
+    """Optimizer state tied to one TP shard (GaLore's projections) is keyed by the TP place, so
+    it is restored only at the same TP size (DP replicas share a key and one copy is written)."""
+    return f"optim_local.tp{grid.tp_rank}of{grid.tp}."
+
+
+def rank_local_entries(trainer, shapes: dict | None = None) -> dict:
+    """Entries of this rank's rank-local optimizer state: the live tensors to save, or (given
+    the checkpoint's `shapes`) zeros for the ones the checkpoint holds, to load."""
+    prefix = rank_local_prefix(trainer.grid)
+    if shapes is None:
+        tensors = {prefix + key: value for key, value in trainer.optimizer.rank_local_state().items()}
+    else:
+        tensors = {key: torch.zeros(shape) for key, shape in shapes.items() if key.startswith(prefix)}
+    return {key: (tensor, [tensor]) for key, tensor in tensors.items()}
+
+
+def restore_rank_local(trainer, entries: dict) -> None:
+    prefix = len(rank_local_prefix(trainer.grid))
+    restored = trainer.optimizer.load_rank_local_state({key[prefix:]: t for key, (t, _) in entries.items()})
+    if trainer.optimizer.has_rank_local_state() and trainer.optimizer.steps_taken and not restored:
+        announce(trainer, "checkpoint: no GaLore projections for this tensor-parallel place (saved at another TP "
+                          "size, or by another optimizer); they restart (new bases, zero moments) at the next step")
 
 
 # ---- save ---------------------------------------------------------------------------------------------
@@ -322,6 +359,30 @@ def restore_rng(trainer, meta: dict, shapes: dict) -> None:
                           f"generators re-seeded from train.seed + step, so dropout masks differ from the original run")
 
 
+def check_same_base(step_dir: str, meta: dict, base: str) -> None:
+    """An adapters-only checkpoint resumes on the base it was trained on: a missing or extra
+    finetune.base would silently put the adapters on other weights."""
+    if not meta.get("trainable_only"):
+        return
+    saved_base = meta.get("config", {}).get("finetune", {}).get("base", "")
+    if saved_base and not base:
+        raise CheckpointError(f"checkpoint {step_dir} holds only adapters, trained on the base {saved_base}; "
+                              f"resume with --finetune.base {saved_base}")
+    if base and not saved_base:
+        raise CheckpointError(f"checkpoint {step_dir} holds adapters trained on the seeded random base (its run had "
+                              "no finetune.base); resume without --finetune.base")
+
+
+def load_pretrained(trainer, root: str) -> None:
+    """finetune.base: the pretrained weights a fine-tune starts from, read before adapters or
+    NF4 bases exist (so every parameter of the model is a base weight)."""
+    meta = read_meta(resolve_step_dir(root, -1))
+    if meta.get("trainable_only"):
+        raise CheckpointError(f"finetune.base {root} holds only the adapters of a fine-tune, not a model; give the "
+                              "pretrained model (or merge the adapters into it with tools/merge_lora.py)")
+    load_checkpoint(trainer, root, model_only=True)
+
+
 def load_checkpoint(trainer, root: str, step: int = -1, model_only: bool = False) -> int:
     """Restore model (and, when saved and not model_only, optimizer, schedule, scaler, RNG and
     step) at this rank's layout; collective. Returns the step to continue from. model_only
@@ -331,24 +392,30 @@ def load_checkpoint(trainer, root: str, step: int = -1, model_only: bool = False
     meta = read_meta(step_dir)
     meta["_dir"] = step_dir
     check_same_model(step_dir, meta, trainer.cfg.model, trainer.grid.tp)
+    if not model_only:
+        check_same_base(step_dir, meta, trainer.cfg.finetune.base)
     shapes = stored_shapes(step_dir)
     chunks, tp_mesh = trainer.model_chunks, trainer.grid.mesh["tp"]
-    entries = model_entries(chunks, tp_mesh, for_load=True)
+    entries = model_entries(chunks, tp_mesh, for_load=True, trainable_only=trainable_only(trainer) and not model_only)
     optim_targets = optimizer_load_targets(chunks, shapes) if "optimizer" in meta["contents"] and not model_only else {}
     entries.update(optimizer_entries(chunks, tp_mesh, optim_targets, for_load=True))
     check_keys(step_dir, entries, shapes)
-    read_entries(step_dir, entries)
+    local = rank_local_entries(trainer, shapes) if "optimizer" in meta["contents"] and not model_only else {}
+    read_entries(step_dir, {**entries, **local})
     if optim_targets:
         trainer.optimizer.load_param_state_by_name({**optim_targets, "__step__": meta.get("optimizer_steps", 0)})
+    if local or (optim_targets and trainer.optimizer.has_rank_local_state()):
+        restore_rank_local(trainer, local)
     if model_only:
         announce(trainer, f"checkpoint: loaded the weights of {step_dir} (model only) in {time.perf_counter() - start:.2f}s")
-        return trainer.step
+        return 0  # a fine-tune starts at step 0
     if "trainer" in meta["contents"]:
         trainer.scheduler.load_state_dict(meta["scheduler"])
         scaler = getattr(trainer.optimizer, "scaler", None)
         if scaler is not None and meta.get("scaler") is not None:
             scaler.load_state_dict(meta["scaler"])
         trainer.step = int(meta["step"])
+        trainer.consumed_samples = int(meta.get("consumed_samples", trainer.step * trainer.cfg.train.global_batch_size))
     restore_rng(trainer, meta, shapes)
     announce(trainer, f"checkpoint: loaded {step_dir} ({', '.join(meta['contents'])}; saved at layout "
                       f"{meta['layout']}) in {time.perf_counter() - start:.2f}s")

@@ -98,8 +98,13 @@ def sharded_entries(chunks, tp_mesh, prefix: str, tensor_of, include_mirrors: bo
     return entries
 
 
-def model_entries(chunks, tp_mesh, for_load: bool) -> dict:
-    return sharded_entries(chunks, tp_mesh, "model.", lambda name, p: p.detach(), include_mirrors=for_load)
+def model_entries(chunks, tp_mesh, for_load: bool, trainable_only: bool = False) -> dict:
+    """Parameters under `model.<key>`; trainable_only leaves out frozen ones (a LoRA run's base,
+    which is loaded from finetune.base instead)."""
+    def tensor_of(name, param):
+        return param.detach() if param.requires_grad or not trainable_only else None
+
+    return sharded_entries(chunks, tp_mesh, "model.", tensor_of, include_mirrors=for_load)
 
 
 def optimizer_entries(chunks, tp_mesh, param_state: dict, for_load: bool) -> dict:

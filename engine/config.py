@@ -17,7 +17,7 @@ from models.pipeline_split import stage_layer_counts
 from parallel.grid import GridError, check_layout
 
 
-OPTIMIZERS = ("adamw", "lion", "sgd", "adafactor")
+OPTIMIZERS = ("adamw", "lion", "sgd", "adafactor", "galore_adamw")
 
 
 class ConfigError(UserError):
@@ -63,6 +63,9 @@ class TrainConfig:
     early_stop_patience: int = 0  # stop after this many evaluations without a new best val_loss (0: off)
     spike_factor: float = 0.0  # skip a step whose loss exceeds this x the running mean of recent losses (0: off)
     spike_max_skips: int = 3  # stop the run after this many spike-skipped steps in a row
+    # Batch-size ramp-up (Megatron's --rampup-batch-size): start increment samples; the global batch
+    # grows from start by increment, reaching global_batch_size after `samples` consumed samples.
+    batch_ramp: typing.List[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -100,7 +103,7 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class OptimConfig:
     """The optimizer, its data-parallel sharding and fp16 loss scaling (docs/optimizer.md)."""
-    name: str = "adamw"  # adamw | lion | sgd | adafactor (betas from train.adam_beta1/2)
+    name: str = "adamw"  # adamw | lion | sgd | adafactor | galore_adamw (betas from train.adam_beta1/2)
     shard: bool = False  # distributed optimizer: fp32 master weights and state split over DP ranks
     bucket_mb: float = 40.0  # gradient bucket size in MiB of fp32 gradients
     overlap_grad_reduce: bool = True  # start a bucket's reduction from the backward hooks
@@ -110,22 +113,31 @@ class OptimConfig:
     min_scale: float = 1.0
     growth_interval: int = 1000  # clean steps before the scale doubles
     hysteresis: int = 2  # overflowing steps before the scale halves
+    layer_lr_decay: float = 1.0  # layer i of L trains at lr x d^(L-i), embeddings d^(L+1), head 1 (1: off)
+    galore_rank: int = 128  # galore_adamw: rank of the gradient projection
+    galore_update_interval: int = 200  # steps between projection refreshes (SVD of the gradient)
+    galore_scale: float = 0.25  # factor on the projected-back update (the paper's alpha)
+    galore_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["layers.*"])  # 2-D weights projected
 
 
-FINETUNE_METHODS = ("none", "lora")
+FINETUNE_METHODS = ("none", "lora", "qlora")
+ADAPTER_METHODS = ("lora", "qlora")
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
     """Parameter-efficient fine-tuning (docs/finetuning.md). LoRA freezes the base model and
-    trains low-rank adapters on the targeted linears."""
-    method: str = "none"  # none | lora
+    trains low-rank adapters on the targeted linears; QLoRA also stores the base in NF4."""
+    method: str = "none"  # none | lora | qlora
+    base: str = ""  # pretrained checkpoint to start from (weights only); checkpoint.load then resumes this run
     lora_rank: int = 8
     lora_alpha: float = 16.0  # update scale alpha / rank (alpha / sqrt(rank) with lora_rslora)
     lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_rslora: bool = False
     # fnmatch patterns over linear names (layers.*.attn.qkv) or aliases q k v o gate up down
     lora_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o"])
+    qlora_double_quant: bool = True  # NF4 block scales stored in int8 (0.516 instead of 0.5625 bytes per weight)
+    qlora_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["*"])  # linears kept in NF4 (fnmatch)
 
 
 @dataclasses.dataclass
@@ -292,8 +304,9 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
     validate_pipeline(cfg, dp)
+    validate_batch_ramp(cfg, dp)
     validate_optim(cfg.optim)
-    validate_finetune(cfg.finetune, t.precision)
+    validate_finetune(cfg)
     validate_objective(cfg)
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
@@ -343,24 +356,57 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
              f"{cfg.model.seq_length} must be divisible by parallel.tp={p.tp} under sequence parallelism")
 
 
-def validate_finetune(f: FinetuneConfig, precision: str) -> None:
+def validate_batch_ramp(cfg: Config, dp: int) -> None:
+    """Every global batch of the ramp must split into whole micro-batches on every DP rank
+    (and into a multiple of the pipeline depth for the interleaved schedule)."""
+    t, p = cfg.train, cfg.parallel
+    if not t.batch_ramp:
+        return
+    key = "train.batch_ramp"
+    _require(len(t.batch_ramp) == 3, key, f"give start increment samples (e.g. 8 8 10000), got {t.batch_ramp}")
+    start, increment, samples = t.batch_ramp
+    unit = t.micro_batch_size * dp
+    _require(start > 0 and increment > 0 and samples > 0, key, f"start, increment and samples must be positive, got {t.batch_ramp}")
+    _require(start % unit == 0 and increment % unit == 0, key,
+             f"start {start} and increment {increment} must be multiples of train.micro_batch_size x data-parallel "
+             f"size = {t.micro_batch_size} x {dp}")
+    _require(start < t.global_batch_size and (t.global_batch_size - start) % increment == 0, key,
+             f"start {start} plus whole increments of {increment} must reach train.global_batch_size "
+             f"{t.global_batch_size}")
+    _require(p.vpp == 1 or (start // unit % p.pp == 0 and increment // unit % p.pp == 0), key,
+             f"the interleaved schedule needs every step's micro-batch count to be a multiple of parallel.pp={p.pp}")
+
+
+def validate_finetune(cfg: Config) -> None:
+    f, c = cfg.finetune, cfg.checkpoint
     _require(f.method in FINETUNE_METHODS, "finetune.method",
              f"must be one of {', '.join(FINETUNE_METHODS)}; got {f.method!r}")
-    if f.method != "lora":
+    _require(not f.base or os.path.isdir(f.base), "finetune.base", f"directory {f.base!r} does not exist")
+    _require(not (f.base and c.load_model_only), "checkpoint.load_model_only",
+             "finetune.base already gives the pretrained weights; checkpoint.load then resumes this run, "
+             "so leave checkpoint.load_model_only false")
+    if f.method not in ADAPTER_METHODS:
         return
+    _require(not c.load_model_only, "checkpoint.load_model_only",
+             f"finetune.method {f.method} takes its pretrained weights from finetune.base (adapters are new); "
+             "use --finetune.base DIR")
     _require(f.lora_rank >= 1, "finetune.lora_rank", f"must be at least 1, got {f.lora_rank}")
     _require(f.lora_alpha > 0, "finetune.lora_alpha", f"must be positive, got {f.lora_alpha}")
     _require(0 <= f.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {f.lora_dropout}")
     _require(bool(f.lora_targets), "finetune.lora_targets",
              "give at least one module pattern (layers.*.attn.qkv) or alias (q k v o gate up down)")
+    _require(f.method != "qlora" or bool(f.qlora_targets), "finetune.qlora_targets",
+             "give at least one linear-name pattern (* for every tensor-parallel linear)")
     # FP8 replaces every linear's linear_fn after the model is built, which would drop the adapters.
-    _require(precision != "fp8", "train.precision", "fp8 is not available with finetune.method lora; use bf16")
+    _require(cfg.train.precision != "fp8", "train.precision", f"fp8 is not available with finetune.method {f.method}; use bf16")
+    _require(cfg.optim.name != "galore_adamw", "optim.name",
+             f"galore_adamw is for full fine-tuning; finetune.method {f.method} trains only small adapters, use adamw")
 
 
 def validate_optim(o: OptimConfig) -> None:
     _require(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}; got {o.name!r}")
-    _require(not (o.shard and o.name == "adafactor"), "optim.shard",
-             "adafactor factors whole matrices and cannot be sharded over data-parallel ranks; use false")
+    _require(not (o.shard and o.name in ("adafactor", "galore_adamw")), "optim.shard",
+             f"{o.name} works on whole matrices and cannot be sharded over data-parallel ranks; use false")
     _require(o.bucket_mb > 0, "optim.bucket_mb", f"must be positive, got {o.bucket_mb}")
     _require(not o.overlap_param_gather or o.shard, "optim.overlap_param_gather",
              "only applies to the sharded optimizer; set optim.shard true or leave it false")
@@ -370,6 +416,11 @@ def validate_optim(o: OptimConfig) -> None:
              f"must be at least optim.min_scale = {o.min_scale}, got {o.initial_scale}")
     _require(o.growth_interval >= 1, "optim.growth_interval", f"must be at least 1, got {o.growth_interval}")
     _require(o.hysteresis >= 1, "optim.hysteresis", f"must be at least 1, got {o.hysteresis}")
+    _require(0 < o.layer_lr_decay <= 1, "optim.layer_lr_decay", f"must be in (0, 1] (1: off), got {o.layer_lr_decay}")
+    _require(o.galore_rank >= 1, "optim.galore_rank", f"must be at least 1, got {o.galore_rank}")
+    _require(o.galore_update_interval >= 1, "optim.galore_update_interval",
+             f"must be at least 1, got {o.galore_update_interval}")
+    _require(o.galore_scale > 0, "optim.galore_scale", f"must be positive, got {o.galore_scale}")
 
 
 def describe_keys() -> str:

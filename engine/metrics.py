@@ -85,10 +85,12 @@ class Throughput:
         self.world_size, self.peak = world_size, peak_tflops
         self.start = time.perf_counter()
 
-    def lap(self) -> tuple:
+    def lap(self, tokens: int | None = None) -> tuple:
+        """(seconds, tokens/s, MFU) since the last lap; `tokens` when this step's batch differs
+        from the configured one (batch ramp-up)."""
         now = time.perf_counter()
         elapsed, self.start = now - self.start, now
-        tokens_per_s = self.tokens_per_step / elapsed
+        tokens_per_s = (self.tokens_per_step if tokens is None else tokens) / elapsed
         mfu = None
         if self.peak:
             mfu = tokens_per_s * self.flops_per_token / (self.world_size * self.peak * 1e12)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from engine.config import OptimConfig
+from engine.galore import GaLoreAdamW, galore_options
 from engine.lion import Lion
 from engine.loss_scaler import DynamicLossScaler
 from engine.precision import param_dtype, resolve_precision
@@ -22,9 +23,10 @@ from parallel.grad_buffer import GradBuffer
 from parallel.gradients import clip_coefficient, global_grad_norm, is_counted_on_this_rank, reduce_sequence_parallel_grads
 
 # Per-element state of each optimizer (what param_state_by_name gathers over DP).
+# GaLore's projected weights are excluded here: their state is per TP shard (rank_local_state).
 ELEMENT_STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",), "sgd": ("momentum_buffer",),
-                      "adafactor": ()}
-STEP_COUNTED = ("adamw", "adafactor")  # torch keeps a per-tensor "step" for these
+                      "adafactor": (), "galore_adamw": ("exp_avg", "exp_avg_sq")}
+STEP_COUNTED = ("adamw", "adafactor", "galore_adamw")  # a per-tensor "step" is kept for these
 
 
 def is_decayed(name: str, param) -> bool:
@@ -32,11 +34,21 @@ def is_decayed(name: str, param) -> bool:
     return param.dim() >= 2 and "norm" not in name
 
 
-def param_groups(pieces, weight_decay: float) -> list:
-    decay = [p.main for p in pieces if is_decayed(p.name, p.param)]
-    no_decay = [p.main for p in pieces if not is_decayed(p.name, p.param)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def param_groups(pieces, weight_decay: float, options_of=None) -> list:
+    """Pieces grouped by their options: weight decay (matrices only), the parameter's
+    `lr_scale` (layer-wise LR decay, applied by the LR scheduler) and whatever `options_of(piece)`
+    adds (GaLore's projection)."""
+    groups = {}
+    for decayed in (True, False):  # decayed groups first
+        for piece in pieces:
+            if is_decayed(piece.name, piece.param) != decayed:
+                continue
+            options = {"weight_decay": weight_decay if decayed else 0.0}
+            if hasattr(piece.param, "lr_scale"):
+                options["lr_scale"] = piece.param.lr_scale
+            options.update(options_of(piece) if options_of else {})
+            groups.setdefault(tuple(sorted(options.items())), {"params": [], **options})["params"].append(piece.main)
+    return list(groups.values())
 
 
 def build_torch_optimizer(groups, train_cfg, optim_cfg: OptimConfig, device: torch.device):
@@ -49,6 +61,9 @@ def build_torch_optimizer(groups, train_cfg, optim_cfg: OptimConfig, device: tor
         return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=optim_cfg.momentum, foreach=True)
     if optim_cfg.name == "lion":
         return Lion(groups, lr=train_cfg.lr, betas=betas)
+    if optim_cfg.name == "galore_adamw":
+        return GaLoreAdamW(groups, lr=train_cfg.lr, betas=betas, eps=train_cfg.adam_eps,
+                           update_interval=optim_cfg.galore_update_interval, scale=optim_cfg.galore_scale)
     return torch.optim.Adafactor(groups, lr=train_cfg.lr, foreach=True)
 
 
@@ -67,7 +82,9 @@ class TrainingOptimizer:
         self.master_shards = [shard for _, shards in owned for shard in shards]
         self.pieces = [piece for pieces in self.pieces_by_buffer for piece in pieces]
         self.params = [p for named in self.named_by_chunk for _, p in named]
-        self.inner = build_torch_optimizer(param_groups(self.pieces, train_cfg.weight_decay), train_cfg, optim_cfg, device)
+        options_of = galore_options(optim_cfg) if optim_cfg.name == "galore_adamw" else None
+        groups = param_groups(self.pieces, train_cfg.weight_decay, options_of)
+        self.inner = build_torch_optimizer(groups, train_cfg, optim_cfg, device)
         self.scaler = None
         if self.precision == "fp16":
             o = optim_cfg
@@ -84,6 +101,11 @@ class TrainingOptimizer:
     def zero_grad(self) -> None:
         for buffer in self.buffers:
             buffer.zero_grad()
+
+    def set_microbatches(self, count: int) -> None:
+        """Backward passes in the coming step (changes during a batch ramp-up)."""
+        for buffer in self.buffers:
+            buffer.set_microbatches(count)
 
     def discard_grads(self) -> None:
         """Drop this step's gradients without an update (loss-spike guard). Reductions the
@@ -153,8 +175,11 @@ class TrainingOptimizer:
 
     def state_bytes(self) -> int:
         """Optimizer state plus fp32 master copies held by this rank."""
-        state = sum(v.nbytes for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v))
-        return state + sum(p.main.nbytes for p in self.pieces if p.has_master)
+        return self.inner_state_bytes() + sum(p.main.nbytes for p in self.pieces if p.has_master)
+
+    def inner_state_bytes(self) -> int:
+        """Bytes of the optimizer's own state on this rank (moments, GaLore bases; not masters)."""
+        return sum(v.nbytes for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v))
 
     # ---- overlapped parameter all-gather -------------------------------------------------
     def _wait_for_params_before_forward(self, model_chunks) -> None:
@@ -184,6 +209,7 @@ class TrainingOptimizer:
         dp_group = self.grid.dp_group if self.sharded else None
         state = {}
         for named, pieces in zip(self.named_by_chunk, self.pieces_by_buffer):
+            named, pieces = self.layout_free(named, pieces)
             state.update(gather_state_by_name(named, pieces, self.inner.state, keys, with_master, dp_group))
         state["__step__"] = self.steps_taken
         if self.scaler:
@@ -205,7 +231,32 @@ class TrainingOptimizer:
             if piece.has_master:
                 piece.main.copy_(piece.model_view())
         by_name = {k: v for k, v in state.items() if not k.startswith("__")}
-        load_state_by_name(self.pieces, self.inner.state, by_name, step_state)
+        for named, pieces in zip(self.named_by_chunk, self.pieces_by_buffer):
+            load_state_by_name(self.layout_free(named, pieces)[1], self.inner.state, by_name, step_state)
+
+    # ---- state that belongs to one TP shard (GaLore's projections) --------------------------
+    def piece_names(self) -> dict:
+        return {id(piece.main): piece.name for piece in self.pieces}
+
+    def layout_free(self, named, pieces) -> tuple:
+        """(named, pieces) without the parameters whose state is rank-local."""
+        local = {id(p) for p in getattr(self.inner, "projected_params", list)()}
+        local_names = {piece.name for piece in pieces if id(piece.main) in local}
+        return [(n, p) for n, p in named if n not in local_names], [p for p in pieces if p.name not in local_names]
+
+    def rank_local_state(self) -> dict:
+        """{"<param name>.<state>": tensor} of state kept in a basis of this rank's shard (GaLore's
+        projected moments and bases): meaningful only at the same TP layout."""
+        projected_state = getattr(self.inner, "projected_state", None)
+        return projected_state(self.piece_names()) if projected_state else {}
+
+    def load_rank_local_state(self, tensors: dict) -> int:
+        """Restore what rank_local_state returned; returns how many parameters got it back."""
+        load = getattr(self.inner, "load_projected_state", None)
+        return load(self.piece_names(), tensors, self.steps_taken) if load else 0
+
+    def has_rank_local_state(self) -> bool:
+        return bool(getattr(self.inner, "projected_params", list)())
 
     def state_dict(self) -> dict:
         """This rank's own state (its shard when sharded), for same-layout resumes."""

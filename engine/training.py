@@ -9,15 +9,15 @@ import os
 import torch
 import torch.distributed as dist
 
-from engine.batches import MockDataset, step_microbatches
-from engine.checkpoint import load_checkpoint, save_checkpoint, save_due
-from engine.config import Config, ConfigError
+from engine.batches import BatchRamp, MockDataset, sample_microbatches, step_microbatches
+from engine.checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_due
+from engine.config import ADAPTER_METHODS, Config, ConfigError
 from engine.launch import RunMonitor, inject_test_failure
 from engine.lr_schedule import LRScheduler
 from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_memory_gib
 from engine.optimizer import build_optimizer
 from engine.precision import autocast_context, param_dtype, resolve_precision
-from engine.training_controls import EarlyStopper, SpikeGuard, freeze_parameters
+from engine.training_controls import EarlyStopper, SpikeGuard, apply_layer_lr_decay, freeze_parameters
 from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
 from models.transformer import lora_aliases
@@ -25,6 +25,7 @@ from parallel import comm
 from parallel.fp8 import enable_fp8
 from parallel.grid import ProcessGrid, build_grid, init_distributed
 from parallel.lora import apply_lora
+from parallel.nf4 import enable_nf4
 from parallel.pipeline.embedding_sync import all_reduce_tied_embedding_grads, build_embedding_group
 from parallel.pipeline.p2p import PipelineCommunicator
 from parallel.pipeline.schedules import run_schedule
@@ -70,11 +71,13 @@ class Trainer:
         self.rng = RNGTracker(device)
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
         precision = resolve_precision(cfg.train.precision, device)
-        self.model_chunks = [chunk.to(param_dtype(precision)) for chunk in self.build_model()]
+        self.model_chunks = self.build_model(param_dtype(precision))
         if precision == "fp8":
             for chunk in self.model_chunks:
                 enable_fp8(chunk)
+        self.prepare_finetune()
         self.frozen = freeze_parameters(self.model_chunks, cfg.train.freeze)  # before the optimizer takes the trainable ones
+        apply_layer_lr_decay(self.model_chunks, cfg.optim.layer_lr_decay, cfg.model.num_layers)
         self.pipeline_tracer = build_tracer(cfg.log.pipeline_trace, self.grid.rank, device)
         self.pipeline_comm = self.build_pipeline_communicator()
         self.embedding_group = self.build_embedding_group()
@@ -84,6 +87,8 @@ class Trainer:
         self.autocast = autocast_context(precision, device)
         self.train_data, self.valid_data = build_datasets(cfg, self.grid)
         self.step = 0
+        self.batch_ramp = BatchRamp(cfg.train.global_batch_size, cfg.train.batch_ramp)
+        self.consumed_samples = 0  # training samples read so far (with a batch ramp, not step x global batch)
         self.spike_guard = SpikeGuard(cfg.train.spike_factor, cfg.train.spike_max_skips)
         self.early_stopper = EarlyStopper(cfg.train.early_stop_patience)
         self.logger = MetricsLogger(cfg.train.output_dir, self.grid.is_logging_rank, cfg.log.quiet, cfg.log.tensorboard)
@@ -93,19 +98,20 @@ class Trainer:
         if cfg.checkpoint.load:
             load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step, cfg.checkpoint.load_model_only)
 
-    def build_model(self) -> list:
+    def build_model(self, dtype=torch.float32) -> list:
         """This rank's model chunks, one per virtual pipeline stage: chunk c is model stage
-        c * pp + pp_rank; the first model stage embeds, the last computes the loss."""
+        c * pp + pp_rank; the first model stage embeds, the last computes the loss. Built in
+        `dtype` directly (the fp32 init values rounded once, as a later cast would)."""
         cfg, grid = self.cfg, self.grid
         pp, vpp = cfg.parallel.pp, cfg.parallel.vpp
-        chunks, self.adapted_modules = [], []
+        chunks = []
         for chunk in range(vpp):
             stage = model_stage(grid.pp_rank, chunk, pp)
             layer_ids = chunk_layer_ids(cfg.model.num_layers, pp, vpp, grid.pp_rank, chunk, cfg.parallel.pipeline_layers)
             model = GPTModel(cfg.model, grid.tp_group, self.rng, layer_ids=layer_ids, pre_process=stage == 0,
-                             post_process=stage == pp * vpp - 1, sequence_parallel=cfg.parallel.sp, device=self.device)
+                             post_process=stage == pp * vpp - 1, sequence_parallel=cfg.parallel.sp, device=self.device,
+                             dtype=dtype)
             model.init_weights(cfg.train.seed)
-            self.apply_finetune(model)
             if cfg.model.tie_embeddings and hasattr(model, "output_weight"):
                 # The last stage's copy of the embedding: counted once (on the first stage) in the grad norm.
                 model.output_weight.tied_embedding_copy = True
@@ -113,28 +119,37 @@ class Trainer:
             if cfg.model.tie_embeddings and pp > 1 and model.pre_process:
                 model.embedding.weight.defer_grad_reduce = True  # summed with the last stage's copy first
             chunks.append(model)
-        self.check_finetune_targets(chunks)
         return chunks
 
-    def apply_finetune(self, model) -> None:
-        """LoRA: freeze the base and add adapters (after init_weights, so a checkpoint load
-        overwrites the base weights as usual)."""
+    def prepare_finetune(self) -> None:
+        """The pretrained weights (finetune.base) first: QLoRA quantises the full-precision
+        values. Then QLoRA's NF4 bases, and LoRA's adapters on top (they call the NF4 linear as
+        their base product); apply_lora freezes everything else."""
         f = self.cfg.finetune
-        if f.method != "lora":
+        self.adapted_modules, self.quantized_linears = [], 0
+        if f.base:
+            load_pretrained(self, f.base)
+        if f.method not in ADAPTER_METHODS:
             return
-        self.adapted_modules += apply_lora(
-            model, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_rslora,
-            seed=self.cfg.train.seed, aliases=lora_aliases(self.cfg.model), rng=self.rng)
+        for chunk in self.model_chunks:
+            if f.method == "qlora":
+                self.quantized_linears += enable_nf4(chunk, f.qlora_targets, f.qlora_double_quant)
+            self.adapted_modules += apply_lora(
+                chunk, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_rslora,
+                seed=self.cfg.train.seed, aliases=lora_aliases(self.cfg.model), rng=self.rng)
+        self.check_finetune_targets()
 
-    def check_finetune_targets(self, chunks) -> None:
+    def check_finetune_targets(self) -> None:
         """A target list that matches no linear on any pipeline stage is a user error."""
-        if self.cfg.finetune.method != "lora":
-            return
-        count = torch.tensor(float(len(self.adapted_modules)), device=self.device)
-        comm.all_reduce(count, self.grid.pp_group)
-        if count.item() == 0:
-            raise ConfigError(f"finetune.lora_targets {self.cfg.finetune.lora_targets} match no linear layer; "
+        f = self.cfg.finetune
+        counts = torch.tensor([float(len(self.adapted_modules)), float(self.quantized_linears)], device=self.device)
+        comm.all_reduce(counts, self.grid.pp_group)
+        if counts[0].item() == 0:
+            raise ConfigError(f"finetune.lora_targets {f.lora_targets} match no linear layer; "
                              "use patterns such as layers.*.attn.qkv or aliases q k v o gate up down")
+        if f.method == "qlora" and counts[1].item() == 0:
+            raise ConfigError(f"finetune.qlora_targets {f.qlora_targets} match no linear layer; "
+                             "use * or patterns such as layers.*.mlp.*")
 
     def build_pipeline_communicator(self):
         if self.grid.pp == 1:
@@ -175,6 +190,12 @@ class Trainer:
         t = self.cfg.train
         return step_microbatches(dataset, step, t.global_batch_size, t.micro_batch_size,
                                  self.grid.dp_rank, self.grid.dp, self.device)
+
+    def train_microbatches(self, global_batch: int) -> list:
+        """This rank's share of the next `global_batch` training samples."""
+        t = self.cfg.train
+        return sample_microbatches(self.train_data, self.consumed_samples, global_batch, t.micro_batch_size,
+                                   self.grid.dp_rank, self.grid.dp, self.device)
 
     def global_token_count(self, batches) -> torch.Tensor:
         count = sum(b["loss_mask"].sum() for b in batches).float()
@@ -220,7 +241,11 @@ class Trainer:
         inject_test_failure(self.grid.rank, self.step + 1)
         lr = self.scheduler.apply()
         self.optimizer.zero_grad()
-        loss = self.forward_backward(self.microbatches(self.train_data, self.step))
+        global_batch = self.batch_ramp.batch_at(self.consumed_samples)
+        batches = self.train_microbatches(global_batch)
+        self.optimizer.set_microbatches(len(batches))  # fewer while the batch ramps up
+        loss = self.forward_backward(batches)
+        self.consumed_samples += global_batch
         self.monitor.operation = f"step {self.step + 1} loss all-reduce over data-parallel ranks"
         comm.all_reduce(loss, self.grid.dp_group)  # the global loss: every rank takes the same decision below
         # Only an active guard reads the loss here: the read waits for the backward to finish.
@@ -228,12 +253,13 @@ class Trainer:
             # The batch is consumed but changes nothing: no update, no LR-schedule step.
             self.optimizer.discard_grads()
             self.step += 1
-            return {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float("nan"), "spike_skipped": True}
+            return {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float("nan"), "spike_skipped": True,
+                    "global_batch": global_batch}
         self.monitor.operation = f"step {self.step + 1} optimizer step (gradient reduction, norm, weight gather)"
         stats = self.optimizer.step()
         self.scheduler.advance()
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "lr": lr, **stats}
+        return {"step": self.step, "loss": loss.item(), "lr": lr, "global_batch": global_batch, **stats}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -249,15 +275,14 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list:
         cfg, history = self.cfg, []
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
-        meter = Throughput(tokens_per_step, cfg.model.flops_per_token(), self.grid.world_size,
+        meter = Throughput(cfg.train.global_batch_size * cfg.model.seq_length, cfg.model.flops_per_token(), self.grid.world_size,
                            device_peak_tflops(self.device, cfg.log.peak_tflops))
         if cfg.train.eval_at_start and self.valid_data is not None:
             self.logger.log({"step": self.step, "val_loss": self.evaluate()}, ("step", "val_loss"))
             meter.lap()
         while self.step < cfg.train.iters:
             record = self.train_step()
-            _, tokens_per_s, mfu = meter.lap()
+            _, tokens_per_s, mfu = meter.lap(record["global_batch"] * cfg.model.seq_length)
             record.update(tokens_per_s=tokens_per_s, mfu=mfu, mem_gib=peak_memory_gib(self.device))
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.iters):
                 record["val_loss"] = self.evaluate()

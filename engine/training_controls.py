@@ -1,4 +1,5 @@
-"""Training controls fine-tuners expect: freezing by name, early stopping, a loss-spike guard.
+"""Training controls fine-tuners expect: freezing by name, layer-wise LR decay, early
+stopping, a loss-spike guard.
 
 None of their running state is in the checkpoint yet: a resumed run starts the spike guard's
 window and the early stopper's best loss afresh.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import math
+import re
 
 from engine.launch import UserError
 
@@ -27,6 +29,33 @@ def freeze_parameters(model_chunks, patterns: list) -> list:
                 param.requires_grad_(False)
                 frozen.append(name)
     return frozen
+
+
+EMBEDDING_NAMES = ("embedding.weight", "position_embedding")
+LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_lr_scale(name: str, num_layers: int, decay: float) -> float:
+    """Layer-wise LR decay (BEiT/ELECTRA): layer i (0-based, of L) trains at decay^(L-i), the
+    embeddings at decay^(L+1), the final norm and output layer at 1. `name` is layout-free
+    (layers carry their global index), so every pipeline stage agrees."""
+    match = LAYER_INDEX.match(name)
+    if match:
+        return decay ** (num_layers - int(match.group(1)))
+    if name in EMBEDDING_NAMES:
+        return decay ** (num_layers + 1)
+    return 1.0
+
+
+def apply_layer_lr_decay(model_chunks, decay: float, num_layers: int) -> None:
+    """Tag each parameter with its `lr_scale` (the optimizer groups by it, the LR scheduler
+    multiplies it in). A tied output layer's copy scales as the embedding it mirrors, so both
+    copies take the same update."""
+    if decay == 1.0:
+        return
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            param.lr_scale = layer_lr_scale(chunk.init_key(name), num_layers, decay)
 
 
 class SpikeGuard:

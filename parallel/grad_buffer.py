@@ -161,6 +161,13 @@ class GradBuffer:
                 self.grad_data[start:end].copy_(bucket.grad_shard_out)
                 bucket.grad_shard_out = None
 
+    def set_microbatches(self, count: int) -> None:
+        """Backward passes per step from now on: a bucket is complete after `count` grads of each
+        of its parameters."""
+        self.microbatches = count
+        for bucket in self.buckets:
+            bucket.expected_grads = len(bucket.params) * count
+
     def zero_grad(self) -> None:
         self.grad_data.zero_()
         self.launched_in_backward = 0

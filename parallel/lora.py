@@ -64,9 +64,21 @@ class LoRALinearFn:
             return F.dropout(x, self.dropout, training=True)
 
 
+def base_spec(module):
+    """The base weight's ShardSpec; an NF4 base (QLoRA) has no `weight` but keeps it on `nf4`."""
+    return module.weight.shard_spec if module.weight is not None else module.nf4.shard_spec
+
+
+def base_factory(module) -> dict:
+    """Device and dtype the adapters take: the base weight's (an NF4 base's original dtype)."""
+    if module.weight is not None:
+        return dict(device=module.weight.device, dtype=module.weight.dtype)
+    return dict(device=module.nf4.packed.device, dtype=module.nf4.dtype)
+
+
 def local_part_sizes(module) -> tuple:
     """Sizes of the fused output blocks this rank holds (one block for a row-parallel base)."""
-    spec = module.weight.shard_spec
+    spec = base_spec(module)
     parts = spec.parts or (spec.full_shape[0],)
     return tuple(p // spec.size for p in parts) if spec.dim == 0 else tuple(parts)
 
@@ -94,7 +106,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 def adapter_specs(module, rank: int, blocks) -> tuple:
     """ShardSpecs of (A, B) for a base linear: see the module docstring for the layout."""
-    base = module.weight.shard_spec
+    base = base_spec(module)
     if isinstance(module, ColumnParallelLinear):
         parts = base.parts or (base.full_shape[0],)
         chosen = parts if blocks is ALL_BLOCKS else tuple(parts[i] for i in sorted(blocks))
@@ -107,7 +119,7 @@ def adapter_specs(module, rank: int, blocks) -> tuple:
 
 def add_adapter(module, name: str, rank: int, scale: float, dropout: float, blocks, seed: int, rng) -> None:
     a_spec, b_spec = adapter_specs(module, rank, blocks)
-    factory = dict(device=module.weight.device, dtype=module.weight.dtype)
+    factory = base_factory(module)
     lora_a = attach(nn.Parameter(torch.empty(a_spec.local_shape(), **factory)), a_spec)
     lora_b = attach(nn.Parameter(torch.zeros(b_spec.local_shape(), **factory)), b_spec)
     # As the LoRA paper and PEFT: A Kaiming-uniform (a = sqrt(5), bound 1/sqrt(in)), B = 0, so
@@ -171,6 +183,9 @@ def merge_lora(model: nn.Module) -> list:
         fn = getattr(module, "linear_fn", None)
         if not isinstance(fn, LoRALinearFn):
             continue
+        if module.weight is None:
+            raise ValueError(f"merge_lora: {name} has an NF4 base (QLoRA); merge the adapters into the full-precision "
+                             "base checkpoint instead (tools/merge_lora.py)")
         full_b = expand_blocks(module.lora_B.float(), module, fn.blocks, dim=0)
         module.weight.add_((full_b @ module.lora_A.float() * fn.scale).to(module.weight.dtype))
         module.linear_fn = fn.base_fn

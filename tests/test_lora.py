@@ -134,7 +134,7 @@ def test_lora_config_errors():
     from engine.config import ConfigError, validate
     from tests.training_harness import tiny_config
 
-    bad = [({"method": "qlora"}, "finetune.method"), ({**LORA, "lora_rank": 0}, "finetune.lora_rank"),
+    bad = [({"method": "dora"}, "finetune.method"), ({**LORA, "lora_rank": 0}, "finetune.lora_rank"),
            ({**LORA, "lora_targets": []}, "finetune.lora_targets"),
            ({**LORA, "lora_dropout": 1.0}, "finetune.lora_dropout")]
     for finetune, key in bad:
@@ -211,19 +211,20 @@ def eval_logits(overrides: dict) -> torch.Tensor:
 
 
 def test_merge_lora_tool_folds_a_tp2_checkpoint(tmp_path):
-    """Train adapters at TP=2, merge the checkpoint offline, and the plain merged model gives the
-    adapted model's logits."""
-    from tests.training_harness import train_and_collect
+    """Train adapters at TP=2 on a pretrained base, merge the adapters-only checkpoint offline
+    into that base, and the plain merged model gives the adapted model's logits."""
+    from tests.training_harness import pretrained_base, train_and_collect
     from tools.merge_lora import merge_checkpoint
 
-    lora_ckpt, merged_ckpt = str(tmp_path / "lora"), str(tmp_path / "merged")
-    run_distributed(train_and_collect, 2, {"finetune": LORA, "parallel": {"tp": 2}, "train": {"iters": 3},
+    base, lora_ckpt, merged_ckpt = pretrained_base(), str(tmp_path / "lora"), str(tmp_path / "merged")
+    lora = {**LORA, "base": base}
+    run_distributed(train_and_collect, 2, {"finetune": lora, "parallel": {"tp": 2}, "train": {"iters": 3},
                                            "checkpoint": {"save": lora_ckpt}}, False)
-    merge_checkpoint(lora_ckpt, merged_ckpt)
-    adapted = run_distributed(eval_logits, 1, {"finetune": LORA, "checkpoint": {"load": lora_ckpt}})[0]
+    merge_checkpoint(lora_ckpt, merged_ckpt)  # the base is found from the run's finetune.base
+    adapted = run_distributed(eval_logits, 1, {"finetune": lora, "checkpoint": {"load": lora_ckpt}})[0]
     merged = run_distributed(eval_logits, 1, {"checkpoint": {"load": merged_ckpt}})[0]
-    fresh = run_distributed(eval_logits, 1, {})[0]
-    assert (adapted - fresh).abs().max() > 1e-4, "the adapters should have moved the logits"
+    plain_base = run_distributed(eval_logits, 1, {"checkpoint": {"load": base}})[0]
+    assert (adapted - plain_base).abs().max() > 1e-4, "the adapters should have moved the logits"
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -232,18 +233,19 @@ def test_peft_export_loads_in_peft_with_our_logits(tmp_path):
     transformers + peft give the logits of our adapted model (fp32)."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from tests.training_harness import train_and_collect
+    from tests.training_harness import pretrained_base, train_and_collect
     from tools.convert_checkpoint import trellis_to_hf
     from tools.export_peft import export_peft
 
     lora_ckpt, hf_dir, adapter_dir = str(tmp_path / "lora"), str(tmp_path / "hf"), str(tmp_path / "adapter")
-    run_distributed(train_and_collect, 2, {"finetune": LORA, "parallel": {"tp": 2}, "train": {"iters": 3},
+    lora = {**LORA, "base": pretrained_base()}
+    run_distributed(train_and_collect, 2, {"finetune": lora, "parallel": {"tp": 2}, "train": {"iters": 3},
                                            "checkpoint": {"save": lora_ckpt}}, False)
-    trellis_to_hf(lora_ckpt, hf_dir)
+    trellis_to_hf(pretrained_base(), hf_dir)
     export_peft(lora_ckpt, adapter_dir)
-    ours = run_distributed(eval_logits, 1, {"finetune": LORA, "checkpoint": {"load": lora_ckpt}})[0]
-    fresh = run_distributed(eval_logits, 1, {})[0]
-    assert (ours - fresh).abs().max() > 1e-4, "the adapters should have moved the logits"
+    ours = run_distributed(eval_logits, 1, {"finetune": lora, "checkpoint": {"load": lora_ckpt}})[0]
+    plain_base = run_distributed(eval_logits, 1, {"checkpoint": {"load": pretrained_base()}})[0]
+    assert (ours - plain_base).abs().max() > 1e-4, "the adapters should have moved the logits"
 
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()

@@ -1,6 +1,7 @@
 """Train a tiny model in one rank of a test run and return what the parity tests compare."""
 from __future__ import annotations
 
+import functools
 import tempfile
 
 
@@ -39,3 +40,18 @@ def train_and_collect(overrides: dict, gather_weights: bool = True) -> dict:
     shutdown()
     return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
             "val_loss": [r["val_loss"] for r in history if "val_loss" in r], "weights": weights}
+
+
+@functools.lru_cache(maxsize=None)
+def pretrained_base_run() -> tuple:
+    """(checkpoint dir, full weights) of the tiny model after 2 training steps, made once per
+    test session: the pretrained base that fine-tuning tests start from with finetune.base."""
+    from tests.distributed import run_distributed
+
+    path = tempfile.mkdtemp(prefix="trellis_base_")
+    result = run_distributed(train_and_collect, 1, {"train": {"iters": 2}, "checkpoint": {"save": path}})[0]
+    return path, result["weights"]
+
+
+def pretrained_base() -> str:
+    return pretrained_base_run()[0]

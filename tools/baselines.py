@@ -73,7 +73,8 @@ class PlainLlama(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def hf_llama(cfg):
+def hf_llama(cfg, dtype=None):
+    """LlamaForCausalLM of `cfg` (weights in `dtype`, fp32 by default), wrapped to return the loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
@@ -82,6 +83,8 @@ def hf_llama(cfg):
                          rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg)
+    if dtype is not None:
+        model = model.to(dtype)
 
     class Wrapped(nn.Module):
         def __init__(self):
@@ -92,6 +95,24 @@ def hf_llama(cfg):
             return self.inner(input_ids=tokens, labels=labels).loss
 
     return Wrapped()
+
+
+# Trellis LoRA target aliases -> Hugging Face Llama module names.
+HF_LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                   "down": "down_proj"}
+
+
+def hf_lora_llama(cfg, targets, rank: int, alpha: float, device):
+    """Hugging Face LlamaForCausalLM with bf16 weights (built on `device`: no fp32 copy on the
+    host) and a PEFT LoRA adapter on the aliased projections; PEFT keeps the adapters in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device(device):
+        wrapped = hf_llama(cfg, torch.bfloat16)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                        target_modules=[HF_LORA_MODULES[t] for t in targets])
+    wrapped.inner = get_peft_model(wrapped.inner, config)
+    return wrapped
 
 
 def build_baseline(name: str, cfg, device):

@@ -268,6 +268,9 @@ def trellis_to_hf(ckpt: str, out: str, family: str = "", tokenizer_dir: str = ""
     dtype = dtype or meta.get("hf_dtype") or "float32"
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if meta.get("trainable_only"):
+        raise ConversionError(f"{step_dir} holds only LoRA adapters; convert the base model, or merge the adapters "
+                              "into it first (tools/merge_lora.py), or export them with tools/export_peft.py")
     shapes = stored_shapes(step_dir)
     maps = tensor_maps(family, model)
     missing = [key for tmap in maps for key in tmap.keys if key not in shapes]
