@@ -24,6 +24,8 @@ def main(argv=None) -> int:
         cfg = validate(parse_args(argv), world_size)
         from engine.training import Trainer, shutdown  # after validation: no process group on bad input
 
+        if cfg.train.objective == "dpo":
+            from engine.dpo import DPOTrainer as Trainer
         trainer = Trainer(cfg, monitor)
         trainer.train()
         monitor.operation = "final barrier"

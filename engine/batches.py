@@ -83,20 +83,22 @@ def collate(items, device) -> dict:
 
 
 def step_microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                      device) -> list:
-    """This DP rank's micro-batches for training step `step` (every step of size global_batch)."""
-    return sample_microbatches(dataset, step * global_batch, global_batch, micro_batch, dp_rank, dp_size, device)
+                      device, collate_fn=collate) -> list:
+    """This DP rank's micro-batches for training step `step` (every step of size global_batch;
+    collate_fn stacks one micro-batch)."""
+    return sample_microbatches(dataset, step * global_batch, global_batch, micro_batch, dp_rank, dp_size, device,
+                               collate_fn)
 
 
 def sample_microbatches(dataset, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int,
-                        dp_size: int, device) -> list:
+                        dp_size: int, device, collate_fn=collate) -> list:
     """This DP rank's micro-batches of the global batch [first_sample, first_sample + global_batch)."""
     per_rank = global_batch // dp_size
     start = first_sample + dp_rank * per_rank
     if start + per_rank > len(dataset):
         raise IndexError(f"samples up to {start + per_rank - 1} are needed but the dataset has {len(dataset)}")
     return [
-        collate([dataset[i] for i in range(first, first + micro_batch)], device)
+        collate_fn([dataset[i] for i in range(first, first + micro_batch)], device)
         for first in range(start, start + per_rank, micro_batch)
     ]
 

@@ -58,7 +58,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
     eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
-    objective: str = "lm"  # lm (pretraining on data.path) | sft (chat JSONL in data.sft_train, docs/finetuning.md)
+    objective: str = "lm"  # lm (pretraining on data.path) | sft (chat JSONL in data.sft_train, docs/finetuning.md) | dpo (docs/preference.md)
     freeze: typing.List[str] = dataclasses.field(default_factory=list)  # fnmatch patterns of parameter names not trained
     early_stop_patience: int = 0  # stop after this many evaluations without a new best val_loss (0: off)
     spike_factor: float = 0.0  # skip a step whose loss exceeds this x the running mean of recent losses (0: off)
@@ -79,6 +79,9 @@ class DataConfig:
     sft_train: str = ""  # SFT chat JSONL for training (train.objective sft)
     sft_valid: str = ""  # SFT chat JSONL for validation ("" = no validation data)
     sft_packing: bool = True  # pack several conversations into one sequence (attention stays per conversation)
+    preference_train: str = ""  # preference-pair JSONL (prompt / chosen / rejected) for train.objective dpo
+    preference_valid: str = ""  # preference pairs for validation ("" = no validation data)
+    preference_format: str = "chat"  # chat (chat template) | text (prompt + response + EOD)
 
 
 @dataclasses.dataclass
@@ -140,6 +143,19 @@ class FinetuneConfig:
     qlora_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["*"])  # linears kept in NF4 (fnmatch)
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation (docs/preference.md, engine/dpo.py)."""
+    beta: float = 0.1  # strength of the pull towards the reference
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+    label_smoothing: float = 0.0  # sigmoid only: conservative DPO's probability of a flipped label
+    reference_logps: str = ""  # directory written by tools/dpo_reference_logps.py ("" = reference forward each step)
+    reference_checkpoint: str = ""  # reference weights for a resumed full fine-tune ("" = the weights the run starts from)
+
+
 @dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -150,6 +166,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -318,8 +335,10 @@ def validate(cfg: Config, world_size: int) -> Config:
 def validate_objective(cfg: Config) -> None:
     """The data each objective needs, and the training controls' ranges."""
     t, d = cfg.train, cfg.data
-    _require(t.objective in ("lm", "sft"), "train.objective", f"must be lm or sft; got {t.objective!r}")
-    if t.objective == "sft":
+    _require(t.objective in ("lm", "sft", "dpo"), "train.objective", f"must be lm, sft or dpo; got {t.objective!r}")
+    if t.objective == "dpo":
+        validate_dpo(cfg)
+    elif t.objective == "sft":
         _require(bool(d.sft_train), "data.sft_train", "train.objective sft needs a chat JSONL file of training conversations")
         for key, path in (("data.sft_train", d.sft_train), ("data.sft_valid", d.sft_valid)):
             _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
@@ -334,6 +353,28 @@ def validate_objective(cfg: Config) -> None:
     _require(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor",
              f"must be 0 (off) or greater than 1, got {t.spike_factor}")
     _require(t.spike_max_skips >= 1, "train.spike_max_skips", f"must be at least 1, got {t.spike_max_skips}")
+
+
+def validate_dpo(cfg: Config) -> None:
+    d, o = cfg.data, cfg.dpo
+    _require(bool(d.preference_train), "data.preference_train",
+             "train.objective dpo needs a JSONL file of preference pairs (prompt, chosen, rejected)")
+    for key, path in (("data.preference_train", d.preference_train), ("data.preference_valid", d.preference_valid)):
+        _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
+    _require(bool(d.tokenizer), "data.tokenizer", "train.objective dpo needs the tokenizer (model file or directory)")
+    _require(d.preference_format in ("chat", "text"), "data.preference_format",
+             f"must be chat or text; got {d.preference_format!r}")
+    _require(not cfg.train.eval_interval or bool(d.preference_valid), "data.preference_valid",
+             "train.eval_interval is set but there are no validation preference pairs")
+    _require(o.loss in DPO_LOSSES, "dpo.loss", f"must be one of {', '.join(DPO_LOSSES)}; got {o.loss!r}")
+    _require(o.beta > 0, "dpo.beta", f"must be positive, got {o.beta}")
+    _require(0 <= o.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {o.label_smoothing}")
+    _require(o.label_smoothing == 0 or o.loss == "sigmoid", "dpo.label_smoothing",
+             f"applies to the sigmoid loss only, not dpo.loss {o.loss}")
+    _require(not o.reference_logps or os.path.isdir(o.reference_logps), "dpo.reference_logps",
+             f"directory {o.reference_logps!r} does not exist; write it with tools/dpo_reference_logps.py")
+    _require(not o.reference_checkpoint or os.path.isdir(o.reference_checkpoint), "dpo.reference_checkpoint",
+             f"directory {o.reference_checkpoint!r} does not exist")
 
 
 def validate_pipeline(cfg: Config, dp: int) -> None:

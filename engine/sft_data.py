@@ -20,7 +20,7 @@ class EpochCycle:
 
     def __init__(self, base, epochs: int, seed: int, shuffle: bool = True):
         if len(base) == 0:
-            raise ConfigError("the SFT data set holds no conversations")
+            raise ConfigError("the data set holds no samples")
         self.base, self.epochs, self.seed, self.shuffle = base, epochs, seed, shuffle
         self._orders = {}
 
@@ -53,6 +53,14 @@ def load_sft_file(path: str, tokenizer, cfg):
 
 def build_sft_datasets(cfg):
     """(train, valid) SFT datasets long enough for train.iters steps and train.eval_iters batches."""
+    d = cfg.data
+    return build_epoch_datasets(cfg, lambda tokenizer: (
+        load_sft_file(d.sft_train, tokenizer, cfg), load_sft_file(d.sft_valid, tokenizer, cfg) if d.sft_valid else None))
+
+
+def build_epoch_datasets(cfg, load):
+    """(train, valid) from load(tokenizer) -> (train, valid or None) data sets: training repeated
+    in shuffled epochs for train.iters steps, validation cycled for train.eval_iters batches."""
     from engine.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer)
@@ -60,11 +68,9 @@ def build_sft_datasets(cfg):
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens ({cfg.data.tokenizer})")
     t = cfg.train
-    train = load_sft_file(cfg.data.sft_train, tokenizer, cfg)
+    train, valid = load(tokenizer)
     train = EpochCycle(train, epochs_needed(t.iters * t.global_batch_size, len(train)), t.seed)
-    valid = None
-    if cfg.data.sft_valid:
-        valid = load_sft_file(cfg.data.sft_valid, tokenizer, cfg)
+    if valid is not None:
         valid = EpochCycle(valid, epochs_needed(max(1, t.eval_iters) * t.global_batch_size, len(valid)), t.seed,
                            shuffle=False)
     return train, valid

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from engine.batches import BatchRamp, MockDataset, sample_microbatches, step_microbatches
+from engine.batches import BatchRamp, MockDataset, collate, sample_microbatches, step_microbatches
 from engine.checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_due
 from engine.config import ADAPTER_METHODS, Config, ConfigError
 from engine.launch import RunMonitor, inject_test_failure
@@ -49,6 +49,9 @@ def build_datasets(cfg: Config, grid: ProcessGrid):
     if cfg.train.objective == "sft":
         from engine.sft_data import build_sft_datasets  # chat JSONL, rendered and packed
         return build_sft_datasets(cfg)
+    if cfg.train.objective == "dpo":
+        from engine.dpo_data import build_preference_datasets  # chosen / rejected pairs
+        return build_preference_datasets(cfg)
     if cfg.data.mock:
         return MockDataset(m.vocab_size, m.seq_length, cfg.train.seed, 0), MockDataset(m.vocab_size, m.seq_length, cfg.train.seed, 1)
     from engine.data_setup import build_text_datasets  # the indexed-dataset pipeline
@@ -57,6 +60,10 @@ def build_datasets(cfg: Config, grid: ProcessGrid):
 
 class Trainer:
     """Everything a run needs to continue lives here (model, optimizer, scheduler, RNG, step)."""
+
+    sequences_per_sample = 1  # sequences a data sample puts in the batch (DPO: chosen and rejected)
+    console_keys = CONSOLE_KEYS + ("val_loss",)
+    collate_batch = staticmethod(collate)  # samples -> one micro-batch of tensors
 
     def __init__(self, cfg: Config, monitor: RunMonitor | None = None):
         self.cfg = cfg
@@ -70,11 +77,7 @@ class Trainer:
         self.device = device
         self.rng = RNGTracker(device)
         self.rng.seed(cfg.train.seed, self.grid.tp_rank, self.grid.pp_rank)
-        precision = resolve_precision(cfg.train.precision, device)
-        self.model_chunks = self.build_model(param_dtype(precision))
-        if precision == "fp8":
-            for chunk in self.model_chunks:
-                enable_fp8(chunk)
+        self.model_chunks = self.build_model_chunks()
         self.prepare_finetune()
         self.frozen = freeze_parameters(self.model_chunks, cfg.train.freeze)  # before the optimizer takes the trainable ones
         apply_layer_lr_decay(self.model_chunks, cfg.optim.layer_lr_decay, cfg.model.num_layers)
@@ -84,7 +87,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model_chunks, self.grid, cfg.train, device, cfg.optim)
         self.optimizer.pre_reduce_hooks.append(self.sync_tied_embedding_grads)
         self.scheduler = LRScheduler(self.optimizer, cfg.train)
-        self.autocast = autocast_context(precision, device)
+        self.autocast = autocast_context(resolve_precision(cfg.train.precision, device), device)
         self.train_data, self.valid_data = build_datasets(cfg, self.grid)
         self.step = 0
         self.batch_ramp = BatchRamp(cfg.train.global_batch_size, cfg.train.batch_ramp)
@@ -97,6 +100,15 @@ class Trainer:
                 json.dump(dataclasses.asdict(cfg), handle, indent=1)
         if cfg.checkpoint.load:
             load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step, cfg.checkpoint.load_model_only)
+
+    def build_model_chunks(self) -> list:
+        """build_model's chunks in the parameter dtype of train.precision (FP8 linears for fp8)."""
+        precision = resolve_precision(self.cfg.train.precision, self.device)
+        chunks = self.build_model(param_dtype(precision))
+        if precision == "fp8":
+            for chunk in chunks:
+                enable_fp8(chunk)
+        return chunks
 
     def build_model(self, dtype=torch.float32) -> list:
         """This rank's model chunks, one per virtual pipeline stage: chunk c is model stage
@@ -158,7 +170,7 @@ class Trainer:
         seq = cfg.model.seq_length
         if cfg.parallel.sp and self.grid.tp > 1:
             seq //= self.grid.tp
-        shape = (seq, cfg.train.micro_batch_size, cfg.model.hidden_size)
+        shape = (seq, cfg.train.micro_batch_size * self.sequences_per_sample, cfg.model.hidden_size)
         dtype = next(self.model_chunks[0].parameters()).dtype
         return PipelineCommunicator(self.grid.pp_group, self.grid.pp_rank, shape, dtype, self.device,
                                     self.pipeline_tracer)
@@ -189,13 +201,13 @@ class Trainer:
     def microbatches(self, dataset, step: int) -> list:
         t = self.cfg.train
         return step_microbatches(dataset, step, t.global_batch_size, t.micro_batch_size,
-                                 self.grid.dp_rank, self.grid.dp, self.device)
+                                 self.grid.dp_rank, self.grid.dp, self.device, self.collate_batch)
 
     def train_microbatches(self, global_batch: int) -> list:
         """This rank's share of the next `global_batch` training samples."""
         t = self.cfg.train
         return sample_microbatches(self.train_data, self.consumed_samples, global_batch, t.micro_batch_size,
-                                   self.grid.dp_rank, self.grid.dp, self.device)
+                                   self.grid.dp_rank, self.grid.dp, self.device, self.collate_batch)
 
     def global_token_count(self, batches) -> torch.Tensor:
         count = sum(b["loss_mask"].sum() for b in batches).float()
@@ -222,13 +234,21 @@ class Trainer:
         """Run the schedule; returns this rank's share of the mean loss (summing it over DP
         gives the global mean), sent from the last pipeline stage to every stage."""
         total_tokens = self.global_token_count(batches)
-        result = run_schedule(self.forward_step_fn(batches, total_tokens), len(batches), len(self.model_chunks),
-                              self.pipeline_comm, self.optimizer.scale_loss, forward_only, self.pipeline_tracer)
+        return self.run_loss_schedule(self.forward_step_fn(batches, total_tokens), len(batches), forward_only)
+
+    def run_loss_schedule(self, forward_step, num_microbatches: int, forward_only: bool) -> torch.Tensor:
+        """Run the schedule over `forward_step`, whose last-stage outputs are scalar losses; returns
+        their sum on every pipeline stage."""
+        result = run_schedule(forward_step, num_microbatches, len(self.model_chunks), self.pipeline_comm,
+                              self.optimizer.scale_loss, forward_only, self.pipeline_tracer)
         self.last_schedule_stats = result.stats
         loss = torch.stack(result.losses).sum() if result.losses else torch.zeros((), device=self.device)
+        return self.broadcast_from_last_stage(loss)
+
+    def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.grid.pp > 1:
-            torch.distributed.broadcast(loss, self.grid.pp_global_rank(self.grid.pp - 1), group=self.grid.pp_group)
-        return loss
+            torch.distributed.broadcast(tensor, self.grid.pp_global_rank(self.grid.pp - 1), group=self.grid.pp_group)
+        return tensor
 
     def forward_backward(self, batches) -> torch.Tensor:
         """Accumulate grads of sum(token losses) / global token count over the pipeline."""
@@ -272,25 +292,30 @@ class Trainer:
         comm.all_reduce(loss_sum, self.grid.dp_group)
         return loss_sum.item() / self.cfg.train.eval_iters
 
+    def validation_record(self) -> dict:
+        """What an evaluation adds to the step's record."""
+        return {"val_loss": self.evaluate()}
+
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list:
         cfg, history = self.cfg, []
-        meter = Throughput(cfg.train.global_batch_size * cfg.model.seq_length, cfg.model.flops_per_token(), self.grid.world_size,
+        meter = Throughput(cfg.train.global_batch_size * cfg.model.seq_length * self.sequences_per_sample,
+                           cfg.model.flops_per_token(), self.grid.world_size,
                            device_peak_tflops(self.device, cfg.log.peak_tflops))
         if cfg.train.eval_at_start and self.valid_data is not None:
-            self.logger.log({"step": self.step, "val_loss": self.evaluate()}, ("step", "val_loss"))
+            self.logger.log({"step": self.step, **self.validation_record()}, self.console_keys)
             meter.lap()
         while self.step < cfg.train.iters:
             record = self.train_step()
-            _, tokens_per_s, mfu = meter.lap(record["global_batch"] * cfg.model.seq_length)
+            _, tokens_per_s, mfu = meter.lap(record["global_batch"] * cfg.model.seq_length * self.sequences_per_sample)
             record.update(tokens_per_s=tokens_per_s, mfu=mfu, mem_gib=peak_memory_gib(self.device))
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.iters):
-                record["val_loss"] = self.evaluate()
+                record.update(self.validation_record())
                 meter.lap()  # evaluation time is not training throughput
                 record["early_stop"] = self.early_stopper.should_stop(record["val_loss"])
             history.append(record)
             to_console = self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters
-            self.logger.log(record, CONSOLE_KEYS + ("val_loss",), to_console)
+            self.logger.log(record, self.console_keys, to_console)
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
                 self.monitor.operation = f"checkpoint save at step {self.step}"
                 self.optimizer.finish_param_sync()  # weights must be complete before they are saved

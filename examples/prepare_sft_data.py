@@ -58,20 +58,30 @@ def is_validation_module(path: str, one_in: int) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % one_in == 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_cli(doc: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--max-instruction-chars", type=int, default=300)
     p.add_argument("--max-output-chars", type=int, default=300)
     p.add_argument("--valid-one-in", type=int, default=20, help="one module in N goes to validation")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
+    return args
+
+
+def functions_by_split(args) -> dict:
+    """{"train": [(instruction, body), ...], "valid": [...]}, validation by whole modules."""
     splits = {"train": [], "valid": []}
     for path in stdlib_modules():
         split = "valid" if is_validation_module(path, args.valid_one_in) else "train"
-        for instruction, output in function_pairs(path, args.max_instruction_chars, args.max_output_chars):
-            splits[split].append({"instruction": instruction, "output": output})
-    for split, records in splits.items():
+        splits[split] += function_pairs(path, args.max_instruction_chars, args.max_output_chars)
+    return splits
+
+
+def main(argv=None) -> int:
+    args = parse_cli(__doc__, argv)
+    for split, pairs in functions_by_split(args).items():
+        records = [{"instruction": instruction, "output": output} for instruction, output in pairs]
         out = os.path.join(args.out_dir, f"sft_stdlib_{split}.jsonl")
         with open(out, "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in records)

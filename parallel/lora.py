@@ -44,8 +44,11 @@ class LoRALinearFn:
     def __init__(self, module, base_fn, scale: float, dropout: float, blocks, rng):
         self.module, self.base_fn, self.scale = module, base_fn, scale
         self.dropout, self.blocks, self.rng = dropout, blocks, rng
+        self.enabled = True  # off: the base linear alone (DPO's reference model, adapters_disabled)
 
     def __call__(self, x, weight, bias=None):
+        if not self.enabled:
+            return self.base_fn(x, weight, bias)
         return self.base_fn(x, weight, bias) + self.update(x)
 
     def update(self, x):
@@ -192,6 +195,21 @@ def merge_lora(model: nn.Module) -> list:
         del module.lora_A, module.lora_B
         merged.append(name)
     return merged
+
+
+@contextlib.contextmanager
+def adapters_disabled(models):
+    """Run `models` as their base: every adapter's update is skipped (the weights stay where
+    they are), e.g. for DPO's reference pass without a second copy of the base."""
+    fns = [m.linear_fn for model in models for m in model.modules()
+           if isinstance(getattr(m, "linear_fn", None), LoRALinearFn)]
+    for fn in fns:
+        fn.enabled = False
+    try:
+        yield
+    finally:
+        for fn in fns:
+            fn.enabled = True
 
 
 def adapter_parameters(model: nn.Module) -> dict:
