@@ -83,13 +83,13 @@ def collate(items, device) -> dict:
 
 
 def step_microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                      device) -> list:
-    """This DP rank's micro-batches for training step `step`."""
+                      device, collate_fn=collate) -> list:
+    """This DP rank's micro-batches for training step `step` (collate_fn(samples, device))."""
     per_rank = global_batch // dp_size
     start = step * global_batch + dp_rank * per_rank
     if start + per_rank > len(dataset):
         raise IndexError(f"step {step} needs sample {start + per_rank - 1} but the dataset has {len(dataset)}")
     return [
-        collate([dataset[i] for i in range(first, first + micro_batch)], device)
+        collate_fn([dataset[i] for i in range(first, first + micro_batch)], device)
         for first in range(start, start + per_rank, micro_batch)
     ]

@@ -12,6 +12,7 @@ import yaml
 
 from engine.launch import UserError
 from engine.precision import PRECISIONS
+from engine.rl.config import RLConfig, validate_rl
 from models.config import ModelConfig, resolve_preset, validate_model
 from models.pipeline_split import stage_layer_counts
 from parallel.grid import GridError, check_layout
@@ -58,7 +59,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
     eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
-    objective: str = "lm"  # lm (pretraining on data.path) | sft (chat JSONL in data.sft_train, docs/finetuning.md)
+    objective: str = "lm"  # lm (data.path) | sft (data.sft_train, docs/finetuning.md) | reward | ppo | grpo (docs/rl.md)
     freeze: typing.List[str] = dataclasses.field(default_factory=list)  # fnmatch patterns of parameter names not trained
     early_stop_patience: int = 0  # stop after this many evaluations without a new best val_loss (0: off)
     spike_factor: float = 0.0  # skip a step whose loss exceeds this x the running mean of recent losses (0: off)
@@ -76,6 +77,9 @@ class DataConfig:
     sft_train: str = ""  # SFT chat JSONL for training (train.objective sft)
     sft_valid: str = ""  # SFT chat JSONL for validation ("" = no validation data)
     sft_packing: bool = True  # pack several conversations into one sequence (attention stays per conversation)
+    preference_train: str = ""  # preference pairs JSONL (train.objective reward; engine/data/preference.py)
+    preference_valid: str = ""
+    preference_format: str = "chat"  # chat (chat template) | text (prompt + response + end of document)
 
 
 @dataclasses.dataclass
@@ -138,6 +142,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -294,7 +299,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     validate_pipeline(cfg, dp)
     validate_optim(cfg.optim)
     validate_finetune(cfg.finetune, t.precision)
-    validate_objective(cfg)
+    validate_objective(cfg, dp)
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
     _require(c.keep >= 0, "checkpoint.keep", f"must be non-negative, got {c.keep}")
@@ -302,17 +307,21 @@ def validate(cfg: Config, world_size: int) -> Config:
     return cfg
 
 
-def validate_objective(cfg: Config) -> None:
+OBJECTIVES = ("lm", "sft", "reward", "ppo", "grpo")
+
+
+def validate_objective(cfg: Config, dp: int = 1) -> None:
     """The data each objective needs, and the training controls' ranges."""
     t, d = cfg.train, cfg.data
-    _require(t.objective in ("lm", "sft"), "train.objective", f"must be lm or sft; got {t.objective!r}")
-    if t.objective == "sft":
-        _require(bool(d.sft_train), "data.sft_train", "train.objective sft needs a chat JSONL file of training conversations")
-        for key, path in (("data.sft_train", d.sft_train), ("data.sft_valid", d.sft_valid)):
-            _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
-        _require(bool(d.tokenizer), "data.tokenizer", "train.objective sft needs the tokenizer (model file or directory)")
-        _require(not t.eval_interval or bool(d.sft_valid), "data.sft_valid",
-                 "train.eval_interval is set but there is no validation JSONL")
+    _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}; got {t.objective!r}")
+    if t.objective == "reward":
+        validate_jsonl_data(cfg, "preference", "a JSONL file of preference pairs")
+        _require(d.preference_format in ("chat", "text"), "data.preference_format",
+                 f"must be chat or text; got {d.preference_format!r}")
+    elif t.objective in ("ppo", "grpo"):
+        validate_rl(cfg, dp)
+    elif t.objective == "sft":
+        validate_jsonl_data(cfg, "sft", "a chat JSONL file of training conversations")
     else:
         _require(d.mock or bool(d.path), "data.path", "give dataset prefixes, or set data.mock true")
     _require(t.early_stop_patience >= 0, "train.early_stop_patience", f"must be non-negative, got {t.early_stop_patience}")
@@ -321,6 +330,18 @@ def validate_objective(cfg: Config) -> None:
     _require(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor",
              f"must be 0 (off) or greater than 1, got {t.spike_factor}")
     _require(t.spike_max_skips >= 1, "train.spike_max_skips", f"must be at least 1, got {t.spike_max_skips}")
+
+
+def validate_jsonl_data(cfg: Config, prefix: str, what: str) -> None:
+    """data.<prefix>_train (required) and data.<prefix>_valid JSONL files, and the tokenizer."""
+    t, d = cfg.train, cfg.data
+    train_key, valid_key = f"data.{prefix}_train", f"data.{prefix}_valid"
+    train, valid = getattr(d, f"{prefix}_train"), getattr(d, f"{prefix}_valid")
+    _require(bool(train), train_key, f"train.objective {t.objective} needs {what}")
+    for key, path in ((train_key, train), (valid_key, valid)):
+        _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
+    _require(bool(d.tokenizer), "data.tokenizer", f"train.objective {t.objective} needs the tokenizer (model file or directory)")
+    _require(not t.eval_interval or bool(valid), valid_key, "train.eval_interval is set but there is no validation JSONL")
 
 
 def validate_pipeline(cfg: Config, dp: int) -> None:

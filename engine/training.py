@@ -31,6 +31,7 @@ from parallel.pipeline.schedules import run_schedule
 from parallel.pipeline.trace import build_tracer
 from parallel.random import RNGTracker
 
+RL_OBJECTIVES = ("reward", "ppo", "grpo")  # engine/rl/, docs/rl.md
 CONSOLE_KEYS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_s", "mfu", "mem_gib")
 
 
@@ -45,6 +46,9 @@ def resolve_device(cfg: Config) -> str:
 def build_datasets(cfg: Config, grid: ProcessGrid):
     """(train, valid) datasets of token samples."""
     m = cfg.model
+    if cfg.train.objective in RL_OBJECTIVES:
+        from engine.rl.data import build_rl_datasets  # preference pairs or prompts
+        return build_rl_datasets(cfg)
     if cfg.train.objective == "sft":
         from engine.sft_data import build_sft_datasets  # chat JSONL, rendered and packed
         return build_sft_datasets(cfg)
@@ -56,6 +60,8 @@ def build_datasets(cfg: Config, grid: ProcessGrid):
 
 class Trainer:
     """Everything a run needs to continue lives here (model, optimizer, scheduler, RNG, step)."""
+
+    console_keys = CONSOLE_KEYS  # what each step prints; objectives add their own
 
     def __init__(self, cfg: Config, monitor: RunMonitor | None = None):
         self.cfg = cfg
@@ -90,8 +96,12 @@ class Trainer:
         if self.grid.is_logging_rank:
             with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as handle:
                 json.dump(dataclasses.asdict(cfg), handle, indent=1)
-        if cfg.checkpoint.load:
-            load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step, cfg.checkpoint.load_model_only)
+        self.load_initial_checkpoint()
+
+    def load_initial_checkpoint(self) -> None:
+        c = self.cfg.checkpoint
+        if c.load:
+            load_checkpoint(self, c.load, c.load_step, c.load_model_only)
 
     def build_model(self) -> list:
         """This rank's model chunks, one per virtual pipeline stage: chunk c is model stage
@@ -143,10 +153,14 @@ class Trainer:
         seq = cfg.model.seq_length
         if cfg.parallel.sp and self.grid.tp > 1:
             seq //= self.grid.tp
-        shape = (seq, cfg.train.micro_batch_size, cfg.model.hidden_size)
+        shape = (seq, self.sequences_per_microbatch(), cfg.model.hidden_size)
         dtype = next(self.model_chunks[0].parameters()).dtype
         return PipelineCommunicator(self.grid.pp_group, self.grid.pp_rank, shape, dtype, self.device,
                                     self.pipeline_tracer)
+
+    def sequences_per_microbatch(self) -> int:
+        """Batch size of the activations that travel between pipeline stages."""
+        return self.cfg.train.micro_batch_size
 
     def build_embedding_group(self):
         """Megatron's embedding group (first and last stage of each pipeline), for tied embeddings."""
@@ -265,7 +279,7 @@ class Trainer:
                 record["early_stop"] = self.early_stopper.should_stop(record["val_loss"])
             history.append(record)
             to_console = self.step % cfg.log.interval == 0 or "val_loss" in record or self.step == cfg.train.iters
-            self.logger.log(record, CONSOLE_KEYS + ("val_loss",), to_console)
+            self.logger.log(record, self.console_keys + ("val_loss",), to_console)
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
                 self.monitor.operation = f"checkpoint save at step {self.step}"
                 self.optimizer.finish_param_sync()  # weights must be complete before they are saved
@@ -287,6 +301,14 @@ class Trainer:
         if self.cfg.checkpoint.save and not save_due(self.cfg.checkpoint, self.step, final=False):
             self.optimizer.finish_param_sync()
             save_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep)
+
+
+def trainer_class(objective: str):
+    """The Trainer of an objective: LM and SFT share this one, reward / PPO / GRPO have theirs."""
+    if objective in RL_OBJECTIVES:
+        from engine.rl.trainers import rl_trainer_class
+        return rl_trainer_class(objective)
+    return Trainer
 
 
 def gather_full_state(model, tp_group) -> dict:
