@@ -158,6 +158,10 @@ class Trainer:
         return PipelineCommunicator(self.grid.pp_group, self.grid.pp_rank, shape, dtype, self.device,
                                     self.pipeline_tracer)
 
+    def tokens_per_step(self) -> int:
+        """Tokens trained on per step, for the logged tokens/s and MFU."""
+        return self.cfg.train.global_batch_size * self.cfg.model.seq_length
+
     def sequences_per_microbatch(self) -> int:
         """Batch size of the activations that travel between pipeline stages."""
         return self.cfg.train.micro_batch_size
@@ -263,8 +267,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list:
         cfg, history = self.cfg, []
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
-        meter = Throughput(tokens_per_step, cfg.model.flops_per_token(), self.grid.world_size,
+        meter = Throughput(self.tokens_per_step(), cfg.model.flops_per_token(), self.grid.world_size,
                            device_peak_tflops(self.device, cfg.log.peak_tflops))
         if cfg.train.eval_at_start and self.valid_data is not None:
             self.logger.log({"step": self.step, "val_loss": self.evaluate()}, ("step", "val_loss"))

@@ -67,5 +67,8 @@ def validate_rl(cfg, dp: int) -> None:
     _require(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, "rl.gamma", f"rl.gamma and rl.lam must be in [0, 1]; got {r.gamma}, {r.lam}")
     _require(r.kl_coef >= 0 and r.kl_target >= 0, "rl.kl_coef", "rl.kl_coef and rl.kl_target must be non-negative")
     _require(r.kl_horizon >= 1, "rl.kl_horizon", f"must be at least 1, got {r.kl_horizon}")
+    _require(m.dropout == 0 and m.attention_dropout == 0, "model.dropout",
+             "PPO/GRPO train with dropout off (the policy ratio must be 1 before the first update); set it to 0")
+    _require(not t.eval_interval, "train.eval_interval", "PPO/GRPO have no validation set (each iteration logs its rewards); use 0")
     if t.objective == "grpo" and r.kl_target:
         raise ConfigError("rl.kl_target: the adaptive KL controller is PPO's; GRPO keeps rl.kl_coef fixed")

@@ -27,6 +27,9 @@ class RewardTrainer(ScalarHeadTrainer):
     def sequences_per_microbatch(self) -> int:
         return 2 * self.cfg.train.micro_batch_size
 
+    def tokens_per_step(self) -> int:
+        return 2 * super().tokens_per_step()
+
     def microbatches(self, dataset, step: int) -> list:
         t = self.cfg.train
         return step_microbatches(dataset, step, t.global_batch_size, t.micro_batch_size, self.grid.dp_rank,
