@@ -111,7 +111,8 @@ class PolicyTrainer(ScalarHeadTrainer):
         return out
 
     def logprob_reader(self, model, normed, part):
-        return response_logprobs(model, normed, part["tokens"], self.prompt_width, self.cfg.rl.temperature or 1.0)
+        return response_logprobs(model, normed, part["tokens"], self.prompt_width, self.cfg.rl.temperature or 1.0,
+                                 self.tokenizer.vocab_size)
 
     def read_policy_and_reference(self, rollout) -> dict:
         return {"old_logprobs": self.read_rows(self.model_chunks, rollout, self.logprob_reader),

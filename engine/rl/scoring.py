@@ -18,15 +18,19 @@ from models.value_head import HEAD_NAME, attach_scalar_head, last_token_scores
 from parallel.cross_entropy import vocab_parallel_cross_entropy
 
 
-def response_logprobs(model, normed, tokens, prompt_width: int, temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(model, normed, tokens, prompt_width: int, temperature: float = 1.0,
+                      vocab_limit: int = 0) -> torch.Tensor:
     """log p(token) [b, n] of the response tokens from a last stage's normed hidden state
-    (gradients flow; the vocab-split softmax is reduced over TP without gathering logits)."""
+    (gradients flow; the vocab-split softmax is reduced over TP without gathering logits).
+    vocab_limit > 0 takes the softmax over ids below it only: the distribution the generator
+    samples from when the tokenizer is smaller than the model's vocabulary."""
     hidden = model.vocab_parallel_input(normed)[prompt_width - 1:-1]
     logits = torch.nn.functional.linear(hidden, model.output_layer_weight())
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     targets = tokens[:, prompt_width:].t()
-    loss = vocab_parallel_cross_entropy(logits, targets, model.tp_group, model.vocab_start, model.cfg.vocab_size)
+    loss = vocab_parallel_cross_entropy(logits, targets, model.tp_group, model.vocab_start,
+                                        vocab_limit or model.cfg.vocab_size)
     return -loss.t()
 
 
