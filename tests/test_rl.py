@@ -126,3 +126,15 @@ def test_rl_config_errors(files):
         validate(tiny_config(rl_overrides("ppo", files["tokenizer"], prompts_per_iter=3, group_size=1)), 1)
     with pytest.raises(ConfigError, match="rl.max_new_tokens"):
         validate(tiny_config(rl_overrides("ppo", files["tokenizer"], max_new_tokens=16)), 1)
+
+
+def bench_on_cpu() -> dict:
+    from tools import bench_rl
+
+    return bench_rl.run(bench_rl.parse_args(["--preset", "tiny", "--device", "cpu", "--prompts", "4", "--prompt-len", "12",
+                                             "--new-tokens", "4", "--micro-batch", "2", "--iters", "1"]))
+
+
+def test_rl_benchmark_runs_on_cpu():
+    summary = run_distributed(bench_on_cpu, 1)[0]
+    assert summary["precision"] == "fp32" and summary["generation_tokens_per_s"] > 0 and summary["train_tokens_per_s"] > 0

@@ -48,4 +48,5 @@ def write_corpus(prefix: str, tokenizer, texts: list) -> str:
     with IndexedDatasetWriter(prefix, dtype=np.int32) as writer:
         for text in texts:
             writer.add_document(tokenizer.encode(text) + [tokenizer.eod_id])
+        writer.finalize()
     return prefix

@@ -49,6 +49,7 @@ class PolicyTrainer(ScalarHeadTrainer):
         self.reward_model = (RewardModelScorer(cfg, self.grid, self.rng, self.device, dtype, self.autocast)
                              if r.reward == "model" else None)
         self.generator = TextGenerator(self.model_chunks, self.grid, self.device, self.autocast)
+        self.stop_id = self.tokenizer.eod_id  # a response ends here (None: always max_new_tokens)
         self.kl_controller = KLController(r.kl_coef, r.kl_target, r.kl_horizon)
 
     def build_reference(self, dtype) -> list:
@@ -81,7 +82,7 @@ class PolicyTrainer(ScalarHeadTrainer):
         for chunk in self.model_chunks:
             chunk.eval()
         generated = self.generator.generate(
-            [item.ids for item in items], r.max_new_tokens, self.sampling, eos_id=self.tokenizer.eod_id,
+            [item.ids for item in items], r.max_new_tokens, self.sampling, eos_id=self.stop_id,
             pad_id=self.tokenizer.pad_id, seed=self.rollout_seed(), prompt_width=self.prompt_width,
             vocab_limit=self.tokenizer.vocab_size)
         rollout = {"tokens": generated.tokens, "position_ids": generated.position_ids,
