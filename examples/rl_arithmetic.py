@@ -3,7 +3,7 @@
     python examples/rl_arithmetic.py                 # all stages
     python examples/rl_arithmetic.py --stage ppo     # one stage: data | pretrain | ppo | grpo
 
-1. data: a character-level tokenizer and 20,000 solved problems "a+b=c" (operands 0..99),
+1. data: a character-level tokenizer and 20,000 solved problems "a+b=c" (operands 0..19),
    one document each, written to runs/rl_arithmetic/data.
 2. pretrain: the tiny Llama-style model trained briefly on them (examples/rl_arithmetic_pretrain.yaml),
    so it knows the format and gets some sums right.
@@ -29,13 +29,16 @@ sys.path.insert(0, ROOT)
 RUNS = "runs/rl_arithmetic"
 
 
+MAX_OPERAND = 19  # as rl.arithmetic_max in the PPO / GRPO configs
+
+
 def prepare_data(problems: int = 20000) -> None:
     from engine.data.tokenizer import build_tokenizer
     from engine.rl.arithmetic_data import solved_problems, write_char_tokenizer, write_corpus
 
     folder = write_char_tokenizer(os.path.join(RUNS, "data", "tok"))
     tokenizer = build_tokenizer("hf", folder)
-    write_corpus(os.path.join(RUNS, "data", "arith"), tokenizer, solved_problems(problems, 2, seed=0))
+    write_corpus(os.path.join(RUNS, "data", "arith"), tokenizer, solved_problems(problems, MAX_OPERAND, seed=0))
     print(f"wrote {folder} ({tokenizer.vocab_size} tokens) and {problems} problems to {RUNS}/data/arith", flush=True)
 
 

@@ -33,10 +33,10 @@ def write_char_tokenizer(folder: str, alphabet: str = ALPHABET) -> str:
     return folder
 
 
-def solved_problems(count: int, digits: int, seed: int) -> list:
-    """`count` texts "a+b=c" with operands of up to `digits` digits."""
+def solved_problems(count: int, max_operand: int, seed: int) -> list:
+    """`count` texts "a+b=c" with operands drawn from 0..max_operand."""
     rng = np.random.default_rng([seed, 17])
-    pairs = rng.integers(0, 10 ** digits, size=(count, 2))
+    pairs = rng.integers(0, max_operand + 1, size=(count, 2))
     return [f"{a}+{b}={a + b}" for a, b in pairs]
 
 

@@ -13,7 +13,7 @@ class RLConfig:
     # prompts: arithmetic (generated "a+b=" problems) | prompts (JSONL records {"prompt", "answer"?} in rl.prompts)
     task: str = "arithmetic"
     prompts: str = ""
-    arithmetic_digits: int = 2  # operands have 1..this many digits
+    arithmetic_max: int = 99  # operands are drawn from 0..arithmetic_max
     reward: str = "rule"  # rule (the task's checker) | model (the trained reward model in rl.reward_model)
     reward_model: str = ""  # checkpoint of a train.objective reward run
     reference: str = ""  # checkpoint of the frozen reference policy ("" = the policy's starting weights)
@@ -48,7 +48,7 @@ def validate_rl(cfg, dp: int) -> None:
     if r.reward == "model":
         _require(os.path.isdir(r.reward_model), "rl.reward_model", f"rl.reward model needs a reward-model checkpoint; {r.reward_model!r} does not exist")
     _require(not r.reference or os.path.isdir(r.reference), "rl.reference", f"directory {r.reference!r} does not exist")
-    _require(r.arithmetic_digits >= 1, "rl.arithmetic_digits", f"must be at least 1, got {r.arithmetic_digits}")
+    _require(r.arithmetic_max >= 1, "rl.arithmetic_max", f"must be at least 1, got {r.arithmetic_max}")
     _require(r.group_size >= (2 if t.objective == "grpo" else 1), "rl.group_size",
              f"GRPO compares samples of one prompt, so it needs at least 2; got {r.group_size}" if t.objective == "grpo"
              else f"must be at least 1, got {r.group_size}")

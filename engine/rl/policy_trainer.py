@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from engine.config import ConfigError
 from engine.generation import TextGenerator
 from engine.inference import build_chunks, freeze, load_model_weights
 from engine.rl.common import ScalarHeadTrainer, sum_over_replicas
@@ -54,7 +55,11 @@ class PolicyTrainer(ScalarHeadTrainer):
 
     def build_reference(self, dtype) -> list:
         """The frozen reference: rl.reference, or a copy of the policy's starting weights."""
-        p = self.cfg.parallel
+        p, c = self.cfg.parallel, self.cfg.checkpoint
+        if c.load and not c.load_model_only and not self.cfg.rl.reference:
+            # The loaded weights are a trained policy's, not the run's starting point.
+            raise ConfigError("rl.reference: a resumed PPO/GRPO run needs its reference (the checkpoint the "
+                              "policy started from) in rl.reference")
         chunks = build_chunks(self.cfg.model, self.grid, self.rng, self.device, dtype, self.cfg.train.seed,
                               p.vpp, p.pipeline_layers)
         if self.cfg.rl.reference:

@@ -1,6 +1,6 @@
 """Prompt sources for PPO / GRPO and their rule-based rewards.
 
-- `arithmetic`: "a+b=" problems with 1..rl.arithmetic_digits-digit operands, drawn from
+- `arithmetic`: "a+b=" problems with operands 0..rl.arithmetic_max, drawn from
   (train.seed, prompt index), so every layout and a resumed run see the same prompts.
 - `prompts`: JSONL records {"prompt": str, "answer": str}, taken in file order, cycling.
 
@@ -66,9 +66,9 @@ class PromptTask:
 
 
 class ArithmeticTask(PromptTask):
-    def __init__(self, tokenizer, max_prompt_tokens: int, digits: int, seed: int):
+    def __init__(self, tokenizer, max_prompt_tokens: int, max_operand: int, seed: int):
         super().__init__(tokenizer, max_prompt_tokens)
-        self.high, self.seed = 10 ** digits, seed
+        self.high, self.seed = max_operand + 1, seed
 
     def problem(self, index: int) -> tuple:
         a, b = np.random.default_rng([self.seed, 4049, index]).integers(0, self.high, size=2)
@@ -101,7 +101,7 @@ def build_task(cfg, tokenizer) -> PromptTask:
     r = cfg.rl
     max_prompt = cfg.model.seq_length - r.max_new_tokens
     if r.task == "arithmetic":
-        return ArithmeticTask(tokenizer, max_prompt, r.arithmetic_digits, cfg.train.seed)
+        return ArithmeticTask(tokenizer, max_prompt, r.arithmetic_max, cfg.train.seed)
     task = PromptFileTask(tokenizer, max_prompt, r.prompts)
     if r.reward == "rule" and not all(answer for _, answer in task.records):
         raise ConfigError("rl.reward: rule rewards compare with each record's 'answer', which "
