@@ -73,11 +73,6 @@ class TextGenerator:
     def last(self):
         return self.chunks[-1]
 
-    def new_cache(self, batch: int, length: int) -> KVCache:
-        layer_ids = [int(i) for chunk in self.chunks for i in chunk.layers]
-        attn = next(iter(self.chunks[0].layers.values())).attn
-        return KVCache(layer_ids, batch, length, attn.local_kv_heads, attn.head_dim, self.dtype, self.device)
-
     def last_logits(self, tokens, position_ids, document_ids, cache):
         """Local logits [b, v/tp] of the last position on the last stage, None elsewhere."""
         def run_chunk(chunk, hidden):
@@ -117,7 +112,7 @@ class TextGenerator:
         if width + max_new_tokens > self.cfg.max_position_embeddings:
             raise ValueError(f"prompt width {width} + {max_new_tokens} new tokens exceed the model's "
                              f"{self.cfg.max_position_embeddings} positions")
-        cache = self.new_cache(batch, width + max_new_tokens) if use_cache else None
+        cache = KVCache(batch, width + max_new_tokens, self.device) if use_cache else None
         generator = sampling_generator(self.device, seed)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         produced = []

@@ -1,7 +1,8 @@
 """Keys and values of past positions, for generation one token at a time.
 
 A cache holds, for every layer of this rank (its pipeline stage, its tensor-parallel heads),
-preallocated key and value tensors [batch, local kv heads, max_length, head_dim]. One model
+key and value tensors [batch, local kv heads, max_length, head_dim], allocated whole at the
+layer's first forward. One model
 forward appends `s` positions: `begin(document_ids)` before it records which segment each new
 position belongs to and builds the attention mask once for every layer; `advance()` after it
 moves the fill mark. Attention is causal within a segment, as for packed training samples: a
@@ -25,7 +26,7 @@ class LayerCache:
         """q: [b, n, s, d], k/v: [b, n_kv, s, d] of the new positions -> [b, n, s, d]."""
         cache = self.cache
         start, end = cache.length, cache.length + k.shape[2]
-        keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]
+        keys, values = cache.storage(self.layer_id, k)
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=cache.mask,
@@ -33,11 +34,8 @@ class LayerCache:
 
 
 class KVCache:
-    def __init__(self, layer_ids, batch: int, max_length: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (batch, kv_heads, max_length, head_dim)
-        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+    def __init__(self, batch: int, max_length: int, device):
+        self.keys, self.values = {}, {}  # layer id -> [b, kv heads, max_length, head dim]
         self.document_ids = torch.zeros(batch, max_length, dtype=torch.long, device=device)
         self.max_length, self.length, self.pending, self.mask = max_length, 0, 0, None
 
@@ -52,6 +50,15 @@ class KVCache:
         causal = torch.arange(end, device=document_ids.device).unsqueeze(0) <= query_pos  # [s, end]
         same = document_ids.unsqueeze(-1) == self.document_ids[:, :end].unsqueeze(1)  # [b, s, end]
         self.mask, self.pending = (same & causal).unsqueeze(1), s
+
+    def storage(self, layer_id: int, k: torch.Tensor):
+        """A layer's key and value tensors, allocated at its first forward in the dtype its keys
+        are computed in (the autocast dtype, not necessarily the weights')."""
+        if layer_id not in self.keys:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer_id] = k.new_zeros(shape)
+            self.values[layer_id] = k.new_zeros(shape)
+        return self.keys[layer_id], self.values[layer_id]
 
     def advance(self) -> None:
         self.length, self.pending = self.length + self.pending, 0
