@@ -22,11 +22,9 @@ def main(argv=None) -> int:
     report_termination(monitor)
     try:
         cfg = validate(parse_args(argv), world_size)
-        from engine.training import Trainer, shutdown  # after validation: no process group on bad input
+        from engine.training import shutdown, trainer_class  # after validation: no process group on bad input
 
-        if cfg.train.objective == "dpo":
-            from engine.dpo import DPOTrainer as Trainer
-        trainer = Trainer(cfg, monitor)
+        trainer = trainer_class(cfg.train.objective)(cfg, monitor)
         trainer.train()
         monitor.operation = "final barrier"
         shutdown()

@@ -12,6 +12,7 @@ import yaml
 
 from engine.launch import UserError
 from engine.precision import PRECISIONS
+from engine.rl.config import RLConfig, validate_rl
 from models.config import ModelConfig, resolve_preset, validate_model
 from models.pipeline_split import stage_layer_counts
 from parallel.grid import GridError, check_layout
@@ -58,7 +59,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
     eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
-    objective: str = "lm"  # lm (pretraining on data.path) | sft (chat JSONL in data.sft_train, docs/finetuning.md) | dpo (docs/preference.md)
+    objective: str = "lm"  # lm (data.path) | sft (data.sft_train, docs/finetuning.md) | dpo (docs/preference.md) | reward | ppo | grpo (docs/rl.md)
     freeze: typing.List[str] = dataclasses.field(default_factory=list)  # fnmatch patterns of parameter names not trained
     early_stop_patience: int = 0  # stop after this many evaluations without a new best val_loss (0: off)
     spike_factor: float = 0.0  # skip a step whose loss exceeds this x the running mean of recent losses (0: off)
@@ -167,6 +168,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -324,7 +326,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     validate_batch_ramp(cfg, dp)
     validate_optim(cfg.optim)
     validate_finetune(cfg)
-    validate_objective(cfg)
+    validate_objective(cfg, dp)
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", f"must be non-negative, got {c.interval}")
     _require(c.keep >= 0, "checkpoint.keep", f"must be non-negative, got {c.keep}")
@@ -332,19 +334,21 @@ def validate(cfg: Config, world_size: int) -> Config:
     return cfg
 
 
-def validate_objective(cfg: Config) -> None:
+OBJECTIVES = ("lm", "sft", "dpo", "reward", "ppo", "grpo")
+
+
+def validate_objective(cfg: Config, dp: int = 1) -> None:
     """The data each objective needs, and the training controls' ranges."""
     t, d = cfg.train, cfg.data
-    _require(t.objective in ("lm", "sft", "dpo"), "train.objective", f"must be lm, sft or dpo; got {t.objective!r}")
+    _require(t.objective in OBJECTIVES, "train.objective", f"must be one of {', '.join(OBJECTIVES)}; got {t.objective!r}")
     if t.objective == "dpo":
         validate_dpo(cfg)
+    elif t.objective == "reward":
+        validate_preference_data(cfg)
+    elif t.objective in ("ppo", "grpo"):
+        validate_rl(cfg, dp)
     elif t.objective == "sft":
-        _require(bool(d.sft_train), "data.sft_train", "train.objective sft needs a chat JSONL file of training conversations")
-        for key, path in (("data.sft_train", d.sft_train), ("data.sft_valid", d.sft_valid)):
-            _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
-        _require(bool(d.tokenizer), "data.tokenizer", "train.objective sft needs the tokenizer (model file or directory)")
-        _require(not t.eval_interval or bool(d.sft_valid), "data.sft_valid",
-                 "train.eval_interval is set but there is no validation JSONL")
+        validate_jsonl_data(cfg, "sft", "a chat JSONL file of training conversations")
     else:
         _require(d.mock or bool(d.path), "data.path", "give dataset prefixes, or set data.mock true")
     _require(t.early_stop_patience >= 0, "train.early_stop_patience", f"must be non-negative, got {t.early_stop_patience}")
@@ -356,16 +360,8 @@ def validate_objective(cfg: Config) -> None:
 
 
 def validate_dpo(cfg: Config) -> None:
-    d, o = cfg.data, cfg.dpo
-    _require(bool(d.preference_train), "data.preference_train",
-             "train.objective dpo needs a JSONL file of preference pairs (prompt, chosen, rejected)")
-    for key, path in (("data.preference_train", d.preference_train), ("data.preference_valid", d.preference_valid)):
-        _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
-    _require(bool(d.tokenizer), "data.tokenizer", "train.objective dpo needs the tokenizer (model file or directory)")
-    _require(d.preference_format in ("chat", "text"), "data.preference_format",
-             f"must be chat or text; got {d.preference_format!r}")
-    _require(not cfg.train.eval_interval or bool(d.preference_valid), "data.preference_valid",
-             "train.eval_interval is set but there are no validation preference pairs")
+    o = cfg.dpo
+    validate_preference_data(cfg)
     _require(o.loss in DPO_LOSSES, "dpo.loss", f"must be one of {', '.join(DPO_LOSSES)}; got {o.loss!r}")
     _require(o.beta > 0, "dpo.beta", f"must be positive, got {o.beta}")
     _require(0 <= o.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {o.label_smoothing}")
@@ -375,6 +371,24 @@ def validate_dpo(cfg: Config) -> None:
              f"directory {o.reference_logps!r} does not exist; write it with tools/dpo_reference_logps.py")
     _require(not o.reference_checkpoint or os.path.isdir(o.reference_checkpoint), "dpo.reference_checkpoint",
              f"directory {o.reference_checkpoint!r} does not exist")
+
+
+def validate_preference_data(cfg: Config) -> None:
+    validate_jsonl_data(cfg, "preference", "a JSONL file of preference pairs (prompt, chosen, rejected)")
+    _require(cfg.data.preference_format in ("chat", "text"), "data.preference_format",
+             f"must be chat or text; got {cfg.data.preference_format!r}")
+
+
+def validate_jsonl_data(cfg: Config, prefix: str, what: str) -> None:
+    """data.<prefix>_train (required) and data.<prefix>_valid JSONL files, and the tokenizer."""
+    t, d = cfg.train, cfg.data
+    train_key, valid_key = f"data.{prefix}_train", f"data.{prefix}_valid"
+    train, valid = getattr(d, f"{prefix}_train"), getattr(d, f"{prefix}_valid")
+    _require(bool(train), train_key, f"train.objective {t.objective} needs {what}")
+    for key, path in ((train_key, train), (valid_key, valid)):
+        _require(not path or os.path.isfile(path), key, f"file {path!r} does not exist")
+    _require(bool(d.tokenizer), "data.tokenizer", f"train.objective {t.objective} needs the tokenizer (model file or directory)")
+    _require(not t.eval_interval or bool(valid), valid_key, "train.eval_interval is set but there is no validation JSONL")
 
 
 def validate_pipeline(cfg: Config, dp: int) -> None:

@@ -32,6 +32,7 @@ from parallel.pipeline.schedules import run_schedule
 from parallel.pipeline.trace import build_tracer
 from parallel.random import RNGTracker
 
+RL_OBJECTIVES = ("reward", "ppo", "grpo")  # engine/rl/, docs/rl.md
 CONSOLE_KEYS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_s", "mfu", "mem_gib")
 
 
@@ -46,6 +47,9 @@ def resolve_device(cfg: Config) -> str:
 def build_datasets(cfg: Config, grid: ProcessGrid):
     """(train, valid) datasets of token samples."""
     m = cfg.model
+    if cfg.train.objective in RL_OBJECTIVES:
+        from engine.rl.data import build_rl_datasets  # preference pairs or prompts
+        return build_rl_datasets(cfg)
     if cfg.train.objective == "sft":
         from engine.sft_data import build_sft_datasets  # chat JSONL, rendered and packed
         return build_sft_datasets(cfg)
@@ -62,7 +66,7 @@ class Trainer:
     """Everything a run needs to continue lives here (model, optimizer, scheduler, RNG, step)."""
 
     sequences_per_sample = 1  # sequences a data sample puts in the batch (DPO: chosen and rejected)
-    console_keys = CONSOLE_KEYS + ("val_loss",)
+    console_keys = CONSOLE_KEYS + ("val_loss",)  # what each step prints; objectives add their own
     collate_batch = staticmethod(collate)  # samples -> one micro-batch of tensors
 
     def __init__(self, cfg: Config, monitor: RunMonitor | None = None):
@@ -98,8 +102,12 @@ class Trainer:
         if self.grid.is_logging_rank:
             with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as handle:
                 json.dump(dataclasses.asdict(cfg), handle, indent=1)
-        if cfg.checkpoint.load:
-            load_checkpoint(self, cfg.checkpoint.load, cfg.checkpoint.load_step, cfg.checkpoint.load_model_only)
+        self.load_initial_checkpoint()
+
+    def load_initial_checkpoint(self) -> None:
+        c = self.cfg.checkpoint
+        if c.load:
+            load_checkpoint(self, c.load, c.load_step, c.load_model_only)
 
     def build_model_chunks(self) -> list:
         """build_model's chunks in the parameter dtype of train.precision (FP8 linears for fp8)."""
@@ -170,10 +178,24 @@ class Trainer:
         seq = cfg.model.seq_length
         if cfg.parallel.sp and self.grid.tp > 1:
             seq //= self.grid.tp
-        shape = (seq, cfg.train.micro_batch_size * self.sequences_per_sample, cfg.model.hidden_size)
+        shape = (seq, self.sequences_per_microbatch(), cfg.model.hidden_size)
         dtype = next(self.model_chunks[0].parameters()).dtype
         return PipelineCommunicator(self.grid.pp_group, self.grid.pp_rank, shape, dtype, self.device,
                                     self.pipeline_tracer)
+
+    def tokens_per_step(self) -> int:
+        """Tokens trained on per step (at the full global batch), for the logged tokens/s and MFU."""
+        return self.cfg.train.global_batch_size * self.cfg.model.seq_length * self.sequences_per_sample
+
+    def tokens_in_step(self, record: dict) -> int:
+        """Tokens the step of `record` trained on: fewer while the batch ramps up."""
+        if "global_batch" not in record:
+            return self.tokens_per_step()
+        return record["global_batch"] * self.cfg.model.seq_length * self.sequences_per_sample
+
+    def sequences_per_microbatch(self) -> int:
+        """Batch size of the activations that travel between pipeline stages."""
+        return self.cfg.train.micro_batch_size * self.sequences_per_sample
 
     def build_embedding_group(self):
         """Megatron's embedding group (first and last stage of each pipeline), for tied embeddings."""
@@ -299,15 +321,14 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> list:
         cfg, history = self.cfg, []
-        meter = Throughput(cfg.train.global_batch_size * cfg.model.seq_length * self.sequences_per_sample,
-                           cfg.model.flops_per_token(), self.grid.world_size,
+        meter = Throughput(self.tokens_per_step(), cfg.model.flops_per_token(), self.grid.world_size,
                            device_peak_tflops(self.device, cfg.log.peak_tflops))
         if cfg.train.eval_at_start and self.valid_data is not None:
             self.logger.log({"step": self.step, **self.validation_record()}, self.console_keys)
             meter.lap()
         while self.step < cfg.train.iters:
             record = self.train_step()
-            _, tokens_per_s, mfu = meter.lap(record["global_batch"] * cfg.model.seq_length * self.sequences_per_sample)
+            _, tokens_per_s, mfu = meter.lap(self.tokens_in_step(record))
             record.update(tokens_per_s=tokens_per_s, mfu=mfu, mem_gib=peak_memory_gib(self.device))
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.iters):
                 record.update(self.validation_record())
@@ -337,6 +358,17 @@ class Trainer:
         if self.cfg.checkpoint.save and not save_due(self.cfg.checkpoint, self.step, final=False):
             self.optimizer.finish_param_sync()
             save_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep)
+
+
+def trainer_class(objective: str):
+    """The Trainer of an objective: LM and SFT share this one, DPO / reward / PPO / GRPO have theirs."""
+    if objective == "dpo":
+        from engine.dpo import DPOTrainer
+        return DPOTrainer
+    if objective in RL_OBJECTIVES:
+        from engine.rl.trainers import rl_trainer_class
+        return rl_trainer_class(objective)
+    return Trainer
 
 
 def gather_full_state(model, tp_group) -> dict:

@@ -85,22 +85,27 @@ class GPTModel(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, document_ids=None,
-                loss_weights=None):
+                loss_weights=None, kv_cache=None, return_hidden=False):
         # document_ids [b, s]: packed sequences; attention never crosses a document boundary.
         """tokens/labels/loss_weights: [b, s]. On the last stage: with labels, the per-token loss
         [b, s], or with loss_weights as well the scalar sum of weight x token loss (through the
-        chunked fused path when training); without labels, local logits [s, b, v/tp].
-        Other stages return the hidden state for the next stage."""
+        chunked fused path when training); without labels, local logits [s, b, v/tp]; with
+        return_hidden, the final-normed hidden state (see `output_logits`, models/value_head.py).
+        Other stages return the hidden state for the next stage. kv_cache: a
+        models.kv_cache.KVCache that this forward appends to (generation)."""
         if self.pre_process:
             hidden = self.embed(tokens, position_ids)
         seq_len = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
         rope = None
         if self.cfg.position_embedding == "rope":
             rope = rope_cache(seq_len, self.cfg.head_dim(), self.cfg.rope_theta, hidden.device, position_ids)
-        for layer in self.layers.values():
-            hidden = self._run_layer(layer, hidden, rope, document_ids)
+        for layer_id, layer in self.layers.items():
+            cache = kv_cache.layer(int(layer_id)) if kv_cache is not None else None
+            hidden = self._run_layer(layer, hidden, rope, document_ids, cache)
         if not self.post_process:
             return hidden
+        if return_hidden:
+            return self.final_norm(hidden)
         return self.head(hidden, labels, loss_weights)
 
     def embed(self, tokens, position_ids=None):
@@ -116,14 +121,28 @@ class GPTModel(nn.Module):
                 hidden = nn.functional.dropout(hidden, self.cfg.dropout)
         return hidden
 
-    def head(self, hidden, labels=None, loss_weights=None):
-        hidden = self.final_norm(hidden)
+    @property
+    def vocab_start(self) -> int:
+        """First vocabulary id of this rank's slice of the output layer."""
+        return self.embedding_rank() * (self.padded_vocab // self.tp)
+
+    def vocab_parallel_input(self, normed):
+        """The final-normed hidden state whole on every TP rank, for the vocab-split output layer
+        (its gradient is summed over TP, since each rank's slice of the vocabulary contributes)."""
         if self.sequence_parallel:
-            hidden = gather_from_sp(hidden, self.tp_group)
-        else:
-            hidden = copy_to_tp(hidden, self.tp_group)
-        weight = self.output_weight if hasattr(self, "output_weight") else self.embedding.weight
-        vocab_start = self.embedding_rank() * (self.padded_vocab // self.tp)
+            return gather_from_sp(normed, self.tp_group)
+        return copy_to_tp(normed, self.tp_group)
+
+    def output_layer_weight(self):
+        return self.output_weight if hasattr(self, "output_weight") else self.embedding.weight
+
+    def output_logits(self, normed):
+        """Local logits [s, b, v/tp] from `forward(..., return_hidden=True)`'s output."""
+        return nn.functional.linear(self.vocab_parallel_input(normed), self.output_layer_weight())
+
+    def head(self, hidden, labels=None, loss_weights=None):
+        hidden = self.vocab_parallel_input(self.final_norm(hidden))
+        weight, vocab_start = self.output_layer_weight(), self.vocab_start
         if labels is not None and loss_weights is not None and self.cfg.fused_cross_entropy and torch.is_grad_enabled():
             s, b, h = hidden.shape
             total, _ = linear_cross_entropy(hidden.reshape(s * b, h), weight, labels.t().reshape(-1),
@@ -136,9 +155,9 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_start, self.cfg.vocab_size).t()
         return loss if loss_weights is None else (loss.float() * loss_weights).sum()
 
-    def _run_layer(self, layer, hidden, rope, document_ids):
+    def _run_layer(self, layer, hidden, rope, document_ids, kv_cache=None):
         if not (self.recompute and self.training and torch.is_grad_enabled()):
-            return layer(hidden, rope, document_ids)
+            return layer(hidden, rope, document_ids, kv_cache)
         return activation_checkpoint.checkpoint(layer, hidden, rope, document_ids, use_reentrant=False,
                                                 context_fn=self._recompute_rng_contexts)
 

@@ -47,11 +47,12 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, bias=bool(cfg.add_bias_linear),
                                       sequence_parallel=sequence_parallel, device=device, dtype=dtype)
 
-    def forward(self, x, rope=None, document_ids=None):
+    def forward(self, x, rope=None, document_ids=None, kv_cache=None):
+        """kv_cache: this layer's slot of a models.kv_cache.KVCache (generation), or None."""
         qkv = self.qkv(x)
         s, b = qkv.shape[0], qkv.shape[1]
         q, k, v = fused_split_qkv_rope(qkv, rope, self.local_heads, self.local_kv_heads, self.head_dim)
-        out = self._attend(q, k, v, document_ids)
+        out = kv_cache.attend(q, k, v) if kv_cache is not None else self._attend(q, k, v, document_ids)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
         return self.proj(out)
 
@@ -92,8 +93,8 @@ class TransformerLayer(nn.Module):
         self.norm2 = Norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, sequence_parallel, device, dtype)
         self.mlp = MLP(cfg, tp_group, sequence_parallel, device, dtype)
 
-    def forward(self, x, rope=None, document_ids=None):
-        x = x + self._dropout(self.attn(self.norm1(x), rope, document_ids))
+    def forward(self, x, rope=None, document_ids=None, kv_cache=None):
+        x = x + self._dropout(self.attn(self.norm1(x), rope, document_ids, kv_cache))
         return x + self._dropout(self.mlp(self.norm2(x)))
 
     def _dropout(self, x):

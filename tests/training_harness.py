@@ -30,16 +30,16 @@ def train_and_collect(overrides: dict, gather_weights: bool = True) -> dict:
     import torch
 
     from engine.config import validate
-    from engine.training import Trainer, gather_model_state, shutdown
+    from engine.training import gather_model_state, shutdown, trainer_class
 
     torch.use_deterministic_algorithms(True)
     cfg = validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"]))
-    trainer = Trainer(cfg)
+    trainer = trainer_class(cfg.train.objective)(cfg)
     history = trainer.train()
     weights = gather_model_state(trainer.model_chunks, trainer.grid) if gather_weights else {}
     shutdown()
     return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
-            "val_loss": [r["val_loss"] for r in history if "val_loss" in r], "weights": weights}
+            "val_loss": [r["val_loss"] for r in history if "val_loss" in r], "weights": weights, "records": history}
 
 
 @functools.lru_cache(maxsize=None)

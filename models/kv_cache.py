@@ -1,0 +1,67 @@
+"""Keys and values of past positions, for generation one token at a time.
+
+A cache holds, for every layer of this rank (its pipeline stage, its tensor-parallel heads),
+key and value tensors [batch, local kv heads, max_length, head_dim], allocated whole at the
+layer's first forward. One model
+forward appends `s` positions: `begin(document_ids)` before it records which segment each new
+position belongs to and builds the attention mask once for every layer; `advance()` after it
+moves the fill mark. Attention is causal within a segment, as for packed training samples: a
+left-padded prompt puts its padding in segment 0 and the real tokens in segment 1, so no real
+token attends to padding and padding rows attend to themselves (never to nothing, which would
+make a softmax of NaNs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class LayerCache:
+    """One layer's slot in a KVCache: appends this forward's keys and values and attends."""
+
+    def __init__(self, cache: "KVCache", layer_id: int):
+        self.cache, self.layer_id = cache, layer_id
+
+    def attend(self, q, k, v):
+        """q: [b, n, s, d], k/v: [b, n_kv, s, d] of the new positions -> [b, n, s, d]."""
+        cache = self.cache
+        start, end = cache.length, cache.length + k.shape[2]
+        keys, values = cache.storage(self.layer_id, k)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=cache.mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
+class KVCache:
+    def __init__(self, batch: int, max_length: int, device):
+        self.keys, self.values = {}, {}  # layer id -> [b, kv heads, max_length, head dim]
+        self.document_ids = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+        self.max_length, self.length, self.pending, self.mask = max_length, 0, 0, None
+
+    def begin(self, document_ids: torch.Tensor) -> None:
+        """Before a forward of the new positions' segment ids [b, s]: build their mask."""
+        s = document_ids.shape[1]
+        if self.length + s > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; {self.length} + {s} do not fit")
+        self.document_ids[:, self.length:self.length + s] = document_ids
+        end = self.length + s
+        query_pos = torch.arange(self.length, end, device=document_ids.device).unsqueeze(-1)
+        causal = torch.arange(end, device=document_ids.device).unsqueeze(0) <= query_pos  # [s, end]
+        same = document_ids.unsqueeze(-1) == self.document_ids[:, :end].unsqueeze(1)  # [b, s, end]
+        self.mask, self.pending = (same & causal).unsqueeze(1), s
+
+    def storage(self, layer_id: int, k: torch.Tensor):
+        """A layer's key and value tensors, allocated at its first forward in the dtype its keys
+        are computed in (the autocast dtype, not necessarily the weights')."""
+        if layer_id not in self.keys:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer_id] = k.new_zeros(shape)
+            self.values[layer_id] = k.new_zeros(shape)
+        return self.keys[layer_id], self.values[layer_id]
+
+    def advance(self) -> None:
+        self.length, self.pending = self.length + self.pending, 0
+
+    def layer(self, layer_id: int) -> LayerCache:
+        return LayerCache(self, layer_id)
