@@ -24,6 +24,9 @@ from parallel import comm
 # Each DP shard of a bucket is a multiple of this many elements (256 bytes of fp32), so
 # shards start aligned for vectorised kernels and NCCL.
 SHARD_ALIGN = 64
+# Every parameter starts at a multiple of this many elements, so a parameter that follows an
+# odd-sized one (a scalar head's bias) is still aligned for vectorised kernels.
+PARAM_ALIGN = 64
 
 
 @dataclasses.dataclass
@@ -87,6 +90,7 @@ class GradBuffer:
         align = self.dp * SHARD_ALIGN
         buckets, offsets, members, start, size = [], {}, [], 0, 0
         for param in params:
+            size = -(-size // PARAM_ALIGN) * PARAM_ALIGN
             offsets[param] = start + size
             members.append(param)
             size += param.numel()

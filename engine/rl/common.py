@@ -18,10 +18,11 @@ class ScalarHeadTrainer(Trainer):
 
     with_scalar_head = False
 
-    def build_model(self) -> list:
-        chunks = super().build_model()
+    def build_model(self, dtype=torch.float32) -> list:
+        chunks = super().build_model(dtype)
         if self.with_scalar_head and chunks[-1].post_process:
             attach_scalar_head(chunks[-1], self.cfg.train.seed)
+            chunks[-1].to(dtype)  # the head drawn in fp32 like every weight, then rounded once
         return chunks
 
     def load_initial_checkpoint(self) -> None:
