@@ -17,7 +17,6 @@ The LR schedule advances once per iteration.
 """
 from __future__ import annotations
 
-import collections
 import time
 
 import torch
