@@ -73,9 +73,11 @@ def serial_run(files):
 
 def assert_same_run(result, serial):
     assert_matches_serial(result, serial)  # losses, grad norms and weights, at the parity tests' tolerances
+    # The rewards are beta x differences of summed sequence log-probs (magnitude ~1e2), so fp32
+    # summation order alone moves them by ~1e-5 absolute.
     for key in METRICS:
-        torch.testing.assert_close(torch.tensor(result[key]), torch.tensor(serial[key]), rtol=1e-5, atol=1e-6,
-                                   msg=key)
+        torch.testing.assert_close(torch.tensor(result[key]), torch.tensor(serial[key]), rtol=1e-5, atol=3e-5,
+                                   msg=lambda message, key=key: f"{key}: {message}")
 
 
 def test_serial_dpo_learns_the_preference(files):
