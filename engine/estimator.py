@@ -27,11 +27,13 @@ RESIDUAL_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 4, "fp32": 4}
 MATMUL_INPUT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 2, "fp32": 4}
 
 # Achieved dense-math rate of the forward/backward on one H100 (model FLOPs per second, excluding
-# the optimizer step). bf16, fp16 and compile are fitted to the llama-1.3b rows of
-# docs/benchmarks.md, fp8 to the 8-layer llama3-8b row with the compiled quantisation, and
-# bf16-autocast to the starting-point row; see that file's "Estimator" section.
-DEFAULT_TFLOPS = {"bf16": 394.0, "fp16": 383.0, "fp8": 345.0, "bf16-autocast": 300.0, "fp32": 50.0}
-COMPILE_TFLOPS_GAIN = 1.19  # bf16 + model.compile against bf16 eager on llama-1.3b
+# the optimizer step). bf16 is fitted to the llama-1.3b row of docs/benchmarks.md with the
+# weight-gradient fusion (one step per micro-batch), compile to the fused RoPE/SwiGLU run (where
+# compiling the layers no longer paid), fp16 and fp8 to earlier rows (fp16 on the llama-1.3b row
+# before the fusion, fp8 on the 8-layer llama3-8b row), bf16-autocast to the starting-point
+# row; see that file's "Estimator" section.
+DEFAULT_TFLOPS = {"bf16": 485.0, "fp16": 383.0, "fp8": 345.0, "bf16-autocast": 300.0, "fp32": 50.0}
+COMPILE_TFLOPS_GAIN = 0.98  # bf16 + model.compile against bf16 eager on llama-1.3b (46129 / 47119)
 OPTIMIZER_BYTES_PER_PARAM = 34  # fused AdamW: read/write masters and moments, read grads, write weights
 HBM_BYTES_PER_S = 2.9e12  # achieved by the fused AdamW on H100 (16 ms for 1.36B params, profile)
 CE_CHUNK_TOKENS = 2048  # parallel/linear_cross_entropy.py keeps logits for this many tokens at a time
@@ -107,9 +109,11 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, seq: int) -> float:
     count, s*b*h*(34 + 5*a*s/h) for GPT-3 in 16-bit, without the a*s^2 score terms: flash/SDPA
     attention keeps only its output and log-sum-exp). Generalised to GQA, SwiGLU and no dropout:
     - residual stream: the two norm inputs (RESIDUAL_BYTES each);
-    - attention: norm output (QKV input), Q, K, V, attention output, projection input;
-    - MLP: norm output (fc1 input), and 2 tensors of f for GeLU (fc1 output, fc2 input) or 4 for
-      SwiGLU (gate, silu(gate), up, their product = fc2 input);
+    - attention: norm output (QKV input), Q, K, V (RoPE's backward needs only cos/sin), and the
+      attention output, which is also the projection's input;
+    - MLP: norm output (fc1 input), and 2 tensors of f for GeLU (fc1 output, fc2 input) or 3 for
+      SwiGLU (fc1's gate and up, and their product = fc2 input: the fused SwiGLU recomputes
+      silu(gate) in its backward);
     - dropout masks (1 byte) after attention and MLP when dropout > 0.
     Tensors of [s, b, h] are split over TP under sequence parallelism; those inside the
     TP region (Q, K, V, attention output, MLP intermediates) are always split over TP."""
@@ -118,8 +122,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, seq: int) -> float:
     r, x = RESIDUAL_BYTES[layout.precision], MATMUL_INPUT_BYTES[layout.precision]
     sp_split = tp if layout.sp else 1
     replicated = s * b * h * (2 * r + 2 * x) / sp_split  # norm inputs, QKV and fc1 inputs
-    attention = s * b * (3 * h + 2 * kv) * x / tp  # Q, K, V, attention output, projection input
-    mlp = s * b * f * (4 if m.activation == "swiglu" else 2) * x / tp
+    attention = s * b * (2 * h + 2 * kv) * x / tp  # Q, K, V, attention output (= projection input)
+    mlp = s * b * f * (3 if m.activation == "swiglu" else 2) * x / tp
     dropout = 2 * s * b * h / sp_split if m.dropout > 0 else 0
     attention_scores = 0  # flash / SDPA: no [a, s, s] tensor is saved
     return replicated + attention + mlp + dropout + attention_scores

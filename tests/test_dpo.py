@@ -179,7 +179,7 @@ def test_reference_logps_of_other_data_are_refused(files, tmp_path):
     ("dpo", {"loss": "kto"}, "dpo.loss: must be one of sigmoid, ipo, hinge; got 'kto'"),
     ("dpo", {"loss": "ipo", "label_smoothing": 0.1}, "dpo.label_smoothing: applies to the sigmoid loss only"),
     ("dpo", {"beta": 0.0}, "dpo.beta: must be positive"),
-    ("data", {"preference_valid": ""}, "data.preference_valid: train.eval_interval is set but there are no"),
+    ("data", {"preference_valid": ""}, "data.preference_valid: train.eval_interval is set but there is no validation JSONL"),
 ])
 def test_config_errors(files, section, values, message):
     from engine.config import ConfigError, validate

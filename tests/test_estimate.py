@@ -31,11 +31,11 @@ def test_bf16_memory_one_gpu(tiny):
     assert memory.gradients == 4 * 250432 + 2 * 32768
     assert memory.optimizer == 12 * 250432  # fp32 master + two Adam moments
     # per layer, s*b = 64*2 = 128 tokens: norm inputs and QKV/fc1 inputs 128*64*(2+2+2+2) = 65536;
-    # Q, K, V, attention output, projection input 128*(3*64+2*32)*2 = 65536;
-    # SwiGLU gate, silu(gate), up, product 128*176*4*2 = 180224 -> 311296 per layer, 4 layers
-    assert memory.activations == 4 * 311296
+    # Q, K, V, attention output (= projection input) 128*(2*64+2*32)*2 = 49152;
+    # SwiGLU gate and up, their product 128*176*3*2 = 135168 -> 249856 per layer, 4 layers
+    assert memory.activations == 4 * 249856
     assert memory.logits == 128 * 512 * 4 * 3  # one chunk (128 tokens < 2048) of fp32 logits, softmax, grad
-    tensors = 500864 + (1001728 + 65536) + 3005184 + 1245184 + 786432
+    tensors = 500864 + (1001728 + 65536) + 3005184 + 999424 + 786432
     assert memory.allowance == pytest.approx(tensors * 0.03 + 0.5 * GIB)
     assert memory.total == pytest.approx(tensors * 1.03 + 0.5 * GIB)
 
@@ -44,7 +44,7 @@ def test_autocast_keeps_fp32_weights_and_residual_stream(tiny):
     memory = est.peak_memory(tiny, est.Layout(micro_batch=2, precision="bf16-autocast"))
     assert memory.weights == 4 * 250432 and memory.optimizer == 8 * 250432  # no master copy
     # norm inputs in fp32: 128*64*(4+4+2+2) = 98304 instead of 65536 per layer
-    assert memory.activations == 4 * (98304 + 65536 + 180224)
+    assert memory.activations == 4 * (98304 + 49152 + 135168)
 
 
 def test_tensor_and_sequence_parallel_split(tiny):
@@ -53,29 +53,29 @@ def test_tensor_and_sequence_parallel_split(tiny):
     params = 4 * 46208 // 2 + 2 * 32768 // 2 + 64  # TP halves layers and vocab; the final norm is whole
     assert memory.weights == 2 * params
     assert memory.optimizer == 12 * params / 2  # sharded over DP=2
-    assert memory.activations == 4 * 311296 / 2  # everything split over TP with SP
+    assert memory.activations == 4 * 249856 / 2  # everything split over TP with SP
     no_sp = est.peak_memory(tiny, est.Layout(tp=2, micro_batch=2))
-    assert no_sp.activations == 4 * (65536 + (65536 + 180224) / 2)  # [s,b,h] tensors replicated
+    assert no_sp.activations == 4 * (65536 + (49152 + 135168) / 2)  # [s,b,h] tensors replicated
 
 
 def test_pipeline_in_flight_and_recompute(tiny):
     # PP=2, 8 microbatches: stage 0 holds 2 layers x 2 microbatches (1F1B warm-up = pp)
     layout = est.Layout(pp=2, micro_batch=2, global_batch=16)
-    assert est.stage_memory(tiny, layout, True, False).activations == 2 * 311296 * 2
+    assert est.stage_memory(tiny, layout, True, False).activations == 2 * 249856 * 2
     # the last stage's peak holds one microbatch of its layers, plus the output layer's logits
     last = est.stage_memory(tiny, layout, False, True)
-    assert last.activations == 2 * 311296 and last.logits == 128 * 512 * 4 * 3
+    assert last.activations == 2 * 249856 and last.logits == 128 * 512 * 4 * 3
     # interleaved, vpp=2: pp * (1 + (pp-1)/(pp*vpp)) = 2.5 stage-equivalents
     interleaved = est.Layout(pp=2, vpp=2, micro_batch=2, global_batch=16)
-    assert est.activation_bytes(tiny, interleaved) == 2 * 311296 * 2.5
+    assert est.activation_bytes(tiny, interleaved) == 2 * 249856 * 2.5
     # full recompute keeps each layer's bf16 input (128*64*2 = 16384) per microbatch in flight,
     # plus one layer's activations while it is recomputed
     recompute = est.Layout(pp=2, micro_batch=2, global_batch=16, recompute="full")
-    assert est.activation_bytes(tiny, recompute) == 2 * 16384 * 2 + 311296
-    # on the last stage the logits chunk (786432 B) and the recomputed layer (311296 B) are
+    assert est.activation_bytes(tiny, recompute) == 2 * 16384 * 2 + 249856
+    # on the last stage the logits chunk (786432 B) and the recomputed layer (249856 B) are
     # never alive together: only the larger one counts
     last = est.stage_memory(tiny, recompute, False, True)
-    assert last.activations + last.logits == 2 * 16384 + 311296 + (786432 - 311296)
+    assert last.activations + last.logits == 2 * 16384 + 249856 + (786432 - 249856)
 
 
 def test_step_time_compute_and_bubble(tiny):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.batches import step_microbatches
 from engine.rl.common import ScalarHeadTrainer, sum_over_replicas
 from engine.rl.data import collate_pairs
 from engine.training import CONSOLE_KEYS
@@ -22,18 +21,9 @@ from parallel import comm
 
 class RewardTrainer(ScalarHeadTrainer):
     with_scalar_head = True
-    console_keys = CONSOLE_KEYS[:3] + ("accuracy", "reward_margin") + CONSOLE_KEYS[3:]
-
-    def sequences_per_microbatch(self) -> int:
-        return 2 * self.cfg.train.micro_batch_size
-
-    def tokens_per_step(self) -> int:
-        return 2 * super().tokens_per_step()
-
-    def microbatches(self, dataset, step: int) -> list:
-        t = self.cfg.train
-        return step_microbatches(dataset, step, t.global_batch_size, t.micro_batch_size, self.grid.dp_rank,
-                                 self.grid.dp, self.device, collate_fn=collate_pairs)
+    console_keys = CONSOLE_KEYS[:3] + ("accuracy", "reward_margin") + CONSOLE_KEYS[3:] + ("val_loss",)
+    sequences_per_sample = 2  # chosen and rejected
+    collate_batch = staticmethod(collate_pairs)
 
     def global_token_count(self, batches) -> torch.Tensor:
         """The loss normaliser: pairs in the global batch."""
