@@ -17,6 +17,10 @@ model up to fp32 summation order) and need no collective of their own:
   B is marked `tp_partial_grad` too. Sequence parallelism needs nothing extra: the column
   base's input is already gathered, the row base's output already reduce-scattered.
 
+QLoRA: with an NF4 base (`parallel/nf4.enable_nf4` first) the layer has no `weight`; the
+layout then comes from `layer.nf4.shard_spec` and the base product from the NF4 `linear_fn`
+that the adapter wraps.
+
 Targets are fnmatch patterns over linear module names (`layers.*.attn.qkv`) or aliases that a
 model supplies (`q` -> block 0 of the fused qkv). Targeting some blocks of a fused linear gives
 B rows only for those blocks; the other blocks' rows of the update are zero.

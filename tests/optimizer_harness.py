@@ -58,6 +58,7 @@ def train_around_bad_step(overrides: dict, bad_step: int, mode: str) -> dict:
     for _ in range(trainer.cfg.train.iters):
         if trainer.step == bad_step and mode == "omit":
             trainer.step += 1
+            trainer.consumed_samples += trainer.cfg.train.global_batch_size  # the batch is passed over
             trainer.scheduler.advance()
             continue
         hook = None

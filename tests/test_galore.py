@@ -136,7 +136,7 @@ def test_galore_reduces_the_loss_and_dp2_equals_one_process():
 
 def test_tp2_galore_resumes_bit_exact(tmp_path):
     """Per-shard projections at TP=2, saved per TP place: the resumed run repeats the losses
-    of the uninterrupted one (a refresh at step 5 falls after the resume)."""
+    of the uninterrupted one (a refresh at update 4 falls after the resume)."""
     from tests.training_harness import train_and_collect
 
     base = {"optim": GALORE, "parallel": {"tp": 2}, "train": {"iters": 6}}
@@ -146,6 +146,10 @@ def test_tp2_galore_resumes_bit_exact(tmp_path):
                               False)[0]
     assert straight["loss"][-1] < straight["loss"][0]
     assert resumed["loss"] == straight["loss"][3:]
+    # At TP=1 the weights load (the first loss is the same), the per-shard projections restart.
+    serial = run_distributed(train_and_collect, 1, {**base, "parallel": {"tp": 1},
+                                                    "checkpoint": {"load": str(tmp_path), "load_step": 3}}, False)[0]
+    assert serial["loss"][0] == pytest.approx(straight["loss"][3], rel=1e-5) and len(serial["loss"]) == 3
 
 
 def test_galore_config_errors():

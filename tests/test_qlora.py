@@ -1,8 +1,8 @@
 """QLoRA (finetune.method qlora): LoRA adapters over NF4 bases, started from a pretrained base
 (finetune.base), with adapters-only checkpoints.
 
-The comparison is exact: NF4 blocks are cut per TP shard, so the TP=2 QLoRA run is compared
-with one process running plain LoRA on the same base values, namely every linear replaced by
+The comparison is exact: NF4 blocks are cut per TP shard, so the TP=2 (and TP=2 x PP=2) QLoRA
+runs are compared with one process running plain LoRA on the same base values, namely every linear replaced by
 the NF4 round trip of its TP=2 shards (quantise each shard, dequantise, reassemble). Forward,
 backward and updates then see the same numbers, and only fp32 summation order differs."""
 import dataclasses
@@ -18,6 +18,7 @@ from tests.distributed import run_distributed
 
 ADAPTERS = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ["q", "v", "o", "gate", "up", "down"]}
 ITERS = 6
+LAYOUTS = {"tp2": (2, {"parallel": {"tp": 2}}), "tp2_pp2": (4, {"parallel": {"tp": 2, "pp": 2}})}
 
 
 def tp_round_trip(full: torch.Tensor, spec, tp: int, double_quant: bool) -> torch.Tensor:
@@ -77,12 +78,18 @@ def serial_reference():
 
 
 @functools.lru_cache(maxsize=None)
-def tp2_qlora(save_dir: str):
+def parallel_qlora(layout: str, save_dir: str = ""):
+    """QLoRA at a layout of LAYOUTS; with save_dir, checkpoints every 3 steps."""
     from tests.training_harness import pretrained_base
 
-    overrides = {"finetune": {**ADAPTERS, "method": "qlora", "base": pretrained_base()}, "parallel": {"tp": 2},
-                 "checkpoint": {"save": save_dir, "interval": 3}}
-    return run_distributed(qlora_run, 2, overrides)
+    world, overrides = LAYOUTS[layout]
+    saving = {"checkpoint": {"save": save_dir, "interval": 3}} if save_dir else {}
+    return run_distributed(qlora_run, world, {"finetune": {**ADAPTERS, "method": "qlora", "base": pretrained_base()},
+                                              **overrides, **saving})
+
+
+def tp2_qlora(save_dir: str):
+    return parallel_qlora("tp2", save_dir)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +97,15 @@ def save_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("qlora"))
 
 
-def test_tp2_qlora_equals_serial_lora_on_the_round_tripped_base(save_dir):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_qlora_equals_serial_lora_on_the_tp2_round_tripped_base(layout, save_dir):
     from tests.training_harness import pretrained_base_run
 
     serial, base_weights = serial_reference(), pretrained_base_run()[1]
-    for result in tp2_qlora(save_dir):
-        assert len(result["quantized"]) == 16 and result["nf4_unchanged"]  # every TP linear, never written
+    pp = LAYOUTS[layout][1]["parallel"].get("pp", 1)
+    for result in tp2_qlora(save_dir) if layout == "tp2" else parallel_qlora(layout):
+        # every TP linear of this rank's pipeline stage is quantised, and never written
+        assert len(result["quantized"]) == 16 // pp and result["nf4_unchanged"]
         assert result["trainable"] and all(n.endswith((".lora_A", ".lora_B")) for n in result["trainable"])
         torch.testing.assert_close(torch.tensor(result["loss"]), torch.tensor(serial["loss"]), rtol=1e-5, atol=1e-6)
         for name, value in result["after"].items():
@@ -105,6 +115,7 @@ def test_tp2_qlora_equals_serial_lora_on_the_round_tripped_base(save_dir):
                 assert torch.equal(result["before"][name], base_weights[name]), name
                 assert torch.equal(value, result["before"][name]), name
     assert serial["after"]["layers.0.attn.qkv.lora_B"].abs().max() > 1e-4  # the adapters did train
+    assert torch.equal(serial["before"]["embedding.weight"], base_weights["embedding.weight"])  # LoRA from the base
 
 
 def test_qlora_checkpoint_holds_adapters_only_and_resumes(save_dir):
