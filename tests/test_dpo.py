@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -63,12 +64,13 @@ def dpo_train(overrides: dict) -> dict:
     copies = trainer.reference_chunks is not None and trainer.reference_chunks is not trainer.model_chunks
     shutdown()
     return {**{key: [r[key] for r in history if key in r] for key in METRICS}, "weights": weights,
-            "reference_copy": copies}
+            "reference_copy": copies, "checkpoint": trainer.cfg.checkpoint.save}
 
 
 @functools.lru_cache(maxsize=None)
 def serial_run(files):
-    return run_distributed(dpo_train, 1, dpo_overrides(files))[0]
+    """The one-process run; it also saves its final checkpoint (for the resume test)."""
+    return run_distributed(dpo_train, 1, dpo_overrides(files, checkpoint={"save": tempfile.mkdtemp()}))[0]
 
 
 def assert_same_run(result, serial):
@@ -85,6 +87,12 @@ def test_serial_dpo_learns_the_preference(files):
     assert serial["margin"][-1] > serial["margin"][1] > 0 and serial["loss"][-1] < serial["loss"][0]
     assert serial["accuracy"][-1] >= 0.75
     assert len(serial["val_loss"]) == 2
+
+
+def test_resuming_a_full_dpo_run_needs_its_reference(files):
+    saved = serial_run(files)["checkpoint"]
+    with pytest.raises(RuntimeError, match="dpo.reference_checkpoint: resuming the DPO run in .* needs the reference"):
+        run_distributed(dpo_train, 1, dpo_overrides(files, checkpoint={"load": saved}, train={"iters": 6}))
 
 
 LAYOUTS = {
