@@ -9,11 +9,15 @@ Corruptions take turns (by a hash of the function, so the data is the same on ev
   swap     two different tokens of the body (names, numbers, operators, brackets) trade places
   other    the body of another function of the same split, of about the same length (one of
            the 8 nearest in characters), so that length alone does not tell the two apart
+With --broken-only a shuffle or swap counts only when the result no longer parses as a function
+body (up to 20 tries each): a shuffle of independent lines or a swap of two names can leave an
+equally good body, which would be a pair without a real preference.
 Whole modules go to validation (one in 20 by a hash of the module name, as
 prepare_sft_data.py), so no validation pair shares a file with a training pair.
 """
 from __future__ import annotations
 
+import ast
 import bisect
 import hashlib
 import json
@@ -21,12 +25,33 @@ import os
 import random
 import re
 import sys
+import textwrap
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prepare_sft_data import functions_by_split, parse_cli  # noqa: E402
 
 CORRUPTIONS = ("shuffle", "swap", "other")
 TOKEN = re.compile(r"\w+|[^\w\s]")  # a name or number, or one punctuation character
+
+
+def parses(body: str) -> bool:
+    try:
+        with warnings.catch_warnings():  # a swapped body may hold odd literals; only the verdict matters
+            warnings.simplefilter("ignore")
+            ast.parse("def f():\n" + textwrap.indent(body, "    "))
+    except SyntaxError:
+        return False
+    return True
+
+
+def broken(make, body: str, rng: random.Random, tries: int = 20) -> str | None:
+    """make(body, rng), retried until the result does not parse."""
+    for _ in range(tries):
+        corrupted = make(body, rng)
+        if corrupted is None or not parses(corrupted):
+            return corrupted
+    return None
 
 
 def shuffled_lines(body: str, rng: random.Random) -> str | None:
@@ -58,15 +83,14 @@ def similar_length_body(body: str, rng: random.Random, bodies: list) -> str | No
     return rng.choice(near[:8]) if near else None
 
 
-def corrupt(body: str, kind: str, rng: random.Random, bodies: list) -> str | None:
-    if kind == "shuffle":
-        return shuffled_lines(body, rng)
-    if kind == "swap":
-        return swapped_tokens(body, rng)
-    return similar_length_body(body, rng, bodies)
+def corrupt(body: str, kind: str, rng: random.Random, bodies: list, broken_only: bool) -> str | None:
+    if kind == "other":
+        return similar_length_body(body, rng, bodies)
+    make = shuffled_lines if kind == "shuffle" else swapped_tokens
+    return broken(make, body, rng) if broken_only else make(body, rng)
 
 
-def make_pairs(functions: list, kinds=CORRUPTIONS) -> list:
+def make_pairs(functions: list, kinds=CORRUPTIONS, broken_only: bool = False) -> list:
     """One preference record per (instruction, body); the corruption is chosen by hash among
     `kinds`, falling back to the next kind when it cannot change this body."""
     bodies = sorted((body for _, body in functions), key=len)
@@ -76,7 +100,7 @@ def make_pairs(functions: list, kinds=CORRUPTIONS) -> list:
         rng = random.Random(seed)
         for offset in range(len(kinds)):
             kind = kinds[(seed + offset) % len(kinds)]
-            rejected = corrupt(body, kind, rng, bodies)
+            rejected = corrupt(body, kind, rng, bodies, broken_only)
             if rejected is not None:
                 records.append({"prompt": instruction, "chosen": body, "rejected": rejected, "corruption": kind})
                 break
@@ -86,12 +110,13 @@ def make_pairs(functions: list, kinds=CORRUPTIONS) -> list:
 def main(argv=None) -> int:
     args = parse_cli(__doc__, argv, extra=lambda p: (
         p.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="kinds to use, comma-separated"),
-        p.add_argument("--name", default="dpo_stdlib", help="files are <out-dir>/<name>_{train,valid}.jsonl")))
+        p.add_argument("--name", default="dpo_stdlib", help="files are <out-dir>/<name>_{train,valid}.jsonl"),
+        p.add_argument("--broken-only", action="store_true", help="shuffles and swaps must break the syntax")))
     kinds = tuple(args.corruptions.split(","))
     if not kinds or set(kinds) - set(CORRUPTIONS):
         raise SystemExit(f"error: --corruptions: choose from {', '.join(CORRUPTIONS)}")
     for split, functions in functions_by_split(args).items():
-        records = make_pairs(functions, kinds)
+        records = make_pairs(functions, kinds, args.broken_only)
         out = os.path.join(args.out_dir, f"{args.name}_{split}.jsonl")
         with open(out, "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in records)
