@@ -4,14 +4,15 @@ chosen response is the real body and the rejected one a corrupted body.
 
     python examples/prepare_dpo_data.py     # -> data/dpo_stdlib_{train,valid}.jsonl
 
-Corruptions take turns (by a hash of the function, so the data is the same on every run):
+Corruptions take turns among --corruptions (by a hash of the function, so the data is the same
+on every run; a kind that cannot change a body hands it to the next):
   shuffle  the body's lines in another order (bodies of two or more distinct lines)
   swap     two different tokens of the body (names, numbers, operators, brackets) trade places
   other    the body of another function of the same split, of about the same length (one of
            the 8 nearest in characters), so that length alone does not tell the two apart
-With --broken-only a shuffle or swap counts only when the result no longer parses as a function
-body (up to 20 tries each): a shuffle of independent lines or a swap of two names can leave an
-equally good body, which would be a pair without a real preference.
+By default (shuffle and swap) a corruption counts only when the result no longer parses as a
+function body (up to 20 tries): a shuffle of independent lines or a swap of two names can leave
+an equally good body, a pair without a real preference. --allow-parseable keeps those too.
 Whole modules go to validation (one in 20 by a hash of the module name, as
 prepare_sft_data.py), so no validation pair shares a file with a training pair.
 """
@@ -109,14 +110,14 @@ def make_pairs(functions: list, kinds=CORRUPTIONS, broken_only: bool = False) ->
 
 def main(argv=None) -> int:
     args = parse_cli(__doc__, argv, extra=lambda p: (
-        p.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="kinds to use, comma-separated"),
+        p.add_argument("--corruptions", default="shuffle,swap", help=f"kinds among {','.join(CORRUPTIONS)}"),
         p.add_argument("--name", default="dpo_stdlib", help="files are <out-dir>/<name>_{train,valid}.jsonl"),
-        p.add_argument("--broken-only", action="store_true", help="shuffles and swaps must break the syntax")))
+        p.add_argument("--allow-parseable", action="store_true", help="keep shuffles and swaps that still parse")))
     kinds = tuple(args.corruptions.split(","))
     if not kinds or set(kinds) - set(CORRUPTIONS):
         raise SystemExit(f"error: --corruptions: choose from {', '.join(CORRUPTIONS)}")
     for split, functions in functions_by_split(args).items():
-        records = make_pairs(functions, kinds, args.broken_only)
+        records = make_pairs(functions, kinds, broken_only=not args.allow_parseable)
         out = os.path.join(args.out_dir, f"{args.name}_{split}.jsonl")
         with open(out, "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in records)
