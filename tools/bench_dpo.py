@@ -151,6 +151,8 @@ def step_timer(device):
 
 
 def run_trl(args, workdir):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
     from transformers import PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
