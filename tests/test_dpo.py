@@ -96,7 +96,8 @@ def test_resuming_a_full_dpo_run_needs_its_reference(files):
 
 
 LAYOUTS = {
-    "tp2_pp2": (4, {"parallel": {"tp": 2, "pp": 2}}),  # 4 micro-batches through a 2-stage pipeline
+    "tp2_pp2": (4, {"parallel": {"tp": 2, "pp": 2}}),  # 4 micro-batches through a 2-stage pipeline (1F1B)
+    "tp2_sp_pp2_vpp2": (4, {"parallel": {"tp": 2, "sp": True, "pp": 2, "vpp": 2}}),  # interleaved, sequence parallel
     "dp2_sharded": (2, {"optim": {"shard": True}}),  # the pair mean spans data-parallel ranks
 }
 
