@@ -58,12 +58,15 @@ def is_validation_module(path: str, one_in: int) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % one_in == 0
 
 
-def parse_cli(doc: str, argv=None) -> argparse.Namespace:
+def parse_cli(doc: str, argv=None, extra=None) -> argparse.Namespace:
+    """The data scripts' options; `extra(parser)` adds a script's own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--max-instruction-chars", type=int, default=300)
     p.add_argument("--max-output-chars", type=int, default=300)
     p.add_argument("--valid-one-in", type=int, default=20, help="one module in N goes to validation")
+    if extra:
+        extra(p)
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     return args

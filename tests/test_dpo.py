@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -63,12 +64,13 @@ def dpo_train(overrides: dict) -> dict:
     copies = trainer.reference_chunks is not None and trainer.reference_chunks is not trainer.model_chunks
     shutdown()
     return {**{key: [r[key] for r in history if key in r] for key in METRICS}, "weights": weights,
-            "reference_copy": copies}
+            "reference_copy": copies, "checkpoint": trainer.cfg.checkpoint.save}
 
 
 @functools.lru_cache(maxsize=None)
 def serial_run(files):
-    return run_distributed(dpo_train, 1, dpo_overrides(files))[0]
+    """The one-process run; it also saves its final checkpoint (for the resume test)."""
+    return run_distributed(dpo_train, 1, dpo_overrides(files, checkpoint={"save": tempfile.mkdtemp()}))[0]
 
 
 def assert_same_run(result, serial):
@@ -89,8 +91,15 @@ def test_serial_dpo_learns_the_preference(files):
     assert len(serial["val_loss"]) == 2
 
 
+def test_resuming_a_full_dpo_run_needs_its_reference(files):
+    saved = serial_run(files)["checkpoint"]
+    with pytest.raises(RuntimeError, match="dpo.reference_checkpoint: resuming the DPO run in .* needs the reference"):
+        run_distributed(dpo_train, 1, dpo_overrides(files, checkpoint={"load": saved}, train={"iters": 6}))
+
+
 LAYOUTS = {
-    "tp2_pp2": (4, {"parallel": {"tp": 2, "pp": 2}}),  # 4 micro-batches through a 2-stage pipeline
+    "tp2_pp2": (4, {"parallel": {"tp": 2, "pp": 2}}),  # 4 micro-batches through a 2-stage pipeline (1F1B)
+    "tp2_sp_pp2_vpp2": (4, {"parallel": {"tp": 2, "sp": True, "pp": 2, "vpp": 2}}),  # interleaved, sequence parallel
     "dp2_sharded": (2, {"optim": {"shard": True}}),  # the pair mean spans data-parallel ranks
 }
 

@@ -11,7 +11,8 @@ Each stack runs in its own child process (clean peak-memory numbers), one after 
 bf16 mixed precision on CUDA (Trellis: bf16 weights and fp32 master weights; TRL: fp32 weights
 under bf16 autocast), AdamW, no activation recompute / gradient checkpointing, the reference
 model a frozen copy computed on the fly, sigmoid loss, beta 0.1. tokens/s counts the chosen and
-rejected sequences of a step once each (the reference forward is extra work of both stacks).
+rejected sequences of a step once each; MFU counts the work done on them: the policy's forward
+and backward and the reference's forward (4/3 of a training step's model FLOPs).
 Warm-up steps are excluded; the median step is reported. Extra `--section.key value` arguments
 go to the Trellis configuration.
 
@@ -88,6 +89,11 @@ def write_pairs(path: str, count: int, args, vocab_size: int) -> str:
 
 
 # ---- the two stacks ---------------------------------------------------------------------------------
+def dpo_flops_per_token(model_cfg) -> float:
+    """Policy forward + backward (3 passes) and reference forward (1 pass): 4/3 of training FLOPs."""
+    return model_cfg.flops_per_token() * 4 / 3
+
+
 def run_trellis(args, extra, workdir):
     from engine.config import parse_args, validate
     from engine.dpo import DPOTrainer
@@ -103,7 +109,7 @@ def run_trellis(args, extra, workdir):
     trainer = DPOTrainer(cfg)
     times, mem = timed_steps(trainer.train_step, args.warmup, args.steps, trainer.device)
     peak = device_peak_tflops(trainer.device, cfg.log.peak_tflops)
-    row = summarise("trellis", times, 2 * args.pairs * seq, cfg.model.flops_per_token(), 1, peak, mem)
+    row = summarise("trellis", times, 2 * args.pairs * seq, dpo_flops_per_token(cfg.model), 1, peak, mem)
     return {**row, "config": " ".join(argv)}
 
 
@@ -145,6 +151,8 @@ def step_timer(device):
 
 
 def run_trl(args, workdir):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
     from transformers import PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
@@ -174,7 +182,7 @@ def run_trl(args, workdir):
     trainer.train()
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     peak = device_peak_tflops(device, 0.0)
-    return summarise("trl", timer.times[args.warmup:], 2 * args.pairs * seq, m.flops_per_token(), 1, peak, mem)
+    return summarise("trl", timer.times[args.warmup:], 2 * args.pairs * seq, dpo_flops_per_token(m), 1, peak, mem)
 
 
 # ---- the launch: data once, each stack in a child process, one table ------------------------------

@@ -9,7 +9,8 @@ Takes the run's own configuration (any layout; start it with torchrun like the r
 evaluates the weights the run starts from (LoRA adapters off) over every pair of
 data.preference_train and data.preference_valid, in data-set order. Writes DIR/train.npz and
 DIR/valid.npz: `logps` [pairs, 2] (chosen, rejected summed response log-probs) and a
-fingerprint of the tokenized pairs that the run checks (engine/dpo_data.py).
+fingerprint of the tokenized pairs that the run checks (engine/dpo_data.py). `--splits valid`
+writes only one of them (e.g. to score a trained checkpoint: examples/dpo_accuracy_by_kind.py).
 """
 from __future__ import annotations
 
@@ -58,17 +59,20 @@ def reference_logps_of(trainer, dataset) -> torch.Tensor:
     return torch.cat(parts)[: len(dataset)].cpu()
 
 
-def split_out_argument(argv: list) -> tuple:
-    """(--out DIR, the remaining configuration arguments)."""
+def take_option(argv: list, name: str, default=None) -> tuple:
+    """(value of --name VALUE or --name=VALUE, the other arguments): the tool's own options
+    among the configuration's."""
     for index, arg in enumerate(argv):
-        if arg == "--out" and index + 1 < len(argv):
+        if arg == name and index + 1 < len(argv):
             return argv[index + 1], argv[:index] + argv[index + 2:]
-        if arg.startswith("--out="):
+        if arg.startswith(name + "="):
             return arg.split("=", 1)[1], argv[:index] + argv[index + 1:]
-    raise ConfigError("--out: give the directory to write train.npz and valid.npz into")
+    if default is None:
+        raise ConfigError(f"{name}: give the directory to write train.npz and valid.npz into")
+    return default, argv
 
 
-def write_reference_logps_for(cfg, out: str) -> None:
+def write_reference_logps_for(cfg, out: str, splits=("train", "valid")) -> None:
     """Evaluate the run's starting weights over its preference data; rank 0 writes DIR/<split>.npz."""
     from engine.dpo import DPOTrainer
     from engine.dpo_data import reference_file, write_reference_logps
@@ -79,7 +83,7 @@ def write_reference_logps_for(cfg, out: str) -> None:
     cfg.dpo.reference_logps = ""  # compute them, do not read them
     trainer = DPOTrainer(cfg, reference_copy=False)
     for split, data in (("train", trainer.train_data), ("valid", trainer.valid_data)):
-        if data is None:
+        if data is None or split not in splits:
             continue
         logps = reference_logps_of(trainer, data.base)  # the data set itself, not its epochs
         if trainer.grid.rank == 0:
@@ -91,8 +95,10 @@ def write_reference_logps_for(cfg, out: str) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        out, config_args = split_out_argument(argv)
-        write_reference_logps_for(validate(parse_args(config_args), int(os.environ.get("WORLD_SIZE", 1))), out)
+        out, argv = take_option(argv, "--out")
+        splits, argv = take_option(argv, "--splits", "train,valid")
+        write_reference_logps_for(validate(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1))), out,
+                                  splits.split(","))
     except UserError as error:
         return report_user_error(error)
     return 0
