@@ -17,21 +17,16 @@ from __future__ import annotations
 import torch
 
 from parallel.cross_entropy import softmax_and_loss, subtract_one_hot
-from parallel.main_grad_linear import accumulate_weight_grad, fp32_matmul, fuses_into_main_grad
+from parallel.main_grad_linear import (accumulate_weight_grad, compute_dtype, filled_placeholder, fp32_matmul,
+                                      fuses_into_main_grad)
 
 DEFAULT_CHUNK_TOKENS = 2048
-
-
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk, sole_use):
-        dtype = _compute_dtype(hidden.device.type, hidden.dtype)
+        dtype = compute_dtype(hidden.device.type, hidden.dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
         grad_hidden = torch.empty_like(h)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -57,8 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         if ctx.weight is not None:
             ctx.weight.main_grad.addcmul_(grad_weight, grad_sum)
-            ctx.weight.main_grad_filled = True
-            grad_weight = torch.empty_like(ctx.weight)  # never read: the buffer's hook skips it
+            grad_weight = filled_placeholder(ctx.weight)
         else:
             grad_weight = (grad_weight * grad_sum).to(weight_dtype)
         return (grad_hidden * grad_sum).to(hidden_dtype), grad_weight, None, None, None, None, None, None, None

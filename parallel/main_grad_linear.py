@@ -32,11 +32,18 @@ def _bf16_into_fp32_supported(device_type: str) -> bool:
         return False
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear would multiply in here: the autocast dtype under autocast."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul of `dtype` tensors runs in here: the autocast dtype under autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def filled_placeholder(weight: torch.Tensor) -> torch.Tensor:
+    """What a backward returns as the weight's gradient once it wrote it into main_grad: an
+    uninitialised tensor autograd needs so the buffer's hook runs, which the flag tells to skip."""
+    weight.main_grad_filled = True
+    return torch.empty_like(weight)
 
 
 def fuses_into_main_grad(weight: torch.Tensor, compute_dtype: torch.dtype | None = None) -> bool:
@@ -90,8 +97,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             accumulate_weight_grad(weight.main_grad, grad_out_2d, x.reshape(-1, x.shape[-1]))
-            weight.main_grad_filled = True
-            grad_weight = torch.empty_like(weight)  # never read: the hook sees main_grad_filled
+            grad_weight = filled_placeholder(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out_2d.sum(0)
         return grad_x, grad_weight, grad_bias, None
@@ -102,7 +108,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # A compiled layer traces its own backward: left to F.linear.
     if not (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    compute_dtype = _compute_dtype(x, weight)
-    if not fuses_into_main_grad(weight, compute_dtype):
+    dtype = compute_dtype(x.device.type, weight.dtype)
+    if not fuses_into_main_grad(weight, dtype):
         return F.linear(x, weight, bias)
-    return _LinearIntoMainGrad.apply(x, weight, bias, compute_dtype)
+    return _LinearIntoMainGrad.apply(x, weight, bias, dtype)
