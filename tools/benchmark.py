@@ -3,7 +3,8 @@
     python tools/benchmark.py --preset llama-1.3b --seq 2048 --micro-batch 4 --steps 20 --baselines --out bench.json
     torchrun --nproc-per-node 8 tools/benchmark.py --preset llama3-8b --tp 2 --pp 2 ...
 
-Warm-up steps are excluded from the timing. `--baselines` also times, in the same launch and
+Warm-up steps are excluded from the timing. Peak memory and optimizer state (fp32 masters
+included) are those of the rank that holds the most. `--baselines` also times, in the same launch and
 on the same GPU (single process only), a plain-PyTorch model of the same shape (eager and
 torch.compile) and Hugging Face LlamaForCausalLM, and reports Trellis's ratio to each. With
 `--global-batch` larger than the micro-batch, every stack accumulates gradients over the same
@@ -82,9 +83,20 @@ def run_trellis(args, extra):
         profile_steps(trainer, args.profile)
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     peak = device_peak_tflops(trainer.device, cfg.log.peak_tflops)
-    row = summarise("trellis", times, tokens, cfg.model.flops_per_token(), trainer.grid.world_size, peak, mem)
+    row = summarise("trellis", times, tokens, cfg.model.flops_per_token(), trainer.grid.world_size, peak,
+                    max_over_ranks(mem, trainer.device))
+    row["optimizer_state_gib"] = max_over_ranks(trainer.optimizer.state_bytes() / 2**30, trainer.device)
     row["config"] = " ".join(argv)
     return cfg, trainer, row
+
+
+def max_over_ranks(value: float, device) -> float:
+    """The largest value of any rank (peak memory differs by pipeline stage and TP rank)."""
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.item()
 
 
 def profile_steps(trainer, path: str, steps: int = 2) -> None:
