@@ -3,7 +3,8 @@
     python tools/multi_gpu_runs.py parity  --gpus 4 --out runs/multi_gpu
     python tools/multi_gpu_runs.py scaling --gpus 4 --out runs/multi_gpu [--only dp,tp]
 
-`parity` trains llama-1.3b (bf16) for 20 steps on real text (examples/prepare_text_data.py) on one
+`parity` trains llama-1.3b (bf16) for 20 steps on real text, with a 10-step warm-up (a
+faster one makes the loss spike, and a spiking run amplifies any rounding difference), (examples/prepare_text_data.py) on one
 GPU, once more in fp32 as the precision yardstick, and at every TP/SP/PP/DP layout that fits in
 --gpus, then compares them with tools/layout_parity.py (table in <out>/parity.md). Runs that fit
 side by side on free GPUs run at the same time.
@@ -32,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 PARITY_ARGS = ["--model.preset", "llama-1.3b", "--model.seq_length", "1024", "--data.path", "data/stdlib_text",
                "--train.iters", "20", "--train.micro_batch_size", "2", "--train.global_batch_size", "16",
-               "--train.lr", "3e-4", "--train.warmup_iters", "2", "--train.seed", "1234", "--log.quiet", "true"]
+               "--train.lr", "3e-4", "--train.warmup_iters", "10", "--train.seed", "1234", "--log.quiet", "true"]
 # name: (GPUs, layout arguments); ref and fp32 come first and must finish before compare.
 PARITY_LAYOUTS = {
     "tp2": (2, ["--parallel.tp", "2"]),

@@ -6,8 +6,11 @@ it), and on gloo they are all in flight at once. Stages form a ring (the last ra
 feeds rank 0's chunk c+1 when stages are interleaved); a schedule simply never asks the first
 stage to receive activations or the last to send them when there is nothing to exchange.
 
-Activations travel with one tag and gradients with another, so on gloo a forward message can
-never be taken for a backward one when both neighbours are the same rank (pp = 2).
+NCCL ignores tags: it matches the sends and receives between two ranks in the order they are
+posted. With pp = 2 both neighbours are the same rank, and an interleaved step can carry an
+activation and a gradient each way, so every exchange posts its activation messages before its
+gradient messages, on both sides. No tags are used, so gloo matches in the same order and the
+CPU tests check the order the GPUs rely on.
 Every tensor has the one shape [seq (/tp under sequence parallelism), micro_batch, hidden], known
 to both sides, so no shapes are exchanged.
 """
@@ -18,8 +21,6 @@ import torch.distributed as dist
 
 from parallel.grid import StagePosition
 from parallel.pipeline.trace import COMM_TRACK, NullTracer
-
-ACTIVATION_TAG, GRADIENT_TAG = 1, 2
 
 
 class PipelineCommunicator(StagePosition):
@@ -37,23 +38,24 @@ class PipelineCommunicator(StagePosition):
     def _buffer(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
-    def _op(self, fn, tensor, peer, tag):
-        return dist.P2POp(fn, tensor, peer, self.group, tag)
+    def _op(self, fn, tensor, peer):
+        return dist.P2POp(fn, tensor, peer, self.group)
 
     def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False, recv_next: bool = False):
         """Send activations forward / gradients backward and receive either; returns
         (activation from the previous stage or None, gradient from the next stage or None)."""
         ops, from_prev, from_next = [], None, None
-        if send_prev is not None:
-            ops.append(self._op(dist.isend, send_prev.detach().contiguous(), self.prev_rank, GRADIENT_TAG))
+        # Activations first, then gradients: the posting order is how peers match (see above).
+        if send_next is not None:
+            ops.append(self._op(dist.isend, send_next.detach().contiguous(), self.next_rank))
         if recv_prev:
             from_prev = self._buffer()
-            ops.append(self._op(dist.irecv, from_prev, self.prev_rank, ACTIVATION_TAG))
-        if send_next is not None:
-            ops.append(self._op(dist.isend, send_next.detach().contiguous(), self.next_rank, ACTIVATION_TAG))
+            ops.append(self._op(dist.irecv, from_prev, self.prev_rank))
+        if send_prev is not None:
+            ops.append(self._op(dist.isend, send_prev.detach().contiguous(), self.prev_rank))
         if recv_next:
             from_next = self._buffer()
-            ops.append(self._op(dist.irecv, from_next, self.next_rank, GRADIENT_TAG))
+            ops.append(self._op(dist.irecv, from_next, self.next_rank))
         if not ops:
             return None, None
         with self.tracer.span(self._describe(send_next, send_prev, recv_prev, recv_next), COMM_TRACK):
