@@ -3,10 +3,10 @@
     python tools/multi_gpu_runs.py parity  --gpus 4 --out runs/multi_gpu
     python tools/multi_gpu_runs.py scaling --gpus 4 --out runs/multi_gpu [--only dp,tp]
 
-`parity` trains llama-1.3b (bf16) for 20 steps on real text, with a 10-step warm-up (a
-faster one makes the loss spike, and a spiking run amplifies any rounding difference), (examples/prepare_text_data.py) on one
-GPU, once more in fp32 as the precision yardstick, and at every TP/SP/PP/DP layout that fits in
---gpus, then compares them with tools/layout_parity.py (table in <out>/parity.md). Runs that fit
+`parity` trains llama-1.3b (bf16) for 20 steps on real text (examples/prepare_text_data.py)
+with a 10-step warm-up (a faster one makes the loss spike, and a spiking run amplifies any
+rounding difference): on one GPU, once more in fp32 as the precision yardstick, and at every
+TP/SP/PP/DP layout that fits in --gpus, then compares them with tools/layout_parity.py (table in <out>/parity.md). Runs that fit
 side by side on free GPUs run at the same time.
 
 `scaling` runs tools/benchmark.py for llama-1.3b at seq 2048 and micro-batch 4, one run at a
