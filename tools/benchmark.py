@@ -157,6 +157,9 @@ def main(argv=None):
             with open(args.out, "w") as handle:
                 json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                            "torch": torch.__version__, "rows": rows}, handle, indent=1)
+    # Without this, NCCL ranks can hang at exit polling the store of a rank that already left.
+    from engine.training import shutdown
+    shutdown()
 
 
 if __name__ == "__main__":
