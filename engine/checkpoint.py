@@ -373,6 +373,16 @@ def check_same_base(step_dir: str, meta: dict, base: str) -> None:
                               "no finetune.base); resume without --finetune.base")
 
 
+def check_same_optimizer(step_dir: str, meta: dict, name: str) -> None:
+    """Optimizer state resumes only into the optimizer that wrote it (GaLore's projected moments
+    or Lion's single moment do not fit AdamW)."""
+    saved = meta.get("config", {}).get("optim", {}).get("name")
+    if "optimizer" in meta["contents"] and saved and saved != name:
+        raise CheckpointError(f"checkpoint {step_dir} holds {saved} optimizer state, but this run uses optim.name {name}: "
+                              f"resume with --optim.name {saved}, or start {name} from these weights with "
+                              "--checkpoint.load_model_only true")
+
+
 def load_pretrained(trainer, root: str) -> None:
     """finetune.base: the pretrained weights a fine-tune starts from, read before adapters or
     NF4 bases exist (so every parameter of the model is a base weight)."""
@@ -394,6 +404,7 @@ def load_checkpoint(trainer, root: str, step: int = -1, model_only: bool = False
     check_same_model(step_dir, meta, trainer.cfg.model, trainer.grid.tp)
     if not model_only:
         check_same_base(step_dir, meta, trainer.cfg.finetune.base)
+        check_same_optimizer(step_dir, meta, trainer.cfg.optim.name)
     shapes = stored_shapes(step_dir)
     chunks, tp_mesh = trainer.model_chunks, trainer.grid.mesh["tp"]
     entries = model_entries(chunks, tp_mesh, for_load=True, trainable_only=trainable_only(trainer) and not model_only)

@@ -113,7 +113,10 @@ def bad_checkpoint_messages(root: str) -> dict:
     step_dir = os.path.join(root, "step_000001")
     messages = {"intact": start_error({"checkpoint": {"load": root}}),
                 "other_shape": start_error({"model": {"preset": "tiny", "num_layers": 2}, "checkpoint": {"load": root}}),
-                "wrong_step": start_error({"checkpoint": {"load": root, "load_step": 7}})}
+                "wrong_step": start_error({"checkpoint": {"load": root, "load_step": 7}}),
+                "other_optimizer": start_error({"optim": {"name": "lion"}, "checkpoint": {"load": root}}),
+                "other_optimizer_weights_only": start_error({"optim": {"name": "lion"},
+                                                             "checkpoint": {"load": root, "load_model_only": True}})}
     data_file = next(os.path.join(step_dir, f) for f in os.listdir(step_dir) if f.endswith(".distcp"))
     with open(data_file, "r+b") as handle:
         handle.truncate(os.path.getsize(data_file) // 2)
@@ -130,6 +133,10 @@ def test_bad_checkpoints_fail_with_one_sentence(tmp_path):
     assert messages["intact"] == ""
     assert "holds a different model: num_layers 4 (checkpoint) vs 2 (this run)" in messages["other_shape"]
     assert "step_000007 does not exist; saved steps are [1]" in messages["wrong_step"]
+    assert messages["other_optimizer"] == (f"checkpoint {step_dir} holds adamw optimizer state, but this run uses "
+                                           "optim.name lion: resume with --optim.name adamw, or start lion from these "
+                                           "weights with --checkpoint.load_model_only true")
+    assert messages["other_optimizer_weights_only"] == ""
     for broken in ("truncated", "missing_file"):
         assert messages[broken].startswith(f"could not read checkpoint {step_dir}: a data file is missing or truncated")
         assert "\n" not in messages[broken]
