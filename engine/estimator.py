@@ -4,7 +4,7 @@ Memory follows what Trellis allocates (docs/optimizer.md, docs/pipeline.md): wei
 gradient buffer, optimizer state with fp32 masters, the activations the schedule keeps alive on
 the busiest pipeline stage, the output layer's chunked logits and a calibrated allowance for
 the caching allocator's fragmentation and library workspaces. Step time is compute (model FLOPs
-at an achieved TFLOP/s) plus the optimizer's memory traffic plus the exposed communication,
+at an achieved TFLOP/s, or the host's launch time where that is longer) plus the optimizer's memory traffic plus the exposed communication,
 stretched by the pipeline bubble. Calibration and its check: docs/benchmarks.md, "Estimator".
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ COMPILE_TFLOPS_GAIN = 0.98  # bf16 + model.compile against bf16 eager on llama-1
 OPTIMIZER_BYTES_PER_PARAM = 34  # fused AdamW: read/write masters and moments, read grads, write weights
 HBM_BYTES_PER_S = 2.9e12  # achieved by the fused AdamW on H100 (16 ms for 1.36B params, profile)
 CE_CHUNK_TOKENS = 2048  # parallel/linear_cross_entropy.py keeps logits for this many tokens at a time
+# Sequence parallelism's extra collectives and copies lengthen the host's per-layer time
+# (6.2 against 5.3 ms per layer and micro-batch, TP=2 with and without SP on 4 H200s).
+HOST_SP_FACTOR = 6.2 / 5.3
 # Fragmentation and workspace allowance: fraction of the tensor total plus a fixed part (cuBLAS
 # and cuDNN workspaces, communication buffers); calibrated on the one-GPU runs.
 ALLOWANCE_FRACTION = 0.03
@@ -74,6 +77,12 @@ class Hardware:
     nvlink_bytes_per_s: float = 360e9  # NVLink 4 all-reduce bus bandwidth, 8 GPUs
     network_bytes_per_s: float = 40e9  # 400 Gb/s InfiniBand per GPU
     tflops: float = 0.0  # 0: DEFAULT_TFLOPS for the precision
+    # Host (Python, autograd, kernel-launch) time of one layer's forward and backward for one
+    # micro-batch in the eager engine, whatever the GPU's share of the work: a stage's micro-batch
+    # takes at least this per layer. Fitted to TP=2 and TP=4 on 4 H200s, whose steps took as
+    # long as one GPU's (1.025 and 1.012 s for 8 micro-batches of 24 layers, against 1.102 s;
+    # docs/benchmarks.md, "Multi-GPU on 4 H200s").
+    host_seconds_per_layer: float = 5.3e-3
 
 
 # ---- parameters -----------------------------------------------------------------------------
@@ -242,12 +251,25 @@ def achieved_tflops(layout: Layout, hw: Hardware) -> float:
     return rate * COMPILE_TFLOPS_GAIN if layout.compile else rate
 
 
+def busiest_stage_flops_per_token(m: ModelConfig, layout: Layout) -> float:
+    """Model FLOPs per token of the slowest pipeline stage, which sets every stage's pace: with
+    an even split of the layers, the last stage, which also runs the output layer (1.3 layers'
+    worth in llama-1.3b)."""
+    if layout.pp == 1:
+        return m.flops_per_token()
+    output_layer = 6.0 * m.vocab_size * m.hidden_size
+    per_layer = (m.flops_per_token() - output_layer) / m.num_layers
+    return per_layer * m.num_layers / layout.pp + output_layer
+
+
 def step_time(m: ModelConfig, layout: Layout, hw: Hardware) -> StepTime:
     micro, layers = layout.microbatches(), m.num_layers // layout.pp
     tokens_per_gpu = micro * layout.micro_batch * m.seq_length  # per model replica, over its tp*pp GPUs
     recompute = 4 / 3 if layout.recompute == "full" else 1.0
-    flops = m.flops_per_token() * tokens_per_gpu * recompute / (layout.tp * layout.pp)
-    compute = flops / (achieved_tflops(layout, hw) * 1e12)
+    flops = busiest_stage_flops_per_token(m, layout) * tokens_per_gpu * recompute / layout.tp
+    host_per_layer = hw.host_seconds_per_layer * (HOST_SP_FACTOR if layout.sp and layout.tp > 1 else 1.0)
+    host = micro * layers * host_per_layer * recompute  # the GPU waits for the host when its share is smaller
+    compute = max(flops / (achieved_tflops(layout, hw) * 1e12), host)
     params = stage_params(m, layout, True, layout.pp == 1)
     optimizer = params * OPTIMIZER_BYTES_PER_PARAM / (layout.dp if layout.shard_optimizer else 1) / HBM_BYTES_PER_S
     # TP: per layer 2 all-reduces forward and 2 backward (SP: the same volume as all-gather +

@@ -79,12 +79,24 @@ def test_pipeline_in_flight_and_recompute(tiny):
 
 
 def test_step_time_compute_and_bubble(tiny):
-    hw = est.Hardware(tflops=100.0)
+    hw = est.Hardware(tflops=100.0, host_seconds_per_layer=0.0)
     layout = est.Layout(pp=2, micro_batch=2, global_batch=16)
     time = est.step_time(tiny, layout, hw)
-    flops = tiny.flops_per_token() * 8 * 2 * 64 / 2  # 8 microbatches of 128 tokens over 2 stages
-    assert time.compute == pytest.approx(flops / 100e12)
+    # 8 microbatches of 128 tokens; the last stage runs 2 of the 4 layers and the output layer
+    output_layer = 6 * tiny.vocab_size * tiny.hidden_size
+    stage = (tiny.flops_per_token() - output_layer) / 2 + output_layer
+    assert time.compute == pytest.approx(stage * 8 * 2 * 64 / 100e12)
     assert time.bubble == pytest.approx(time.compute * 1 / 8)  # (p-1)/m
+
+
+def test_host_time_bounds_a_stage_with_little_gpu_work(tiny):
+    """A tiny model's GPU share is microseconds: each micro-batch then costs the host's time per
+    layer on the stage (2 of the 4 layers at pp=2), and under SP a bit more."""
+    hw = est.Hardware(tflops=100.0, host_seconds_per_layer=1e-3)
+    time = est.step_time(tiny, est.Layout(pp=2, micro_batch=2, global_batch=16), hw)
+    assert time.compute == pytest.approx(8 * 2 * 1e-3)
+    sp = est.step_time(tiny, est.Layout(tp=2, sp=True, micro_batch=2, global_batch=16), hw)
+    assert sp.compute == pytest.approx(8 * 4 * 1e-3 * est.HOST_SP_FACTOR)
 
 
 def test_plan_only_lists_layouts_that_fit(tiny):

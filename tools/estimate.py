@@ -42,6 +42,8 @@ def parse_cli(argv):
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--nvlink-gbps", type=float, default=360.0, help="GB/s bus bandwidth inside a node")
     parser.add_argument("--network-gbps", type=float, default=40.0, help="GB/s per GPU between nodes")
+    parser.add_argument("--host-ms-per-layer", type=float, default=5.3,
+                        help="host time of one layer's forward and backward per micro-batch, in ms (0: ignore)")
     parser.add_argument("--plan", type=int, default=0, help="list layouts that fit on this many GPUs")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for --plan")
     parser.add_argument("--top", type=int, default=15)
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
         raise SystemExit("error: --plot draws a plan; give --plan N")
     model = build_model(args)
     hw = est.Hardware(gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node, tflops=args.tflops,
-                      nvlink_bytes_per_s=args.nvlink_gbps * 1e9, network_bytes_per_s=args.network_gbps * 1e9)
+                      nvlink_bytes_per_s=args.nvlink_gbps * 1e9, network_bytes_per_s=args.network_gbps * 1e9,
+                      host_seconds_per_layer=args.host_ms_per_layer * 1e-3)
     if args.plan:
         global_batch = args.global_batch or args.plan
         results = est.plan(model, args.plan, global_batch, hw, args.precision)
