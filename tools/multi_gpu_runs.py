@@ -1,7 +1,7 @@
 """The multi-GPU runs of docs/benchmarks.md: layout parity against one GPU, and scaling.
 
     python tools/multi_gpu_runs.py parity  --gpus 4 --out runs/multi_gpu
-    python tools/multi_gpu_runs.py scaling --gpus 4 --out runs/multi_gpu [--only dp,tp]
+    python tools/multi_gpu_runs.py scaling --gpus 4 --out runs/multi_gpu [--only dp,tp4_sp]
 
 `parity` trains llama-1.3b (bf16) for 20 steps on real text (examples/prepare_text_data.py)
 with a 10-step warm-up (a faster one makes the loss spike, and a spiking run amplifies any
@@ -64,7 +64,8 @@ def parse_cli(argv):
     parser.add_argument("suite", choices=("parity", "scaling"))
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of this machine to use")
     parser.add_argument("--out", default="runs/multi_gpu")
-    parser.add_argument("--only", default="", help="scaling: comma-separated groups (dp, pp, tp) to run")
+    parser.add_argument("--only", default="", help="comma-separated run names or groups (dp, pp, tp) to run; "
+                                                   "parity always runs its reference and fp32 runs")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before one run is stopped")
     return parser.parse_known_args(argv)
 
@@ -119,6 +120,18 @@ def scaling_jobs(gpus: int, out: str, extra: list) -> list:
     return jobs
 
 
+def selected(jobs: list, only: str) -> list:
+    """The jobs named, or in a group named, by --only (all when it is empty)."""
+    if not only:
+        return jobs
+    wanted = set(only.split(","))
+    unknown = wanted - {job.name for job in jobs} - {job.group for job in jobs}
+    if unknown:
+        raise SystemExit(f"error: --only names no run or group: {', '.join(sorted(unknown))} "
+                         f"(runs: {', '.join(job.name for job in jobs)})")
+    return [job for job in jobs if job.name in wanted or job.group in wanted]
+
+
 def launch(job: Job, devices: list, out: str) -> tuple:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)), PYTHONUNBUFFERED="1")
     log = open(os.path.join(out, "logs", f"{job.name}.log"), "w")
@@ -158,6 +171,7 @@ def run_parity(args, extra) -> int:
     from tools import layout_parity
 
     reference, layouts = parity_jobs(args.gpus, args.out, extra)
+    layouts = selected(layouts, args.only)
     os.makedirs(f"{args.out}/parity", exist_ok=True)
     codes = run_jobs(reference + layouts, args.gpus, args.out, True, args.timeout)
     if codes.get("ref") or codes.get("fp32"):
@@ -208,10 +222,7 @@ def scaling_table(jobs: list, out: str) -> str:
 
 
 def run_scaling(args, extra) -> int:
-    jobs = scaling_jobs(args.gpus, args.out, extra)
-    if args.only:
-        groups = set(args.only.split(","))
-        jobs = [job for job in jobs if job.group in groups]
+    jobs = selected(scaling_jobs(args.gpus, args.out, extra), args.only)
     os.makedirs(f"{args.out}/scaling", exist_ok=True)
     codes = run_jobs(jobs, args.gpus, args.out, False, args.timeout)
     table = scaling_table(jobs, args.out)
