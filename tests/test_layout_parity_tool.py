@@ -40,3 +40,22 @@ def test_different_training_fails_and_compare_exits_nonzero():
     rows = layout_parity.compare_runs(runs, f"{path}/init.pt")
     assert not rows[1]["within_tolerance"]
     assert layout_parity.main(["compare", *runs, "--init", f"{path}/init.pt"]) == 1
+
+
+def test_checkpoint_reloads_bit_for_bit_at_other_layouts():
+    """A TP=2 run's checkpoint, reloaded at PP=2 and on one process (as multi_gpu_runs does on 8
+    GPUs): the weights arrive identical and the next step's losses agree."""
+    path = tempfile.mkdtemp(prefix="trellis_reload_")
+    ckpt = ["--checkpoint.save", f"{path}/ckpt"]
+    run_distributed(run_layout, 2, f"{path}/saver.json", "--train.precision", "fp32", "--parallel.tp", "2", *ckpt)
+    reloads = []
+    for name, world, layout in (("pp2", 2, ["--parallel.pp", "2"]), ("one", 1, [])):
+        out = f"{path}/{name}.json"
+        run_distributed(run_layout, world, out, "--init", layout_parity.init_path(out), "--train.precision", "fp32",
+                        "--train.iters", "5", "--checkpoint.load", f"{path}/ckpt", *layout)
+        reloads.append(out)
+    rows = layout_parity.compare_reloads(layout_parity.weights_path(f"{path}/saver.json"), reloads)
+    assert [row["layout"] for row in rows] == ["PP=2", "1 GPU"]
+    assert all(row["identical"] for row in rows)
+    assert abs(rows[0]["next_loss"] - rows[1]["next_loss"]) < 1e-5
+    assert "| PP=2 | 0.0e+00 | yes |" in layout_parity.format_reloads(rows, "TP=2")

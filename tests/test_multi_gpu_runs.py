@@ -54,3 +54,15 @@ def test_scaling_table_relates_every_run_to_one_gpu(tmp_path):
     assert lines[2] == "| dp1 | 1 | 1000 | 100.0% |  | 50.0% | 10.0 | 2.00 |"
     assert lines[3] == "| pp2_m4 | 2 | 700 | 70.0% | 20.0% | 50.0% | 10.0 | 2.00 |"
     assert lines[4] == "| tp2 | 2 | failed | | | | | |"
+
+
+def test_sweep_runs_one_layout_per_shape_then_flips_the_best():
+    layouts = runs.sweep_layouts(8, "llama3-8b", 4096, 32, 141.0)
+    shapes = [(layout.tp, layout.pp) for layout in layouts]
+    first = shapes[:len(set(shapes))]
+    assert len(set(first)) == len(first) and all(tp in runs.SWEEP_TP and pp in runs.SWEEP_PP for tp, pp in first)
+    best, flips = layouts[0], layouts[len(first):]
+    assert flips and all((flip.tp, flip.pp, flip.micro_batch) == (best.tp, best.pp, best.micro_batch) for flip in flips)
+    assert any(flip.recompute != best.recompute for flip in flips)
+    job = runs.sweep_jobs(8, "/tmp/out", [], "llama3-8b", 4096, 32, 141.0)[0]
+    assert job.gpus == 8 and job.argv[job.argv.index("--tp") + 1] == str(best.tp)

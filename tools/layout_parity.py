@@ -149,6 +149,40 @@ def compare_runs(paths: list, init_path: str) -> list:
     return rows
 
 
+def compare_reloads(saved_weights: str, reloads: list) -> list:
+    """Each reload run (`run --init` after `--checkpoint.load`, one more step) against the run
+    that saved the checkpoint: the weights it loaded must be those saved, bit for bit; the loss
+    of its next step is returned so the reloads can be compared with each other."""
+    import torch
+
+    saved = torch.load(saved_weights, map_location="cpu")
+    rows = []
+    for path in reloads:
+        with open(path) as handle:
+            run = json.load(handle)
+        loaded = torch.load(init_path(path), map_location="cpu")
+        if loaded.keys() != saved.keys():
+            raise SystemExit(f"error: {path} loaded other parameters than were saved")
+        worst = max((loaded[name].float() - saved[name].float()).abs().max().item() for name in saved)
+        rows.append({"layout": run["layout"], "max_abs_weight_diff": worst, "next_loss": run["loss"][-1],
+                     "identical": worst == 0.0})
+    return rows
+
+
+def init_path(json_path: str) -> str:
+    """Where multi_gpu_runs keeps a reload run's weights as loaded (its --init)."""
+    return os.path.splitext(json_path)[0] + "_loaded.pt"
+
+
+def format_reloads(rows: list, saved_layout: str) -> str:
+    lines = [f"checkpoint saved at {saved_layout}, reloaded:", "",
+             "| loaded at | max abs weight diff | identical | loss of the next step |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['layout']} | {row['max_abs_weight_diff']:.1e} | {'yes' if row['identical'] else 'NO'} | "
+                     f"{row['next_loss']:.5f} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_table(rows: list, reference: dict) -> str:
     lines = [f"reference: {reference['layout']} ({reference['precision']}), loss {reference['loss'][0]:.4f} -> "
              f"{reference['loss'][-1]:.4f} over {len(reference['loss'])} steps", "",

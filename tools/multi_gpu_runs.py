@@ -2,18 +2,25 @@
 
     python tools/multi_gpu_runs.py parity  --gpus 4 --out runs/multi_gpu
     python tools/multi_gpu_runs.py scaling --gpus 4 --out runs/multi_gpu [--only dp,tp4_sp]
+    python tools/multi_gpu_runs.py sweep   --gpus 8 --out runs/multi_gpu [--preset llama3-8b --seq 4096]
 
 `parity` trains llama-1.3b (bf16) for 20 steps on real text (examples/prepare_text_data.py)
 with a 10-step warm-up (a faster one makes the loss spike, and a spiking run amplifies any
 rounding difference): on one GPU, once more in fp32 as the precision yardstick, and at every
-TP/SP/PP/DP layout that fits in --gpus, then compares them with tools/layout_parity.py (table in <out>/parity.md). Runs that fit
-side by side on free GPUs run at the same time.
+TP/SP/PP/DP layout that fits in --gpus, then compares them with tools/layout_parity.py (table
+in <out>/parity.md). Runs that fit side by side on free GPUs run at the same time. On 8 GPUs the TP=2 x PP=2 x DP=2 run saves a
+checkpoint that is reloaded at TP=4 x PP=2 and on one GPU: the weights must arrive bit for bit.
 
 `scaling` runs tools/benchmark.py for llama-1.3b at seq 2048 and micro-batch 4, one run at a
 time on an otherwise idle machine: data parallel on 1..--gpus GPUs (weak scaling, 8 micro-
 batches per GPU per step), DP=2 without overlapping the gradient reduce-scatter and with the
-sharded optimizer, PP at 4, 8 and 32 micro-batches beside the bubble (p-1)/(m+p-1) of 1F1B (m: micro-batches), and
-TP with and without sequence parallelism. Table in <out>/scaling.md, one JSON per run.
+sharded optimizer, PP at 4, 8 and 32 micro-batches (m) beside the 1F1B bubble (p-1)/(m+p-1),
+and TP with and without sequence parallelism. Table in <out>/scaling.md, one JSON per run.
+
+`sweep` benchmarks, for every TP in {1,2,4,8} x PP in {1,2,4} that fits --gpu-mem, the layout
+the estimator (engine/estimator.py) ranks fastest for that shape, then the fastest of all with
+sequence parallelism and with activation recompute each switched: the best-layout search of a
+large model in a dozen runs instead of every combination.
 
 Each run is one `torchrun --standalone` launch with its own CUDA_VISIBLE_DEVICES; logs go to
 <out>/logs/. Extra `--section.key value` arguments go to every run.
@@ -47,6 +54,10 @@ PARITY_LAYOUTS = {
     "pp2_dp2_shard": (4, ["--parallel.pp", "2", "--optim.shard", "true"]),
     "tp2_pp2_dp2_shard": (8, ["--parallel.tp", "2", "--parallel.pp", "2", "--optim.shard", "true"]),
 }
+# On 8 GPUs the TP=2 x PP=2 x DP=2 run also saves a checkpoint, which these layouts reload
+# (one more step each): the weights must arrive bit for bit at another layout.
+CHECKPOINT_SAVER = "tp2_pp2_dp2_shard"
+CHECKPOINT_RELOADS = {"reload_tp4_pp2": (8, ["--parallel.tp", "4", "--parallel.pp", "2"]), "reload_1gpu": (1, [])}
 BENCH_ARGS = ["--preset", "llama-1.3b", "--seq", "2048", "--micro-batch", "4", "--warmup", "3", "--steps", "6"]
 MICRO_PER_GPU = 8  # gradient-accumulation steps of the data-parallel runs
 
@@ -61,11 +72,15 @@ class Job:
 
 def parse_cli(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=("parity", "scaling"))
+    parser.add_argument("suite", choices=("parity", "scaling", "sweep"))
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of this machine to use")
     parser.add_argument("--out", default="runs/multi_gpu")
     parser.add_argument("--only", default="", help="comma-separated run names or groups (dp, pp, tp) to run; "
                                                    "parity always runs its reference and fp32 runs")
+    parser.add_argument("--preset", default="llama3-8b", help="sweep: the model")
+    parser.add_argument("--seq", type=int, default=4096, help="sweep: sequence length")
+    parser.add_argument("--global-batch", type=int, default=32, help="sweep: sequences per step")
+    parser.add_argument("--gpu-mem", type=float, default=141.0, help="sweep: GiB per GPU the layouts must fit in")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before one run is stopped")
     return parser.parse_known_args(argv)
 
@@ -79,9 +94,31 @@ def parity_jobs(gpus: int, out: str, extra: list) -> tuple:
 
     reference = [job("ref", 1, ["--train.precision", "bf16"], "--init", f"{out}/parity/init.pt"),
                  job("fp32", 1, ["--train.precision", "fp32"])]
-    layouts = [job(name, world, ["--train.precision", "bf16", *args])
+    layouts = [job(name, world, ["--train.precision", "bf16", *args, *checkpoint_save_args(name, out)])
                for name, (world, args) in PARITY_LAYOUTS.items() if world <= gpus]
     return reference, layouts
+
+
+def checkpoint_save_args(name: str, out: str) -> list:
+    return ["--checkpoint.save", f"{out}/checkpoint"] if name == CHECKPOINT_SAVER else []
+
+
+def reload_jobs(gpus: int, out: str, extra: list) -> list:
+    """Runs that load the saver's checkpoint at other layouts and train one step more."""
+    if PARITY_LAYOUTS[CHECKPOINT_SAVER][0] > gpus:
+        return []
+    steps = int(PARITY_ARGS[PARITY_ARGS.index("--train.iters") + 1]) + 1
+    return [Job(name, world, ["tools/layout_parity.py", "run", "--out", f"{out}/parity/{name}.json",
+                              "--init", layout_parity_init(out, name), *PARITY_ARGS, "--train.iters", str(steps),
+                              "--train.output_dir", f"{out}/train/{name}", "--train.precision", "bf16",
+                              "--checkpoint.load", f"{out}/checkpoint", *args, *extra])
+            for name, (world, args) in CHECKPOINT_RELOADS.items()]
+
+
+def layout_parity_init(out: str, name: str) -> str:
+    from tools.layout_parity import init_path
+
+    return init_path(f"{out}/parity/{name}.json")
 
 
 def bubble(pp: int, microbatches: int, vpp: int = 1) -> float:
@@ -187,8 +224,67 @@ def run_parity(args, extra) -> int:
     with open(f"{args.out}/parity.md", "w") as handle:
         handle.write(table)
     print(table)
+    reloads_ok = check_reloads(args, extra, codes)
     failed = [name for name, code in codes.items() if code]
-    return 1 if failed or not all(row.get("within_tolerance", True) for row in rows) else 0
+    return 1 if failed or not reloads_ok or not all(row.get("within_tolerance", True) for row in rows) else 0
+
+
+def check_reloads(args, extra, codes: dict) -> bool:
+    """Reload the saver's checkpoint at other layouts (8 GPUs); append the table to parity.md."""
+    from tools import layout_parity
+
+    jobs = reload_jobs(args.gpus, args.out, extra)
+    if not jobs or codes.get(CHECKPOINT_SAVER) != 0:
+        return not jobs
+    codes.update(run_jobs(jobs, args.gpus, args.out, True, args.timeout))
+    done = [f"{args.out}/parity/{job.name}.json" for job in jobs if codes.get(job.name) == 0]
+    rows = layout_parity.compare_reloads(layout_parity.weights_path(f"{args.out}/parity/{CHECKPOINT_SAVER}.json"), done)
+    table = layout_parity.format_reloads(rows, CHECKPOINT_SAVER)
+    with open(f"{args.out}/parity.md", "a") as handle:
+        handle.write("\n" + table)
+    print(table)
+    return len(rows) == len(jobs) and all(row["identical"] for row in rows)
+
+
+SWEEP_TP, SWEEP_PP = (1, 2, 4, 8), (1, 2, 4)
+
+
+def sweep_layouts(gpus: int, preset: str, seq: int, global_batch: int, gpu_mem_gib: float) -> list:
+    """For each TP x PP shape that fits, the estimator's fastest layout of that shape (micro-
+    batch, interleaving, recompute, sharding); then the overall fastest one again with sequence
+    parallelism and with recompute each switched the other way, where that still fits."""
+    from engine import estimator as est
+    from models.config import ModelConfig, resolve_preset
+
+    model = resolve_preset(ModelConfig(preset=preset, seq_length=seq, max_position_embeddings=seq))
+    hw = est.Hardware(gpu_mem_gib=gpu_mem_gib)
+    ranked = [layout for _, layout, _, _ in est.plan(model, gpus, global_batch, hw)
+              if layout.tp in SWEEP_TP and layout.pp in SWEEP_PP]
+    chosen = {}
+    for layout in ranked:
+        chosen.setdefault((layout.tp, layout.pp), layout)
+    layouts = list(chosen.values())
+    if layouts:
+        best = layouts[0]
+        flips = [dataclasses.replace(best, sp=not best.sp)] if best.tp > 1 else []
+        flips.append(dataclasses.replace(best, recompute="none" if best.recompute == "full" else "full"))
+        layouts += [flip for flip in flips if est.peak_memory(model, flip).total <= gpu_mem_gib * est.GIB]
+    return layouts
+
+
+def sweep_jobs(gpus: int, out: str, extra: list, preset: str, seq: int, global_batch: int, gpu_mem_gib: float) -> list:
+    from engine.estimator import describe
+
+    jobs = []
+    for layout in sweep_layouts(gpus, preset, seq, global_batch, gpu_mem_gib):
+        name = describe(layout).replace(" ", "_")
+        args = ["--preset", preset, "--seq", str(seq), "--micro-batch", str(layout.micro_batch),
+                "--global-batch", str(global_batch), "--tp", str(layout.tp), "--pp", str(layout.pp),
+                "--warmup", "2", "--steps", "4", "--parallel.vpp", str(layout.vpp),
+                "--parallel.sp", str(layout.sp).lower(), "--model.recompute", layout.recompute,
+                "--optim.shard", str(layout.shard_optimizer).lower(), "--out", f"{out}/scaling/{name}.json"]
+        jobs.append(Job(name, gpus, ["tools/benchmark.py", *args, *extra], "sweep"))
+    return jobs
 
 
 def benchmark_row(out: str, name: str) -> dict | None:
@@ -222,7 +318,11 @@ def scaling_table(jobs: list, out: str) -> str:
 
 
 def run_scaling(args, extra) -> int:
-    jobs = selected(scaling_jobs(args.gpus, args.out, extra), args.only)
+    if args.suite == "sweep":
+        jobs = sweep_jobs(args.gpus, args.out, extra, args.preset, args.seq, args.global_batch, args.gpu_mem)
+    else:
+        jobs = scaling_jobs(args.gpus, args.out, extra)
+    jobs = selected(jobs, args.only)
     os.makedirs(f"{args.out}/scaling", exist_ok=True)
     codes = run_jobs(jobs, args.gpus, args.out, False, args.timeout)
     table = scaling_table(jobs, args.out)
@@ -234,7 +334,7 @@ def run_scaling(args, extra) -> int:
 
 def main(argv=None) -> int:
     args, extra = parse_cli(sys.argv[1:] if argv is None else argv)
-    return run_parity(args, extra) if args.suite == "parity" else run_scaling(args, extra)
+    return run_parity(args, extra) if args.suite == "parity" else run_scaling(args, extra)  # scaling, sweep
 
 
 if __name__ == "__main__":
