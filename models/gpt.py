@@ -20,7 +20,7 @@ from models.rope import rope_cache
 from models.transformer import TransformerLayer
 from parallel import comm
 from parallel.cross_entropy import vocab_parallel_cross_entropy
-from parallel.linear_cross_entropy import linear_cross_entropy
+from parallel.linear_cross_entropy import linear_cross_entropy, linear_token_losses
 from parallel.layers import VocabParallelEmbedding
 from parallel.mappings import copy_to_tp, gather_from_sp, scatter_to_sp
 from parallel.random import RNGTracker
@@ -88,8 +88,8 @@ class GPTModel(nn.Module):
                 loss_weights=None, kv_cache=None, return_hidden=False):
         # document_ids [b, s]: packed sequences; attention never crosses a document boundary.
         """tokens/labels/loss_weights: [b, s]. On the last stage: with labels, the per-token loss
-        [b, s], or with loss_weights as well the scalar sum of weight x token loss (through the
-        chunked fused path when training); without labels, local logits [s, b, v/tp]; with
+        [b, s], or with loss_weights as well the scalar sum of weight x token loss (both through
+        chunked paths that keep no logits, with model.fused_cross_entropy); without labels, local logits [s, b, v/tp]; with
         return_hidden, the final-normed hidden state (see `output_logits`, models/value_head.py).
         Other stages return the hidden state for the next stage. kv_cache: a
         models.kv_cache.KVCache that this forward appends to (generation)."""
@@ -149,6 +149,11 @@ class GPTModel(nn.Module):
                                             loss_weights.t().reshape(-1), self.tp_group, vocab_start,
                                             self.cfg.vocab_size, sole_use=hasattr(self, "output_weight"))
             return total
+        if labels is not None and loss_weights is None and self.cfg.fused_cross_entropy:
+            s, b, h = hidden.shape  # per-token losses for sequence scores: no logits kept for backward
+            token_loss = linear_token_losses(hidden.reshape(s * b, h), weight, labels.t().reshape(-1), self.tp_group,
+                                             vocab_start, self.cfg.vocab_size, sole_use=hasattr(self, "output_weight"))
+            return token_loss.view(s, b).t()
         logits = nn.functional.linear(hidden, weight)
         if labels is None:
             return logits

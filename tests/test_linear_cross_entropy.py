@@ -50,3 +50,49 @@ def test_matches_plain_cross_entropy_serial():
 
 def test_matches_plain_cross_entropy_vocab_parallel():
     assert run_distributed(_check, 2, 2) == [True, True]
+
+
+def _check_token_losses(tp, sole_use):
+    """linear_token_losses: per-token losses and, for an arbitrary per-token gradient, the
+    gradients of the plain path; with sole_use the weight gradient lands in main_grad."""
+    import torch.distributed as dist
+
+    from parallel.grid import build_grid, init_distributed
+    from parallel.linear_cross_entropy import linear_token_losses
+    from parallel.mappings import copy_to_tp
+
+    init_distributed("cpu")
+    grid = build_grid(tp=tp)
+    torch.manual_seed(1)
+    tokens, dim, padded, vocab = 29, 16, 24, 21
+    hidden = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(padded, dim, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    upstream = torch.randn(tokens, dtype=torch.float64)  # e.g. DPO's d(loss)/d(token log-prob)
+    _, expected = _reference(hidden, weight, labels, torch.ones(tokens, dtype=torch.float64), vocab)
+    (expected * upstream).sum().backward()
+
+    per_rank = padded // tp
+    rows = slice(grid.tp_rank * per_rank, (grid.tp_rank + 1) * per_rank)
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach()[rows].clone().float().requires_grad_(True)
+    if sole_use:
+        w.main_grad = torch.full(w.shape, 0.25)  # gradients add to what is there
+    token_loss = linear_token_losses(copy_to_tp(h.float(), grid.tp_group), w, labels, grid.tp_group, rows.start,
+                                     vocab, chunk=8, sole_use=sole_use)
+    (token_loss * upstream.float()).sum().backward()
+    torch.testing.assert_close(token_loss, expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, hidden.grad, rtol=1e-5, atol=1e-5)
+    weight_grad = w.main_grad - 0.25 if sole_use else w.grad
+    torch.testing.assert_close(weight_grad, weight.grad[rows].float(), rtol=1e-5, atol=1e-5)
+    assert not sole_use or w.main_grad_filled
+    dist.barrier()
+    return True
+
+
+def test_token_losses_match_plain_path_serial():
+    assert run_distributed(_check_token_losses, 1, 1, False) == [True]
+
+
+def test_token_losses_match_plain_path_tp2_into_main_grad():
+    assert run_distributed(_check_token_losses, 2, 2, True) == [True, True]

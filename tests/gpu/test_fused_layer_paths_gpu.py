@@ -1,6 +1,7 @@
 """GPU checks of the layer's fused paths against plain torch: the weight gradient accumulated
-into fp32 main_grad by the GEMM (bf16 inputs), and the compiled QKV split + RoPE (forward and
-the fused backward that writes the qkv gradient). Run on a CUDA machine:
+into fp32 main_grad by the GEMM (bf16 inputs), the compiled QKV split + RoPE (forward and
+the fused backward that writes the qkv gradient), and the per-token losses whose backward
+recomputes the logits. Run on a CUDA machine:
 `python3 -m pytest tests/gpu/test_fused_layer_paths_gpu.py -q`."""
 import contextlib
 
@@ -62,3 +63,35 @@ def test_compiled_split_qkv_rope_matches_eager(heads, kv_heads, packed):
         assert (g.float() - e).abs().max() <= (r.float() - e).abs().max() + 1e-6
         torch.testing.assert_close(g.float(), e, rtol=1.6e-2, atol=3e-2)
     torch.testing.assert_close(qkv.grad.float(), exact_in.grad, rtol=1.6e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("sole_use", [False, True])
+def test_bf16_token_losses_match_plain_logits_path(sole_use):
+    """linear_token_losses (logits recomputed in backward) against bf16 logits + fp32
+    cross-entropy, for a random per-token upstream gradient, as DPO and RL give it."""
+    from parallel.grid import build_grid, init_distributed
+    from parallel.linear_cross_entropy import linear_token_losses
+
+    init_distributed("cuda")
+    group = build_grid(tp=1).tp_group
+    tokens, dim, vocab = 3000, 1024, 32000
+    torch.manual_seed(2)
+    hidden = (torch.randn(tokens, dim, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+    weight = torch.nn.Parameter((torch.randn(vocab, dim, device="cuda") * 0.02).to(torch.bfloat16))
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    upstream = torch.randn(tokens, device="cuda")
+    logits = torch.mm(hidden.detach().float(), weight.detach().float().t()).requires_grad_()
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    (expected * upstream).sum().backward()
+    hidden_ref_grad = logits.grad @ weight.detach().float()
+    weight_ref_grad = logits.grad.t() @ hidden_ref.detach().float()
+    if sole_use:
+        weight.main_grad = torch.zeros(vocab, dim, device="cuda")
+    token_loss = linear_token_losses(hidden, weight, labels, group, 0, vocab, sole_use=sole_use)
+    (token_loss * upstream).sum().backward()
+    torch.testing.assert_close(token_loss, expected.detach(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(hidden.grad.float(), hidden_ref_grad, rtol=2e-2, atol=2e-3)
+    weight_grad = weight.main_grad if sole_use else weight.grad.float()
+    # Elements near zero sum many bf16 products that cancel: an absolute bound for those.
+    torch.testing.assert_close(weight_grad, weight_ref_grad, rtol=2e-2, atol=5e-3)
