@@ -299,7 +299,7 @@ class Trainer:
                     "global_batch": global_batch}
         self.monitor.operation = f"step {self.step + 1} optimizer step (gradient reduction, norm, weight gather)"
         stats = self.optimizer.step()
-        self.scheduler.advance()
+        self.scheduler.advance(global_batch)
         self.step += 1
         return {"step": self.step, "loss": loss.item(), "lr": lr, "global_batch": global_batch, **stats}
 

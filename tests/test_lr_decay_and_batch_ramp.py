@@ -10,7 +10,8 @@ from tests.training_harness import tiny_config, train_and_collect
 DECAY = {"optim": {"layer_lr_decay": 0.5}, "train": {"iters": 4}}
 # Global batch 4 for the first 16 samples (4 steps), then 8; a constant LR keeps the schedule
 # independent of train.iters, so runs of different lengths can be compared step by step.
-RAMP = {"train": {"global_batch_size": 8, "batch_ramp": [4, 4, 16], "lr_schedule": "constant", "iters": 6}}
+RAMP = {"train": {"global_batch_size": 8, "batch_ramp": [4, 4, 16], "lr_schedule": "constant", "warmup_iters": 0,
+                  "iters": 6}}
 
 
 def test_layer_lr_scale_rule():
@@ -64,6 +65,27 @@ def test_batch_ramp_schedule():
     # 8 samples per increment of 4 (Megatron's rule): 4, 4 | 8 | 12 | 16 ...
     assert batches == [4, 4, 8, 12, 16, 16]
     assert BatchRamp(16).batch_at(10 ** 6) == 16
+
+
+def test_lr_schedule_counts_samples_in_full_batches():
+    """Warm-up over 2 full batches of 8: two ramp steps of 4 samples are one full batch."""
+    from types import SimpleNamespace
+
+    from engine.lr_schedule import LRScheduler
+
+    cfg = SimpleNamespace(lr=1.0, min_lr=0.0, warmup_iters=2, decay_iters=0, iters=10, lr_schedule="constant",
+                          wsd_decay_fraction=0.1, global_batch_size=8)
+    optimizer = SimpleNamespace(param_groups=[{}])
+    scheduler, lrs = LRScheduler(optimizer, cfg), []
+    for batch in (4, 4, 8, 8):
+        lrs.append(scheduler.apply())
+        scheduler.advance(batch)
+    assert lrs == [0.5, 0.75, 1.0, 1.0] and optimizer.param_groups[0]["lr"] == 1.0
+    resumed = LRScheduler(optimizer, cfg)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert (resumed.step_index, resumed.position()) == (4, 3.0)
+    resumed.load_state_dict({"step_index": 4})  # a checkpoint from before samples were kept
+    assert resumed.position() == 4.0
 
 
 def ramp_history(overrides: dict) -> list:
