@@ -14,7 +14,7 @@ from engine.launch import UserError
 from engine.precision import PRECISIONS
 from engine.rl.config import RLConfig, validate_rl
 from models.config import ModelConfig, resolve_preset, validate_model
-from models.pipeline_split import stage_layer_counts
+from models.pipeline_split import balanced_layer_counts, stage_layer_counts
 from parallel.grid import GridError, check_layout
 
 
@@ -32,7 +32,7 @@ class ParallelConfig:
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
     cp: int = 1
     sp: bool = False  # sequence parallelism (needs tp > 1 to have an effect)
-    pipeline_layers: str = ""  # explicit per-stage layer counts, e.g. "3,2,2"
+    pipeline_layers: str = ""  # per-stage layer counts ("3,2,2"), or "auto": fewer on the output layer's rank
     timeout_s: float = 600.0  # collective timeout
 
 
@@ -391,6 +391,12 @@ def validate_jsonl_data(cfg: Config, prefix: str, what: str) -> None:
     _require(not t.eval_interval or bool(valid), valid_key, "train.eval_interval is set but there is no validation JSONL")
 
 
+def output_layer_cost(m: ModelConfig) -> float:
+    """The output layer's model FLOPs per token in units of one transformer layer's."""
+    output = 6.0 * m.vocab_size * m.hidden_size
+    return output / ((m.flops_per_token() - output) / m.num_layers)
+
+
 def validate_pipeline(cfg: Config, dp: int) -> None:
     """Stage split and microbatch count that the pipeline schedules can run."""
     p = cfg.parallel
@@ -399,6 +405,9 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
     if p.pp == 1 and not p.pipeline_layers:
         return
     try:
+        if p.pipeline_layers.strip() == "auto":
+            p.pipeline_layers = ",".join(map(str, balanced_layer_counts(
+                cfg.model.num_layers, p.pp, p.vpp, output_layer_cost(cfg.model))))
         stage_layer_counts(cfg.model.num_layers, p.pp, p.vpp, p.pipeline_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None

@@ -253,7 +253,7 @@ def achieved_tflops(layout: Layout, hw: Hardware) -> float:
 
 def busiest_stage_flops_per_token(m: ModelConfig, layout: Layout) -> float:
     """Model FLOPs per token of the slowest pipeline stage, which sets every stage's pace: with
-    an even split of the layers, the last stage, which also runs the output layer (1.3 layers'
+    an even split of the layers, the last stage, which also runs the output layer (1.1 layers'
     worth in llama-1.3b)."""
     if layout.pp == 1:
         return m.flops_per_token()

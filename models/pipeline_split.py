@@ -3,7 +3,8 @@
 The model is cut into pp x vpp model stages. Rank r's virtual chunk c holds model stage
 c * pp + r (Megatron's interleaving), so with vpp > 1 consecutive layers travel round the ring
 of ranks vpp times. Layers are split evenly unless `parallel.pipeline_layers` lists the count
-of every model stage ("3,2,2").
+of every model stage ("3,2,2") or says "auto": then the last rank, which also runs the output
+layer and the loss, gets fewer layers (`balanced_layer_counts`).
 """
 from __future__ import annotations
 
@@ -48,3 +49,30 @@ def chunk_layer_ids(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int
     stage = model_stage(pp_rank, chunk, pp)
     first = sum(counts[:stage])
     return list(range(first, first + counts[stage]))
+
+
+def balanced_layer_counts(num_layers: int, pp: int, vpp: int, output_cost: float) -> list:
+    """Per-model-stage layer counts that even out the ranks' work when the last rank also runs
+    the output layer, worth `output_cost` layers. Ranks get layer totals minimising the busiest
+    rank's work (ties: fewer layers on the first ranks, which hold the most micro-batches'
+    activations under 1F1B); each rank's total is then spread as evenly as it goes over its
+    vpp chunks. Every chunk keeps at least one layer."""
+    if num_layers < pp * vpp:
+        raise ValueError(f"parallel.pipeline_layers: auto needs at least one layer per model stage "
+                         f"({pp} x {vpp}), the model has {num_layers}")
+    best = None
+    for last in range(vpp, num_layers - (pp - 1) * vpp + 1):
+        others = _even(num_layers - last, pp - 1) if pp > 1 else []
+        if pp > 1 and min(others) < vpp:
+            continue
+        busiest = max(others + [last + output_cost])
+        if best is None or busiest < best[0] - 1e-9 or (abs(busiest - best[0]) < 1e-9 and last > best[1][-1]):
+            best = (busiest, others + [last])
+    per_rank = [_even(total, vpp) for total in best[1]]
+    return [per_rank[rank][chunk] for chunk in range(vpp) for rank in range(pp)]
+
+
+def _even(total: int, parts: int) -> list:
+    """`total` split into `parts` near-equal counts, the larger ones last."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if index >= parts - extra else 0) for index in range(parts)]

@@ -16,6 +16,25 @@ def test_explicit_split():
     assert [chunk_layer_ids(7, 3, 1, rank, 0, "3,2,2") for rank in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
 
 
+def test_auto_split_unloads_the_output_layers_rank():
+    from models.pipeline_split import balanced_layer_counts
+
+    assert balanced_layer_counts(24, 2, 1, 1.3) == [13, 11]  # loads 13 and 11 + 1.3
+    assert balanced_layer_counts(24, 4, 1, 1.3) == [6, 6, 7, 5]  # extra layers away from the first ranks
+    assert balanced_layer_counts(32, 4, 1, 0.4) == [8, 8, 8, 8]  # a small output layer changes nothing
+    # interleaved: rank totals 13 and 11, each spread over its two chunks (model order c0r0 c0r1 c1r0 c1r1)
+    assert balanced_layer_counts(24, 2, 2, 1.3) == [6, 5, 7, 6]
+    assert balanced_layer_counts(4, 2, 2, 5.0) == [1, 1, 1, 1]  # every chunk keeps a layer
+    with pytest.raises(ValueError, match="at least one layer per model stage"):
+        balanced_layer_counts(3, 2, 2, 1.0)
+
+
+def test_auto_split_is_resolved_by_validation():
+    cfg = validate(parse_args(["--data.mock", "true", "--model.preset", "llama-1.3b", "--parallel.pp", "2",
+                               "--parallel.pipeline_layers", "auto"]), 2)
+    assert cfg.parallel.pipeline_layers == "13,11"  # llama-1.3b's output layer is 1.3 layers of work
+
+
 def pipeline_args(*extra):
     return ["--data.mock", "true", "--model.preset", "tiny", *extra]
 
