@@ -14,8 +14,8 @@ checkpoint that is reloaded at TP=4 x PP=2 and on one GPU: the weights must arri
 `scaling` runs tools/benchmark.py for llama-1.3b at seq 2048 and micro-batch 4, one run at a
 time on an otherwise idle machine: data parallel on 1..--gpus GPUs (weak scaling, 8 micro-
 batches per GPU per step), DP=2 without overlapping the gradient reduce-scatter and with the
-sharded optimizer, PP at 4, 8 and 32 micro-batches (m) beside the 1F1B bubble (p-1)/(m+p-1),
-and TP with and without sequence parallelism. Table in <out>/scaling.md, one JSON per run.
+sharded optimizer, PP at 4, 8 and 32 micro-batches (m) beside the 1F1B bubble (p-1)/(m+p-1)
+(and at 32 with `parallel.pipeline_layers auto`), and TP with and without sequence parallelism. Table in <out>/scaling.md, one JSON per run.
 
 `sweep` benchmarks, for every TP in {1,2,4,8} x PP in {1,2,4} that fits --gpu-mem, the layout
 the estimator (engine/estimator.py) ranks fastest for that shape, then the fastest of all with
@@ -68,6 +68,7 @@ class Job:
     gpus: int
     argv: list  # script and its arguments, run under torchrun
     group: str = ""  # for --only
+    bubble: float | None = None  # a pipeline run's theoretical idle fraction
 
 
 def parse_cli(argv):
@@ -128,9 +129,9 @@ def bubble(pp: int, microbatches: int, vpp: int = 1) -> float:
 
 
 def scaling_jobs(gpus: int, out: str, extra: list) -> list:
-    def job(name, group, world, args):
+    def job(name, group, world, args, idle=None):
         argv = ["tools/benchmark.py", *BENCH_ARGS, "--out", f"{out}/scaling/{name}.json", *args, *extra]
-        return Job(name, world, argv, group)
+        return Job(name, world, argv, group, idle)
 
     jobs = []
     dp = 1
@@ -145,8 +146,11 @@ def scaling_jobs(gpus: int, out: str, extra: list) -> list:
     while pp <= min(gpus, 4):
         for micro in ((4, 8, 32) if pp == 2 else (8, 32)):
             batch = ["--pp", str(pp), "--global-batch", str(4 * micro)]
-            jobs.append(job(f"pp{pp}_m{micro}", "pp", pp, batch))
-        jobs.append(job(f"pp{pp}_vpp2_m8", "pp", pp, ["--pp", str(pp), "--global-batch", "32", "--parallel.vpp", "2"]))
+            jobs.append(job(f"pp{pp}_m{micro}", "pp", pp, batch, bubble(pp, micro)))
+        jobs.append(job(f"pp{pp}_vpp2_m8", "pp", pp, ["--pp", str(pp), "--global-batch", "32", "--parallel.vpp", "2"],
+                        bubble(pp, 8, 2)))
+        jobs.append(job(f"pp{pp}_m32_auto_split", "pp", pp, ["--pp", str(pp), "--global-batch", "128",
+                                                             "--parallel.pipeline_layers", "auto"], bubble(pp, 32)))
         pp *= 2
     tp = 2
     while tp <= min(gpus, 8):
@@ -306,11 +310,7 @@ def scaling_table(jobs: list, out: str) -> str:
             lines.append(f"| {job.name} | {job.gpus} | failed | | | | | |")
             continue
         ratio = f"{100 * row['tokens_per_s_per_gpu'] / one_gpu:.1f}%" if one_gpu else "-"
-        theory = ""
-        if job.name.startswith("pp"):
-            pp, micro = int(job.name[2]), int(job.name.rsplit("_m", 1)[1])
-            vpp = int(job.name.split("_vpp")[1][0]) if "_vpp" in job.name else 1
-            theory = f"{100 * bubble(pp, micro, vpp):.1f}%"
+        theory = "" if job.bubble is None else f"{100 * job.bubble:.1f}%"
         mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") else "-"
         lines.append(f"| {job.name} | {job.gpus} | {row['tokens_per_s_per_gpu']:.0f} | {ratio} | {theory} | {mfu} | "
                      f"{row['peak_mem_gib']:.1f} | {row.get('optimizer_state_gib', 0):.2f} |")
