@@ -59,6 +59,10 @@ class Layout:
     precision: str = "bf16"
     shard_optimizer: bool = False
     compile: bool = False
+    # "dpo": a frozen reference copy of the model runs a forward of every sequence, and the
+    # per-token losses recompute the output layer in backward. micro_batch and global_batch
+    # count sequences (a pair is two; tools/estimate.py converts).
+    objective: str = "lm"
 
     @property
     def gpus(self) -> int:
@@ -206,9 +210,10 @@ def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Mem
         # The output layer's transient is freed before the last layer is recomputed, so only
         # the larger of the two is ever alive (activation_bytes already holds the layer).
         logits = max(0.0, logits - layer_activation_bytes(m, layout, m.seq_length))
-    tensors = params * WEIGHT_BYTES[p] + gradients + optimizer + activations + logits
+    weights = params * WEIGHT_BYTES[p] * (2 if layout.objective == "dpo" else 1)  # + the reference copy
+    tensors = weights + gradients + optimizer + activations + logits
     allowance = tensors * ALLOWANCE_FRACTION + ALLOWANCE_FIXED_GIB * GIB
-    return Memory(params * WEIGHT_BYTES[p], gradients, optimizer, activations, logits, allowance)
+    return Memory(weights, gradients, optimizer, activations, logits, allowance)
 
 
 def peak_memory(m: ModelConfig, layout: Layout) -> Memory:
@@ -267,6 +272,10 @@ def step_time(m: ModelConfig, layout: Layout, hw: Hardware) -> StepTime:
     tokens_per_gpu = micro * layout.micro_batch * m.seq_length  # per model replica, over its tp*pp GPUs
     recompute = 4 / 3 if layout.recompute == "full" else 1.0
     flops = busiest_stage_flops_per_token(m, layout) * tokens_per_gpu * recompute / layout.tp
+    if layout.objective == "dpo":
+        # The reference forward is 2 of training's 6 FLOPs per parameter and token; the
+        # per-token losses run the output layer's forward again in backward (2 x vocab x hidden).
+        flops = flops * 4 / 3 + 2.0 * m.vocab_size * m.hidden_size * tokens_per_gpu / layout.tp
     host_per_layer = hw.host_seconds_per_layer * (HOST_SP_FACTOR if layout.sp and layout.tp > 1 else 1.0)
     host = micro * layers * host_per_layer * recompute  # the GPU waits for the host when its share is smaller
     compute = max(flops / (achieved_tflops(layout, hw) * 1e12), host)
@@ -316,16 +325,18 @@ def layout_valid(m: ModelConfig, layout: Layout) -> bool:
 
 
 def plan(m: ModelConfig, gpus: int, global_batch: int, hw: Hardware, precision: str = "bf16",
-         micro_batches=(1, 2, 4, 8), max_tp: int = 8) -> list:
+         micro_batches=(1, 2, 4, 8), max_tp: int = 8, objective: str = "lm") -> list:
     """Every valid layout on `gpus` GPUs that fits in hw.gpu_mem_gib, fastest first, as
-    (tokens/s, Layout, Memory, StepTime)."""
+    (tokens/s, Layout, Memory, StepTime). For dpo, global_batch and micro_batches count pairs."""
+    per_sample = 2 if objective == "dpo" else 1
     results = []
     for tp in [t for t in divisors(gpus) if t <= max_tp]:
         for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
             for vpp, mb, recompute, shard in _choices(pp, dp, micro_batches):
-                layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, sp=tp > 1, micro_batch=mb, global_batch=global_batch,
-                                recompute=recompute, precision=precision, shard_optimizer=shard)
+                layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, sp=tp > 1, micro_batch=mb * per_sample,
+                                global_batch=global_batch * per_sample, recompute=recompute, precision=precision,
+                                shard_optimizer=shard, objective=objective)
                 if not layout_valid(m, layout) or layout.microbatches() < 1:
                     continue
                 memory = peak_memory(m, layout)
@@ -346,9 +357,12 @@ def _choices(pp: int, dp: int, micro_batches):
 
 def describe(layout: Layout) -> str:
     parts = [f"tp{layout.tp}", f"pp{layout.pp}"] + ([f"vpp{layout.vpp}"] if layout.vpp > 1 else [])
-    parts += [f"dp{layout.dp}", f"mb{layout.micro_batch}", f"gb{layout.global_batch or layout.micro_batch * layout.dp}"]
+    per_sample = 2 if layout.objective == "dpo" else 1  # shown in pairs, as they are given
+    global_batch = layout.global_batch or layout.micro_batch * layout.dp
+    parts += [f"dp{layout.dp}", f"mb{layout.micro_batch // per_sample}", f"gb{global_batch // per_sample}"]
     parts += (["sp"] if layout.sp and layout.tp > 1 else []) + (["recompute"] if layout.recompute == "full" else [])
     parts += (["shard"] if layout.shard_optimizer else []) + (["compile"] if layout.compile else [])
+    parts += [layout.objective] if layout.objective != "lm" else []
     return " ".join(parts + [layout.precision])
 
 

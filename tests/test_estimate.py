@@ -3,6 +3,8 @@
 The `tiny` preset: 4 layers, hidden h=64, 4 heads of 16, 2 KV heads (kv = 32), SwiGLU ffn
 f=176, vocab 512 (already a multiple of 128), seq 64, RMSNorm, untied embeddings, no biases.
 """
+import dataclasses
+
 import pytest
 
 from engine import estimator as est
@@ -103,3 +105,20 @@ def test_plan_only_lists_layouts_that_fit(tiny):
     results = est.plan(tiny, 8, 16, est.Hardware(gpu_mem_gib=0.52))
     assert results and all(memory.total <= 0.52 * GIB for _, _, memory, _ in results)
     assert [r[0] for r in results] == sorted((r[0] for r in results), reverse=True)
+
+
+def test_dpo_adds_the_reference_copy_and_its_forward(tiny):
+    """DPO: one more copy of the weights, the reference forward (a third of training's FLOPs)
+    and the output layer's forward again in backward; batches are given in pairs."""
+    from tools.estimate import build_layout, parse_cli
+
+    hw = est.Hardware(tflops=100.0, host_seconds_per_layer=0.0)
+    lm = est.Layout(micro_batch=4, global_batch=4)
+    dpo = dataclasses.replace(lm, objective="dpo")
+    assert est.peak_memory(tiny, dpo).weights == 2 * est.peak_memory(tiny, lm).weights
+    output_recompute = 2 * tiny.vocab_size * tiny.hidden_size * 4 * tiny.seq_length
+    assert est.step_time(tiny, dpo, hw).compute == pytest.approx(
+        est.step_time(tiny, lm, hw).compute * 4 / 3 + output_recompute / 100e12)
+    layout = build_layout(parse_cli(["--preset", "tiny", "--micro-batch", "2", "--global-batch", "8", "--objective", "dpo"]))
+    assert (layout.micro_batch, layout.global_batch, layout.objective) == (4, 16, "dpo")
+    assert est.describe(layout) == "tp1 pp1 dp1 mb2 gb8 dpo bf16"

@@ -44,6 +44,8 @@ def parse_cli(argv):
     parser.add_argument("--network-gbps", type=float, default=40.0, help="GB/s per GPU between nodes")
     parser.add_argument("--host-ms-per-layer", type=float, default=5.3,
                         help="host time of one layer's forward and backward per micro-batch, in ms (0: ignore)")
+    parser.add_argument("--objective", choices=("lm", "dpo"), default="lm",
+                        help="dpo: --micro-batch and --global-batch count pairs; adds the frozen reference copy")
     parser.add_argument("--plan", type=int, default=0, help="list layouts that fit on this many GPUs")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for --plan")
     parser.add_argument("--top", type=int, default=15)
@@ -67,10 +69,11 @@ def build_model(args) -> ModelConfig:
 
 def build_layout(args) -> est.Layout:
     parallel = load_yaml(args.config).get("parallel", {}) if args.config else {}
+    per_sample = 2 if args.objective == "dpo" else 1  # a preference pair is two sequences
     return est.Layout(tp=parallel.get("tp", args.tp), pp=parallel.get("pp", args.pp), vpp=parallel.get("vpp", args.vpp),
-                      dp=args.dp, sp=parallel.get("sp", args.sp), micro_batch=args.micro_batch,
-                      global_batch=args.global_batch, recompute=args.recompute, precision=args.precision,
-                      shard_optimizer=args.shard, compile=args.compile)
+                      dp=args.dp, sp=parallel.get("sp", args.sp), micro_batch=args.micro_batch * per_sample,
+                      global_batch=args.global_batch * per_sample, recompute=args.recompute, precision=args.precision,
+                      shard_optimizer=args.shard, compile=args.compile, objective=args.objective)
 
 
 def memory_row(memory: est.Memory) -> str:
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
                       host_seconds_per_layer=args.host_ms_per_layer * 1e-3)
     if args.plan:
         global_batch = args.global_batch or args.plan
-        results = est.plan(model, args.plan, global_batch, hw, args.precision)
+        results = est.plan(model, args.plan, global_batch, hw, args.precision, objective=args.objective)
         print_plan(results, args.plan, args.top)
         if args.plot:
             plot(results, args.plot, args.top)
