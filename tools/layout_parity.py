@@ -16,7 +16,7 @@ single-GPU run in fp32. How far bf16 lands from fp32 is the rounding noise of bf
 layout is within bf16 tolerance when it deviates from the single-GPU bf16 run by no more than
 that (with a 2x margin, as both are samples of the same noise), in:
 - the first step's loss and grad norm: every layout's whole forward and backward on the same
-  weights and the same batch;
+  weights and the same batch (differences under 1e-3 relative always pass: rounding);
 - the final weights, as |w - w_ref| / |w_ref - w_init| over the whole model (the deviation
   relative to what training moved), where the runs kept them.
 The largest loss difference over all steps is shown too but not judged: from-scratch runs spike
@@ -34,6 +34,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MARGIN = 2.0  # a layout may deviate up to MARGIN x the bf16-vs-fp32 deviation
+# The first step's fp32-vs-bf16 gap is a single sample of rounding noise and can come out
+# tiny; below a quarter of bf16's relative spacing (2^-8) a first-step difference is rounding
+# whatever that sample says. (Interleaved PP's message mix-up moved the first loss by 5e-3
+# relative, and its gradient norm by 1e7.)
+FIRST_STEP_FLOOR = 1e-3
 
 
 def parse_cli(argv):
@@ -142,10 +147,12 @@ def compare_runs(paths: list, init_path: str) -> list:
         weights = load_weights(weights_path(path), device) if init is not None and reference_weights is not None else None
         row["weight_deviation"] = None if weights is None else relative_weight_deviation(weights, reference_weights, init)
         rows.append(row)
-    yardstick = rows[0]
+    yardstick, first_loss = rows[0], abs(runs[0]["loss"][0])
+    floors = {"first_loss_diff": FIRST_STEP_FLOOR * first_loss, "first_grad_norm_rel_diff": FIRST_STEP_FLOOR,
+              "weight_deviation": 0.0}
     for row in rows[1:]:
         judged = [k for k in JUDGED if row[k] is not None and yardstick[k] is not None]
-        row["within_tolerance"] = all(row[k] <= MARGIN * yardstick[k] for k in judged)
+        row["within_tolerance"] = all(row[k] <= max(MARGIN * yardstick[k], floors[k]) for k in judged)
     return rows
 
 

@@ -108,11 +108,12 @@ def reload_jobs(gpus: int, out: str, extra: list) -> list:
     """Runs that load the saver's checkpoint at other layouts and train one step more."""
     if PARITY_LAYOUTS[CHECKPOINT_SAVER][0] > gpus:
         return []
-    steps = int(PARITY_ARGS[PARITY_ARGS.index("--train.iters") + 1]) + 1
+    arguments = PARITY_ARGS + extra
+    saved_step = int(arguments[len(arguments) - 1 - arguments[::-1].index("--train.iters") + 1])  # the last one wins
     return [Job(name, world, ["tools/layout_parity.py", "run", "--out", f"{out}/parity/{name}.json",
-                              "--init", layout_parity_init(out, name), *PARITY_ARGS, "--train.iters", str(steps),
+                              "--init", layout_parity_init(out, name), *arguments,
                               "--train.output_dir", f"{out}/train/{name}", "--train.precision", "bf16",
-                              "--checkpoint.load", f"{out}/checkpoint", *args, *extra])
+                              "--checkpoint.load", f"{out}/checkpoint", *args, "--train.iters", str(saved_step + 1)])
             for name, (world, args) in CHECKPOINT_RELOADS.items()]
 
 
