@@ -66,3 +66,11 @@ def test_sweep_runs_one_layout_per_shape_then_flips_the_best():
     assert any(flip.recompute != best.recompute for flip in flips)
     job = runs.sweep_jobs(8, "/tmp/out", [], "llama3-8b", 4096, 32, 141.0)[0]
     assert job.gpus == 8 and job.argv[job.argv.index("--tp") + 1] == str(best.tp)
+
+
+def test_reloads_continue_one_step_past_the_saved_run():
+    assert runs.reload_jobs(4, "/tmp/out", []) == []  # the saving layout needs 8 GPUs
+    jobs = runs.reload_jobs(8, "/tmp/out", ["--train.iters", "3"])
+    assert [job.name for job in jobs] == list(runs.CHECKPOINT_RELOADS)
+    assert all(runs.last_value(job.argv, "--train.iters") == "4" for job in jobs)
+    assert all(runs.last_value(job.argv, "--checkpoint.load") == "/tmp/out/checkpoint" for job in jobs)

@@ -109,12 +109,17 @@ def reload_jobs(gpus: int, out: str, extra: list) -> list:
     if PARITY_LAYOUTS[CHECKPOINT_SAVER][0] > gpus:
         return []
     arguments = PARITY_ARGS + extra
-    saved_step = int(arguments[len(arguments) - 1 - arguments[::-1].index("--train.iters") + 1])  # the last one wins
+    saved_step = int(last_value(arguments, "--train.iters"))
     return [Job(name, world, ["tools/layout_parity.py", "run", "--out", f"{out}/parity/{name}.json",
                               "--init", layout_parity_init(out, name), *arguments,
                               "--train.output_dir", f"{out}/train/{name}", "--train.precision", "bf16",
                               "--checkpoint.load", f"{out}/checkpoint", *args, "--train.iters", str(saved_step + 1)])
             for name, (world, args) in CHECKPOINT_RELOADS.items()]
+
+
+def last_value(arguments: list, key: str) -> str:
+    """The value of the last `key` in a `--key value` list (the one the parser keeps)."""
+    return next(arguments[i + 1] for i in range(len(arguments) - 2, -1, -1) if arguments[i] == key)
 
 
 def layout_parity_init(out: str, name: str) -> str:
