@@ -88,7 +88,8 @@ def run_layout(args, extra) -> None:
                   "args": " ".join(extra)}
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=1)
-        print(f"{result['layout']}: final loss {result['loss'][-1]:.4f} after {len(history)} steps")
+        final = f"final loss {result['loss'][-1]:.4f}" if history else "no steps left to train"
+        print(f"{result['layout']}: {final} after {len(history)} steps")
     shutdown()
 
 
