@@ -391,12 +391,6 @@ def validate_jsonl_data(cfg: Config, prefix: str, what: str) -> None:
     _require(not t.eval_interval or bool(valid), valid_key, "train.eval_interval is set but there is no validation JSONL")
 
 
-def output_layer_cost(m: ModelConfig) -> float:
-    """The output layer's model FLOPs per token in units of one transformer layer's."""
-    output = 6.0 * m.vocab_size * m.hidden_size
-    return output / ((m.flops_per_token() - output) / m.num_layers)
-
-
 def validate_pipeline(cfg: Config, dp: int) -> None:
     """Stage split and microbatch count that the pipeline schedules can run."""
     p = cfg.parallel
@@ -407,7 +401,7 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
     try:
         if p.pipeline_layers.strip() == "auto":
             p.pipeline_layers = ",".join(map(str, balanced_layer_counts(
-                cfg.model.num_layers, p.pp, p.vpp, output_layer_cost(cfg.model))))
+                cfg.model.num_layers, p.pp, p.vpp, cfg.model.output_layer_in_layers())))
         stage_layer_counts(cfg.model.num_layers, p.pp, p.vpp, p.pipeline_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None

@@ -4,8 +4,8 @@ Memory follows what Trellis allocates (docs/optimizer.md, docs/pipeline.md): wei
 gradient buffer, optimizer state with fp32 masters, the activations the schedule keeps alive on
 the busiest pipeline stage, the output layer's chunked logits and a calibrated allowance for
 the caching allocator's fragmentation and library workspaces. Step time is compute (model FLOPs
-at an achieved TFLOP/s, or the host's launch time where that is longer) plus the optimizer's memory traffic plus the exposed communication,
-stretched by the pipeline bubble. Calibration and its check: docs/benchmarks.md, "Estimator".
+at an achieved TFLOP/s, or the host's launch time where that is longer) plus the optimizer's
+memory traffic plus the exposed communication, stretched by the pipeline bubble. Calibration and its check: docs/benchmarks.md, "Estimator".
 """
 from __future__ import annotations
 
@@ -256,15 +256,17 @@ def achieved_tflops(layout: Layout, hw: Hardware) -> float:
     return rate * COMPILE_TFLOPS_GAIN if layout.compile else rate
 
 
+def sequences_per_sample(objective: str) -> int:
+    """A DPO sample is a preference pair: two sequences."""
+    return 2 if objective == "dpo" else 1
+
+
 def busiest_stage_flops_per_token(m: ModelConfig, layout: Layout) -> float:
     """Model FLOPs per token of the slowest pipeline stage, which sets every stage's pace: with
     an even split of the layers, the last stage, which also runs the output layer (1.1 layers'
     worth in llama-1.3b)."""
-    if layout.pp == 1:
-        return m.flops_per_token()
-    output_layer = 6.0 * m.vocab_size * m.hidden_size
-    per_layer = (m.flops_per_token() - output_layer) / m.num_layers
-    return per_layer * m.num_layers / layout.pp + output_layer
+    output_layer = m.output_layer_flops_per_token()
+    return (m.flops_per_token() - output_layer) / layout.pp + output_layer
 
 
 def step_time(m: ModelConfig, layout: Layout, hw: Hardware) -> StepTime:
@@ -274,8 +276,8 @@ def step_time(m: ModelConfig, layout: Layout, hw: Hardware) -> StepTime:
     flops = busiest_stage_flops_per_token(m, layout) * tokens_per_gpu * recompute / layout.tp
     if layout.objective == "dpo":
         # The reference forward is 2 of training's 6 FLOPs per parameter and token; the
-        # per-token losses run the output layer's forward again in backward (2 x vocab x hidden).
-        flops = flops * 4 / 3 + 2.0 * m.vocab_size * m.hidden_size * tokens_per_gpu / layout.tp
+        # per-token losses run the output layer's forward (a third of its share) again in backward.
+        flops = flops * 4 / 3 + m.output_layer_flops_per_token() / 3 * tokens_per_gpu / layout.tp
     host_per_layer = hw.host_seconds_per_layer * (HOST_SP_FACTOR if layout.sp and layout.tp > 1 else 1.0)
     host = micro * layers * host_per_layer * recompute  # the GPU waits for the host when its share is smaller
     compute = max(flops / (achieved_tflops(layout, hw) * 1e12), host)
@@ -328,7 +330,7 @@ def plan(m: ModelConfig, gpus: int, global_batch: int, hw: Hardware, precision: 
          micro_batches=(1, 2, 4, 8), max_tp: int = 8, objective: str = "lm") -> list:
     """Every valid layout on `gpus` GPUs that fits in hw.gpu_mem_gib, fastest first, as
     (tokens/s, Layout, Memory, StepTime). For dpo, global_batch and micro_batches count pairs."""
-    per_sample = 2 if objective == "dpo" else 1
+    per_sample = sequences_per_sample(objective)
     results = []
     for tp in [t for t in divisors(gpus) if t <= max_tp]:
         for pp in divisors(gpus // tp):
@@ -357,7 +359,7 @@ def _choices(pp: int, dp: int, micro_batches):
 
 def describe(layout: Layout) -> str:
     parts = [f"tp{layout.tp}", f"pp{layout.pp}"] + ([f"vpp{layout.vpp}"] if layout.vpp > 1 else [])
-    per_sample = 2 if layout.objective == "dpo" else 1  # shown in pairs, as they are given
+    per_sample = sequences_per_sample(layout.objective)  # shown in pairs, as they are given
     global_batch = layout.global_batch or layout.micro_batch * layout.dp
     parts += [f"dp{layout.dp}", f"mb{layout.micro_batch // per_sample}", f"gb{global_batch // per_sample}"]
     parts += (["sp"] if layout.sp and layout.tp > 1 else []) + (["recompute"] if layout.recompute == "full" else [])

@@ -58,6 +58,16 @@ class ModelConfig:
         (the attention score and value matmuls, forward and backward)."""
         return 6.0 * self.matmul_params() + 12.0 * self.num_layers * self.hidden_size * self.seq_length
 
+    def output_layer_flops_per_token(self) -> float:
+        """The output projection's share of `flops_per_token` (forward and backward)."""
+        return 6.0 * self.vocab_size * self.hidden_size
+
+    def output_layer_in_layers(self) -> float:
+        """The output layer's FLOPs per token in units of one transformer layer's (1.1 in
+        llama-1.3b): what the pipeline stage that runs it carries beyond its layers."""
+        output = self.output_layer_flops_per_token()
+        return output / ((self.flops_per_token() - output) / self.num_layers)
+
 
 _GPT2 = dict(norm="layernorm", activation="gelu", position_embedding="learned", norm_eps=1e-5,
              add_bias_linear=True, add_qkv_bias=True, tie_embeddings=True, rope_theta=10000.0)

@@ -89,8 +89,8 @@ class GPTModel(nn.Module):
         # document_ids [b, s]: packed sequences; attention never crosses a document boundary.
         """tokens/labels/loss_weights: [b, s]. On the last stage: with labels, the per-token loss
         [b, s], or with loss_weights as well the scalar sum of weight x token loss (both through
-        chunked paths that keep no logits, with model.fused_cross_entropy); without labels, local logits [s, b, v/tp]; with
-        return_hidden, the final-normed hidden state (see `output_logits`, models/value_head.py).
+        chunked paths that keep no logits, with model.fused_cross_entropy); without labels,
+        local logits [s, b, v/tp]; with return_hidden, the final-normed hidden state (see `output_logits`, models/value_head.py).
         Other stages return the hidden state for the next stage. kv_cache: a
         models.kv_cache.KVCache that this forward appends to (generation)."""
         if self.pre_process:

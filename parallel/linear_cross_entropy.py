@@ -39,13 +39,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for rows in _chunks(h.shape[0], chunk):
-                dlogits, token_loss[rows] = _chunk_loss_and_grad(
-                    h[rows], w, labels[rows], token_weights[rows], group, vocab_start, vocab_size)
-                dlogits = dlogits.to(dtype)
-                grad_hidden[rows] = (dlogits @ w).to(grad_hidden.dtype)
-                # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul);
-                # an fp32 matmul here would cost more than the rest of the output layer.
-                accumulate_weight_grad(grad_weight, dlogits, h[rows])
+                token_loss[rows] = _chunk_backward(h, w, labels, token_weights, rows, grad_hidden, grad_weight,
+                                                   group, vocab_start, vocab_size)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.weight = weight if sole_use and fuses_into_main_grad(weight, dtype) else None
@@ -71,8 +66,8 @@ class _LinearTokenLosses(torch.autograd.Function):
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for rows in _chunks(h.shape[0], chunk):
-                _, token_loss[rows], _, _ = softmax_and_loss(fp32_matmul(h[rows], w.t()), labels[rows], group,
-                                                             vocab_start, vocab_size)
+                token_loss[rows] = softmax_and_loss(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start,
+                                                    vocab_size)[1]
         ctx.save_for_backward(h, w, labels)
         ctx.options = (group, vocab_start, vocab_size, chunk, hidden.dtype, weight.dtype)
         ctx.weight = weight if sole_use and fuses_into_main_grad(weight, dtype) else None
@@ -86,13 +81,9 @@ class _LinearTokenLosses(torch.autograd.Function):
         grad_weight = ctx.weight.main_grad if ctx.weight is not None else torch.zeros(
             w.shape, dtype=torch.float32, device=w.device)
         with torch.autocast(h.device.type, enabled=False):
-            for rows in _chunks(h.shape[0], chunk):
-                probs, _, index, outside = softmax_and_loss(fp32_matmul(h[rows], w.t()), labels[rows], group,
-                                                            vocab_start, vocab_size)
-                dlogits = subtract_one_hot(probs, index, outside).mul_(grad_token_loss[rows].float().unsqueeze(-1))
-                dlogits = dlogits.to(h.dtype)
-                grad_hidden[rows] = dlogits @ w
-                accumulate_weight_grad(grad_weight, dlogits, h[rows])
+            for rows in _chunks(h.shape[0], chunk):  # the upstream gradients weight the token losses
+                _chunk_backward(h, w, labels, grad_token_loss, rows, grad_hidden, grad_weight, group, vocab_start,
+                                vocab_size)
         grad_weight = filled_placeholder(ctx.weight) if ctx.weight is not None else grad_weight.to(weight_dtype)
         return grad_hidden.to(hidden_dtype), grad_weight, None, None, None, None, None, None
 
@@ -101,11 +92,17 @@ def _chunks(tokens: int, chunk: int):
     return [slice(start, min(start + chunk, tokens)) for start in range(0, tokens, chunk)]
 
 
-def _chunk_loss_and_grad(h, w, labels, token_weights, group, vocab_start, vocab_size):
-    """Token losses of one chunk and d(sum weights*loss)/d(logits), both fp32."""
-    probs, loss, index, outside = softmax_and_loss(fp32_matmul(h, w.t()), labels, group, vocab_start, vocab_size)
-    dlogits = subtract_one_hot(probs, index, outside)
-    return dlogits.mul_(token_weights.float().unsqueeze(-1)), loss
+def _chunk_backward(h, w, labels, token_weights, rows, grad_hidden, grad_weight, group, vocab_start, vocab_size):
+    """For the tokens `rows`: the gradient of sum(weights x loss) written into grad_hidden[rows]
+    and added into grad_weight (fp32); returns their token losses (fp32)."""
+    probs, loss, index, outside = softmax_and_loss(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start,
+                                                   vocab_size)
+    dlogits = subtract_one_hot(probs, index, outside).mul_(token_weights[rows].float().unsqueeze(-1)).to(h.dtype)
+    grad_hidden[rows] = dlogits @ w
+    # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul); an fp32
+    # matmul here would cost more than the rest of the output layer.
+    accumulate_weight_grad(grad_weight, dlogits, h[rows])
+    return loss
 
 
 def linear_cross_entropy(hidden, weight, labels, token_weights, group, vocab_start: int, vocab_size: int,

@@ -69,7 +69,7 @@ def build_model(args) -> ModelConfig:
 
 def build_layout(args) -> est.Layout:
     parallel = load_yaml(args.config).get("parallel", {}) if args.config else {}
-    per_sample = 2 if args.objective == "dpo" else 1  # a preference pair is two sequences
+    per_sample = est.sequences_per_sample(args.objective)
     return est.Layout(tp=parallel.get("tp", args.tp), pp=parallel.get("pp", args.pp), vpp=parallel.get("vpp", args.vpp),
                       dp=args.dp, sp=parallel.get("sp", args.sp), micro_batch=args.micro_batch * per_sample,
                       global_batch=args.global_batch * per_sample, recompute=args.recompute, precision=args.precision,

@@ -124,28 +124,28 @@ def curve_deviation(run: dict, reference: dict) -> dict:
             "max_loss_diff": max(abs(a - b) for a, b in zip(run["loss"], reference["loss"]))}
 
 
-def load_weights(path: str, device: str):
+def load_weights(path: str, device: str | None = None):
+    """A saved weights file, or None where the run kept none; on the GPU when there is one (a
+    1.3B model's comparison takes minutes on a CPU)."""
     import torch
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.load(path, map_location=device) if os.path.exists(path) else None
 
 
-def compare_runs(paths: list, init_path: str) -> list:
+def compare_runs(paths: list, init_weights: str) -> list:
     """One row per run after the reference; the fp32 row is the yardstick of the rest."""
-    import torch
-
     if len(paths) < 2:
         raise SystemExit("error: compare needs the reference run and the fp32 run, then the layouts")
     runs = []
     for path in paths:
         with open(path) as handle:
             runs.append(json.load(handle))
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a 1.3B model takes minutes per run on CPU
-    init, reference_weights = load_weights(init_path, device), load_weights(weights_path(paths[0]), device)
+    init, reference_weights = load_weights(init_weights), load_weights(weights_path(paths[0]))
     rows = []
     for path, run in zip(paths[1:], runs[1:]):
         row = {"layout": run["layout"], "precision": run["precision"], **curve_deviation(run, runs[0])}
-        weights = load_weights(weights_path(path), device) if init is not None and reference_weights is not None else None
+        weights = load_weights(weights_path(path)) if init is not None and reference_weights is not None else None
         row["weight_deviation"] = None if weights is None else relative_weight_deviation(weights, reference_weights, init)
         rows.append(row)
     yardstick, first_loss = rows[0], abs(runs[0]["loss"][0])
@@ -161,15 +161,13 @@ def compare_reloads(saved_weights: str, reloads: list) -> list:
     """Each reload run (`run --init` after `--checkpoint.load`, one more step) against the run
     that saved the checkpoint: the weights it loaded must be those saved, bit for bit; the loss
     of its next step is returned so the reloads can be compared with each other."""
-    import torch
-
-    saved = torch.load(saved_weights, map_location="cpu")
+    saved = load_weights(saved_weights)
     rows = []
     for path in reloads:
         with open(path) as handle:
             run = json.load(handle)
-        loaded = torch.load(init_path(path), map_location="cpu")
-        if loaded.keys() != saved.keys():
+        loaded = load_weights(init_path(path))
+        if loaded is None or loaded.keys() != saved.keys():
             raise SystemExit(f"error: {path} loaded other parameters than were saved")
         worst = max((loaded[name].float() - saved[name].float()).abs().max().item() for name in saved)
         rows.append({"layout": run["layout"], "max_abs_weight_diff": worst, "next_loss": run["loss"][-1],

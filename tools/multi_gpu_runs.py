@@ -8,14 +8,16 @@
 with a 10-step warm-up (a faster one makes the loss spike, and a spiking run amplifies any
 rounding difference): on one GPU, once more in fp32 as the precision yardstick, and at every
 TP/SP/PP/DP layout that fits in --gpus, then compares them with tools/layout_parity.py (table
-in <out>/parity.md). Runs that fit side by side on free GPUs run at the same time. On 8 GPUs the TP=2 x PP=2 x DP=2 run saves a
-checkpoint that is reloaded at TP=4 x PP=2 and on one GPU: the weights must arrive bit for bit.
+in <out>/parity.md). Runs that fit side by side on free GPUs run at the same time. On 8 GPUs
+the TP=2 x PP=2 x DP=2 run saves a checkpoint that is reloaded at TP=4 x PP=2 and on one GPU:
+the weights must arrive bit for bit.
 
 `scaling` runs tools/benchmark.py for llama-1.3b at seq 2048 and micro-batch 4, one run at a
 time on an otherwise idle machine: data parallel on 1..--gpus GPUs (weak scaling, 8 micro-
 batches per GPU per step), DP=2 without overlapping the gradient reduce-scatter and with the
 sharded optimizer, PP at 4, 8 and 32 micro-batches (m) beside the 1F1B bubble (p-1)/(m+p-1)
-(and at 32 with `parallel.pipeline_layers auto`), and TP with and without sequence parallelism. Table in <out>/scaling.md, one JSON per run.
+(and at 32 with `parallel.pipeline_layers auto`), and TP with and without sequence
+parallelism. Table in <out>/scaling.md, one JSON per run.
 
 `sweep` benchmarks, for every TP in {1,2,4,8} x PP in {1,2,4} that fits --gpu-mem, the layout
 the estimator (engine/estimator.py) ranks fastest for that shape, then the fastest of all with
@@ -86,10 +88,15 @@ def parse_cli(argv):
     return parser.parse_known_args(argv)
 
 
+def parity_json(out: str, name: str) -> str:
+    """A parity run's losses; its weights go beside it (layout_parity.weights_path)."""
+    return f"{out}/parity/{name}.json"
+
+
 def parity_jobs(gpus: int, out: str, extra: list) -> tuple:
     """(jobs that make the reference, the layout jobs)."""
     def job(name, world, layout_args, *more):
-        argv = ["tools/layout_parity.py", "run", "--out", f"{out}/parity/{name}.json", *more, *PARITY_ARGS,
+        argv = ["tools/layout_parity.py", "run", "--out", parity_json(out, name), *more, *PARITY_ARGS,
                 "--train.output_dir", f"{out}/train/{name}", *layout_args, *extra]
         return Job(name, world, argv)
 
@@ -110,7 +117,7 @@ def reload_jobs(gpus: int, out: str, extra: list) -> list:
         return []
     arguments = PARITY_ARGS + extra
     saved_step = int(last_value(arguments, "--train.iters"))
-    return [Job(name, world, ["tools/layout_parity.py", "run", "--out", f"{out}/parity/{name}.json",
+    return [Job(name, world, ["tools/layout_parity.py", "run", "--out", parity_json(out, name),
                               "--init", layout_parity_init(out, name), *arguments,
                               "--train.output_dir", f"{out}/train/{name}", "--train.precision", "bf16",
                               "--checkpoint.load", f"{out}/checkpoint", *args, "--train.iters", str(saved_step + 1)])
@@ -125,7 +132,7 @@ def last_value(arguments: list, key: str) -> str:
 def layout_parity_init(out: str, name: str) -> str:
     from tools.layout_parity import init_path
 
-    return init_path(f"{out}/parity/{name}.json")
+    return init_path(parity_json(out, name))
 
 
 def bubble(pp: int, microbatches: int, vpp: int = 1) -> float:
@@ -224,7 +231,7 @@ def run_parity(args, extra) -> int:
     if codes.get("ref") or codes.get("fp32"):
         print("error: the reference runs failed; nothing to compare")
         return 1
-    done = [f"{args.out}/parity/{job.name}.json" for job in reference + layouts if codes.get(job.name) == 0]
+    done = [parity_json(args.out, job.name) for job in reference + layouts if codes.get(job.name) == 0]
     rows = layout_parity.compare_runs(done, f"{args.out}/parity/init.pt")
     with open(done[0]) as handle:
         reference_run = json.load(handle)
@@ -247,8 +254,8 @@ def check_reloads(args, extra, codes: dict) -> bool:
     if not jobs or codes.get(CHECKPOINT_SAVER) != 0:
         return not jobs
     codes.update(run_jobs(jobs, args.gpus, args.out, True, args.timeout))
-    done = [f"{args.out}/parity/{job.name}.json" for job in jobs if codes.get(job.name) == 0]
-    rows = layout_parity.compare_reloads(layout_parity.weights_path(f"{args.out}/parity/{CHECKPOINT_SAVER}.json"), done)
+    done = [parity_json(args.out, job.name) for job in jobs if codes.get(job.name) == 0]
+    rows = layout_parity.compare_reloads(layout_parity.weights_path(parity_json(args.out, CHECKPOINT_SAVER)), done)
     table = layout_parity.format_reloads(rows, CHECKPOINT_SAVER)
     with open(f"{args.out}/parity.md", "a") as handle:
         handle.write("\n" + table)
