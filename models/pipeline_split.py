@@ -60,15 +60,13 @@ def balanced_layer_counts(num_layers: int, pp: int, vpp: int, output_cost: float
     if num_layers < pp * vpp:
         raise ValueError(f"parallel.pipeline_layers: auto needs at least one layer per model stage "
                          f"({pp} x {vpp}), the model has {num_layers}")
-    best = None
-    for last in range(vpp, num_layers - (pp - 1) * vpp + 1):
-        others = _even(num_layers - last, pp - 1) if pp > 1 else []
-        if pp > 1 and min(others) < vpp:
-            continue
-        busiest = max(others + [last + output_cost])
-        if best is None or busiest < best[0] - 1e-9 or (abs(busiest - best[0]) < 1e-9 and last > best[1][-1]):
-            best = (busiest, others + [last])
-    per_rank = [_even(total, vpp) for total in best[1]]
+    if pp == 1:
+        return _even(num_layers, vpp)
+    splits = [_even(num_layers - last, pp - 1) + [last] for last in range(vpp, num_layers - (pp - 1) * vpp + 1)]
+    splits = [split for split in splits if min(split) >= vpp]
+    # The busiest rank's work, rounded so that equal loads tie; then the most layers on the last rank.
+    totals = min(splits, key=lambda split: (round(max(split[:-1] + [split[-1] + output_cost]), 9), -split[-1]))
+    per_rank = [_even(total, vpp) for total in totals]
     return [per_rank[rank][chunk] for chunk in range(vpp) for rank in range(pp)]
 
 

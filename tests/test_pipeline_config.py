@@ -25,6 +25,7 @@ def test_auto_split_unloads_the_output_layers_rank():
     # interleaved: rank totals 13 and 11, each spread over its two chunks (model order c0r0 c0r1 c1r0 c1r1)
     assert balanced_layer_counts(24, 2, 2, 1.3) == [6, 5, 7, 6]
     assert balanced_layer_counts(4, 2, 2, 5.0) == [1, 1, 1, 1]  # every chunk keeps a layer
+    assert balanced_layer_counts(24, 1, 1, 1.1) == [24]  # one stage holds every layer
     with pytest.raises(ValueError, match="at least one layer per model stage"):
         balanced_layer_counts(3, 2, 2, 1.0)
 

@@ -251,8 +251,10 @@ def check_reloads(args, extra, codes: dict) -> bool:
     from tools import layout_parity
 
     jobs = reload_jobs(args.gpus, args.out, extra)
-    if not jobs or codes.get(CHECKPOINT_SAVER) != 0:
-        return not jobs
+    if not jobs or CHECKPOINT_SAVER not in codes:  # fewer GPUs, or --only left the saver out
+        return True
+    if codes[CHECKPOINT_SAVER] != 0:
+        return False
     codes.update(run_jobs(jobs, args.gpus, args.out, True, args.timeout))
     done = [parity_json(args.out, job.name) for job in jobs if codes.get(job.name) == 0]
     rows = layout_parity.compare_reloads(layout_parity.weights_path(parity_json(args.out, CHECKPOINT_SAVER)), done)
