@@ -8,6 +8,7 @@ import os
 import types
 import typing
 
+import torch
 import yaml
 
 from engine.launch import UserError
@@ -323,6 +324,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
     _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
     validate_pipeline(cfg, dp)
+    validate_cuda_graphs(cfg)
     validate_batch_ramp(cfg, dp)
     validate_optim(cfg.optim)
     validate_finetune(cfg)
@@ -412,6 +414,22 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
              f"parallel.pp={p.pp}")
     _require(not (p.sp and p.tp > 1) or cfg.model.seq_length % p.tp == 0, "model.seq_length",
              f"{cfg.model.seq_length} must be divisible by parallel.tp={p.tp} under sequence parallelism")
+
+
+def validate_cuda_graphs(cfg: Config) -> None:
+    """What the captured layer graphs cannot replay (models/layer_graphs.py)."""
+    m, key = cfg.model, "model.cuda_graphs"
+    if not m.cuda_graphs:
+        return
+    device = cfg.train.device
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    _require(on_cuda, key, f"CUDA graphs need a CUDA device (train.device is {device}"
+             f"{'' if device == 'cpu' else ' and none is available'})")
+    _require(cfg.parallel.pp == 1, key, f"needs parallel.pp 1 (got {cfg.parallel.pp}): a pipeline keeps several "
+             "micro-batches' activations alive and a graph holds one")
+    _require(m.recompute == "none", key, f"cannot replay activation recompute; set model.recompute none (got {m.recompute})")
+    _require(m.dropout == 0 and m.attention_dropout == 0, key,
+             f"needs model.dropout and model.attention_dropout 0 (got {m.dropout} and {m.attention_dropout})")
 
 
 def validate_batch_ramp(cfg: Config, dp: int) -> None:

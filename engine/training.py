@@ -18,6 +18,7 @@ from engine.metrics import MetricsLogger, Throughput, device_peak_tflops, peak_m
 from engine.optimizer import build_optimizer
 from engine.precision import autocast_context, param_dtype, resolve_precision
 from engine.training_controls import EarlyStopper, SpikeGuard, apply_layer_lr_decay, freeze_parameters
+from models import layer_graphs
 from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
 from models.transformer import lora_aliases
@@ -393,6 +394,7 @@ def gather_model_state(model_chunks, grid) -> dict:
 
 
 def shutdown() -> None:
+    layer_graphs.release_all()  # NCCL hangs destroying a communicator that a live CUDA graph captured
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -33,6 +33,7 @@ class ModelConfig:
     recompute: str = "none"  # none | full
     fused_cross_entropy: bool = True  # chunked output layer + loss, never the full logits
     compile: bool = False  # torch.compile each transformer layer (names and checkpoints unchanged)
+    cuda_graphs: bool = False  # replay the layers' forward and backward as CUDA graphs (models/layer_graphs.py)
     attention_backend: str = "auto"  # auto | sdpa | flash | flex (models/attention.py)
 
     def head_dim(self) -> int:

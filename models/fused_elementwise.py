@@ -32,9 +32,9 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def split_qkv_rope(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """qkv [s, b, (heads + 2 kv_heads) d] -> q [b, heads, s, d], k and v [b, kv_heads, s, d]
-    (views of [s, b, n, d] memory), RoPE applied to q and k when cos/sin are given."""
+def split_qkv_rope_sbnd(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """qkv [s, b, (heads + 2 kv_heads) d] -> q [s, b, heads, d], k and v [s, b, kv_heads, d],
+    each dense, RoPE applied to q and k when cos/sin are given."""
     s, b = qkv.shape[0], qkv.shape[1]
     q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
     q, k = q.reshape(s, b, heads, head_dim), k.reshape(s, b, kv_heads, head_dim)
@@ -44,13 +44,26 @@ def split_qkv_rope(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
     if cos is not None:
         cos, sin = rope_for_sbnd(cos), rope_for_sbnd(sin)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return tuple(t.permute(1, 2, 0, 3) for t in (q, k, v))
+    return q, k, v
+
+
+def _to_bnsd(tensors):
+    return tuple(t.permute(1, 2, 0, 3) for t in tensors)
+
+
+def split_qkv_rope(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """As split_qkv_rope_sbnd, returned as [b, n, s, d] views of the [s, b, n, d] memory."""
+    return _to_bnsd(split_qkv_rope_sbnd(qkv, cos, sin, heads, kv_heads, head_dim))
 
 
 def fused_split_qkv_rope(qkv, rope, heads: int, kv_heads: int, head_dim: int):
+    # The permutation to [b, n, s, d] stays outside the compiled function: AOTAutograd makes
+    # the gradients of a compiled function's outputs contiguous, which for permuted outputs
+    # meant three full copies (dq, dk, dv) per layer in the backward. Outside, the
+    # permutation's own backward turns attention's gradients back into dense [s, b, n, d].
     cos, sin = rope if rope is not None else (None, None)
-    fn = _compiled(split_qkv_rope) if qkv.is_cuda else split_qkv_rope
-    return fn(qkv, cos, sin, heads, kv_heads, head_dim)
+    fn = _compiled(split_qkv_rope_sbnd) if qkv.is_cuda else split_qkv_rope_sbnd
+    return _to_bnsd(fn(qkv, cos, sin, heads, kv_heads, head_dim))
 
 
 def fused_swiglu(h):

@@ -15,6 +15,7 @@ import torch.utils.checkpoint as activation_checkpoint
 from torch import nn
 
 from models.config import ModelConfig
+from models.layer_graphs import LayerGraphs
 from models.norms import Norm
 from models.rope import rope_cache
 from models.transformer import TransformerLayer
@@ -60,6 +61,7 @@ class GPTModel(nn.Module):
         if cfg.compile:
             for layer in self.layers.values():
                 layer.compile()  # in place: parameter names stay layout- and compile-independent
+        self.layer_graphs = LayerGraphs(self.layers.values()) if cfg.cuda_graphs and self.layer_ids else None
 
     def embedding_rank(self) -> int:
         return torch.distributed.get_rank(self.tp_group) if self.tp > 1 else 0
@@ -99,9 +101,7 @@ class GPTModel(nn.Module):
         rope = None
         if self.cfg.position_embedding == "rope":
             rope = rope_cache(seq_len, self.cfg.head_dim(), self.cfg.rope_theta, hidden.device, position_ids)
-        for layer_id, layer in self.layers.items():
-            cache = kv_cache.layer(int(layer_id)) if kv_cache is not None else None
-            hidden = self._run_layer(layer, hidden, rope, document_ids, cache)
+        hidden = self._run_layers(hidden, rope, document_ids, kv_cache)
         if not self.post_process:
             return hidden
         if return_hidden:
@@ -159,6 +159,17 @@ class GPTModel(nn.Module):
             return logits
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, vocab_start, self.cfg.vocab_size).t()
         return loss if loss_weights is None else (loss.float() * loss_weights).sum()
+
+    def _run_layers(self, hidden, rope, document_ids, kv_cache):
+        graphs = self.layer_graphs
+        if graphs is not None and self.training and graphs.applies(document_ids, kv_cache):
+            graphed = graphs(hidden, rope)
+            if graphed is not None:
+                return graphed
+        for layer_id, layer in self.layers.items():
+            cache = kv_cache.layer(int(layer_id)) if kv_cache is not None else None
+            hidden = self._run_layer(layer, hidden, rope, document_ids, cache)
+        return hidden
 
     def _run_layer(self, layer, hidden, rope, document_ids, kv_cache=None):
         if not (self.recompute and self.training and torch.is_grad_enabled()):

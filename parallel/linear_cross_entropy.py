@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.cross_entropy import softmax_and_loss, subtract_one_hot
+from parallel.chunk_cross_entropy import ChunkSoftmax
 from parallel.main_grad_linear import (accumulate_weight_grad, compute_dtype, filled_placeholder, fp32_matmul,
                                       fuses_into_main_grad)
 
@@ -66,8 +66,8 @@ class _LinearTokenLosses(torch.autograd.Function):
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for rows in _chunks(h.shape[0], chunk):
-                token_loss[rows] = softmax_and_loss(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start,
-                                                    vocab_size)[1]
+                token_loss[rows] = ChunkSoftmax(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start,
+                                                vocab_size).loss
         ctx.save_for_backward(h, w, labels)
         ctx.options = (group, vocab_start, vocab_size, chunk, hidden.dtype, weight.dtype)
         ctx.weight = weight if sole_use and fuses_into_main_grad(weight, dtype) else None
@@ -95,14 +95,13 @@ def _chunks(tokens: int, chunk: int):
 def _chunk_backward(h, w, labels, token_weights, rows, grad_hidden, grad_weight, group, vocab_start, vocab_size):
     """For the tokens `rows`: the gradient of sum(weights x loss) written into grad_hidden[rows]
     and added into grad_weight (fp32); returns their token losses (fp32)."""
-    probs, loss, index, outside = softmax_and_loss(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start,
-                                                   vocab_size)
-    dlogits = subtract_one_hot(probs, index, outside).mul_(token_weights[rows].float().unsqueeze(-1)).to(h.dtype)
+    softmax = ChunkSoftmax(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start, vocab_size)
+    dlogits = softmax.logit_grad(token_weights[rows], h.dtype)
     grad_hidden[rows] = dlogits @ w
     # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul); an fp32
     # matmul here would cost more than the rest of the output layer.
     accumulate_weight_grad(grad_weight, dlogits, h[rows])
-    return loss
+    return softmax.loss
 
 
 def linear_cross_entropy(hidden, weight, labels, token_weights, group, vocab_start: int, vocab_size: int,

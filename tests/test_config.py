@@ -42,6 +42,20 @@ def test_layout_errors():
         validate(parse_args(["--data.mock", "true", "--parallel.tp", "2"]), world_size=3)
 
 
+@pytest.mark.parametrize("extra, world, fragment", [
+    (["--train.device", "cpu"], 1, "model.cuda_graphs: CUDA graphs need a CUDA device (train.device is cpu)"),
+    (["--parallel.pp", "2", "--train.device", "cuda"], 2, "model.cuda_graphs: needs parallel.pp 1 (got 2)"),
+    (["--model.recompute", "full", "--train.device", "cuda"], 1, "model.cuda_graphs: cannot replay activation recompute"),
+    (["--model.dropout", "0.1", "--train.device", "cuda"], 1, "model.cuda_graphs: needs model.dropout and model.attention_dropout 0"),
+])
+def test_cuda_graph_limits_are_config_errors(extra, world, fragment):
+    argv = ["--data.mock", "true", "--model.cuda_graphs", "true", *extra]
+    with pytest.raises(ConfigError) as info:
+        validate(parse_args(argv), world_size=world)
+    assert fragment in str(info.value)
+    validate(parse_args(["--data.mock", "true", "--model.cuda_graphs", "true", "--train.device", "cuda"]), world_size=1)
+
+
 def test_unknown_yaml_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  lrr: 1\n")

@@ -1,0 +1,79 @@
+"""`model.cuda_graphs true` against the eager layers on GPUs: the same losses, gradient norms
+and per-parameter gradients over training steps with gradient accumulation (so the graphs
+read the weights each optimizer step writes), and a second forward before the first one's
+backward (the graphs hold one micro-batch, so it must run eagerly and stay correct).
+Run on a CUDA machine: `python3 -m pytest tests/gpu/test_layer_graphs_gpu.py -q`."""
+import os
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.training_harness import tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SHAPE = {"hidden_size": 256, "num_heads": 4, "num_kv_heads": 2, "ffn_hidden_size": 704, "vocab_size": 1024,
+         "seq_length": 128, "num_layers": 3}
+CASES = {
+    "bf16": ({}, 1),
+    "fp8": ({"train": {"precision": "fp8"}}, 1),
+    "compiled-layers": ({"model": {"compile": True}}, 1),
+    "tp2-sp": ({"parallel": {"tp": 2, "sp": True}}, 2),
+    "dp2-sharded-overlapped": ({"optim": {"shard": True, "overlap_param_gather": True}}, 2),
+}
+
+
+def _overrides(case_overrides: dict, graphs: bool) -> dict:
+    base = {"model": {**SHAPE, "cuda_graphs": graphs},
+            "train": {"device": "cuda", "precision": "bf16", "iters": 3, "micro_batch_size": 2, "global_batch_size": 8}}
+    for section, values in case_overrides.items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+def _main_grads(model) -> dict:
+    return {name: p.main_grad.float().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _run(overrides: dict) -> dict:
+    from engine.config import validate
+    from engine.training import shutdown, trainer_class
+
+    cfg = validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"]))
+    trainer = trainer_class("lm")(cfg)
+    records = [trainer.train_step() for _ in range(cfg.train.iters)]
+    model = trainer.model_chunks[0]
+    after_steps = _main_grads(model)
+    # Two forwards, then both backwards: the second runs eagerly while the first owns the graphs.
+    trainer.optimizer.zero_grad()
+    trainer.optimizer.set_microbatches(2)
+    batches = trainer.train_microbatches(2 * cfg.train.micro_batch_size * trainer.grid.dp)
+    with trainer.autocast():
+        losses = [model(b["tokens"], labels=b["labels"], loss_weights=b["loss_mask"] / b["loss_mask"].sum())
+                  for b in batches]
+    torch.stack(losses).sum().backward()
+    two_forwards = _main_grads(model)
+    shutdown()
+    return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+            "after_steps": after_steps, "two_forwards": two_forwards}
+
+
+def _assert_grads_close(got: dict, expected: dict, what: str) -> None:
+    for name, ref in expected.items():
+        error = (got[name] - ref).norm() / ref.norm().clamp(min=1e-12)
+        assert error < 2e-2, f"{what}: {name} main_grad differs by {error:.3g} (relative)"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_graphed_layers_train_like_eager_layers(case):
+    overrides, world = CASES[case]
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    eager = run_distributed(_run, world, _overrides(overrides, False))
+    graphed = run_distributed(_run, world, _overrides(overrides, True))
+    for rank, (e, g) in enumerate(zip(eager, graphed)):
+        torch.testing.assert_close(g["loss"], e["loss"], rtol=1e-3, atol=0)
+        torch.testing.assert_close(g["grad_norm"], e["grad_norm"], rtol=1e-2, atol=0)
+        _assert_grads_close(g["after_steps"], e["after_steps"], f"rank {rank}, after {len(e['loss'])} steps")
+        _assert_grads_close(g["two_forwards"], e["two_forwards"], f"rank {rank}, two forwards then backwards")
