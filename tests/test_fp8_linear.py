@@ -44,3 +44,20 @@ def test_amax_history_uses_the_largest_recent_amax():
     linear(torch.full((16, 16), 8.0), w)
     y_small = linear(torch.full((16, 16), 1.0), w)  # scale still set by amax 8 from history
     assert torch.isfinite(y_small).all()
+
+
+def test_weight_gradient_goes_into_main_grad_as_fp32():
+    """With a gradient buffer the FP8 weight gradient is added to main_grad in fp32 (no bf16
+    .grad to add later), across accumulated backward passes, and flagged for the buffer hook."""
+    torch.manual_seed(1)
+    x = torch.randn(64, 32)
+    w_plain = (torch.randn(16, 32) * 0.05).requires_grad_(True)
+    w_fused = w_plain.detach().clone().requires_grad_(True)
+    w_fused.main_grad = torch.zeros(16, 32)
+    grads = [torch.randn(64, 16) for _ in range(2)]
+    linear = fp8_linear_fn()
+    for grad in grads:
+        linear(x, w_plain).backward(grad)
+        linear(x, w_fused).backward(grad)
+    assert w_fused.main_grad_filled
+    torch.testing.assert_close(w_fused.main_grad, w_plain.grad, rtol=1e-5, atol=1e-6)

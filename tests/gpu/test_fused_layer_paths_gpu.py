@@ -93,5 +93,7 @@ def test_bf16_token_losses_match_plain_logits_path(sole_use):
     torch.testing.assert_close(token_loss, expected.detach(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(hidden.grad.float(), hidden_ref_grad, rtol=2e-2, atol=2e-3)
     weight_grad = weight.main_grad if sole_use else weight.grad.float()
-    # Elements near zero sum many bf16 products that cancel: an absolute bound for those.
-    torch.testing.assert_close(weight_grad, weight_ref_grad, rtol=2e-2, atol=5e-3)
+    # The logit gradients enter the weight GEMM in bf16 (as in training): one bf16 step of a
+    # target's gradient (up to ~3 here, a step of 1.6e-2) times |hidden| (~0.5) can separate
+    # the two, which bounds the absolute error of the few rows with a target.
+    torch.testing.assert_close(weight_grad, weight_ref_grad, rtol=2e-2, atol=1.6e-2)
