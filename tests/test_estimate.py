@@ -101,6 +101,15 @@ def test_host_time_bounds_a_stage_with_little_gpu_work(tiny):
     assert sp.compute == pytest.approx(8 * 4 * 1e-3 * est.HOST_SP_FACTOR)
 
 
+def test_cuda_graphs_lift_the_host_floor_without_pipelining(tiny):
+    hw = est.Hardware(tflops=100.0, host_seconds_per_layer=1e-3)
+    graphed = est.step_time(tiny, est.Layout(tp=2, micro_batch=2, global_batch=16, cuda_graphs=True), hw)
+    assert graphed.compute < 1e-3  # the GPU's own share only
+    # A pipeline cannot use the graphs (config validation refuses it): the floor stays.
+    staged = est.step_time(tiny, est.Layout(pp=2, micro_batch=2, global_batch=16, cuda_graphs=True), hw)
+    assert staged.compute == pytest.approx(8 * 2 * 1e-3)
+
+
 def test_plan_only_lists_layouts_that_fit(tiny):
     results = est.plan(tiny, 8, 16, est.Hardware(gpu_mem_gib=0.52))
     assert results and all(memory.total <= 0.52 * GIB for _, _, memory, _ in results)

@@ -37,6 +37,8 @@ def parse_cli(argv):
     parser.add_argument("--precision", choices=tuple(est.WEIGHT_BYTES), default="bf16")
     parser.add_argument("--shard", action="store_true", help="distributed optimizer (optim.shard)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="model.cuda_graphs true: no host-time floor for layouts without pipelining")
     parser.add_argument("--unfused-ce", action="store_true", help="model.fused_cross_entropy false")
     parser.add_argument("--tflops", type=float, default=0.0, help="achieved TFLOP/s per GPU (default: calibrated)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -68,12 +70,15 @@ def build_model(args) -> ModelConfig:
 
 
 def build_layout(args) -> est.Layout:
-    parallel = load_yaml(args.config).get("parallel", {}) if args.config else {}
+    config = load_yaml(args.config) if args.config else {}
+    parallel = config.get("parallel", {})
+    cuda_graphs = args.cuda_graphs or bool(config.get("model", {}).get("cuda_graphs", False))
     per_sample = est.sequences_per_sample(args.objective)
     return est.Layout(tp=parallel.get("tp", args.tp), pp=parallel.get("pp", args.pp), vpp=parallel.get("vpp", args.vpp),
                       dp=args.dp, sp=parallel.get("sp", args.sp), micro_batch=args.micro_batch * per_sample,
                       global_batch=args.global_batch * per_sample, recompute=args.recompute, precision=args.precision,
-                      shard_optimizer=args.shard, compile=args.compile, objective=args.objective)
+                      shard_optimizer=args.shard, compile=args.compile, cuda_graphs=cuda_graphs,
+                      objective=args.objective)
 
 
 def memory_row(memory: est.Memory) -> str:
