@@ -57,6 +57,11 @@ class TrainConfig:
     output_dir: str = "runs/default"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-autocast | fp16 | fp8 (engine/precision.py)
     device: str = "auto"  # auto | cpu | cuda
+    # FP8 recipe (train.precision fp8; parallel/fp8.py): gradient format, scaling granularity,
+    # and the amax history of tensor scaling (1: the current amax each step).
+    fp8_format: str = "hybrid"  # hybrid (e4m3 forward, e5m2 gradients) | e4m3 (e4m3 everywhere)
+    fp8_scaling: str = "tensor"  # tensor (one scale per tensor) | row (one scale per row of each GEMM operand)
+    fp8_amax_history: int = 1
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
     eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
@@ -322,6 +327,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _require(t.clip_grad >= 0, "train.clip_grad", f"must be non-negative, got {t.clip_grad}")
     _require(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda; got {t.device!r}")
+    validate_fp8(t)
     _require(cfg.parallel.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
     validate_pipeline(cfg, dp)
     validate_cuda_graphs(cfg)
@@ -414,6 +420,15 @@ def validate_pipeline(cfg: Config, dp: int) -> None:
              f"parallel.pp={p.pp}")
     _require(not (p.sp and p.tp > 1) or cfg.model.seq_length % p.tp == 0, "model.seq_length",
              f"{cfg.model.seq_length} must be divisible by parallel.tp={p.tp} under sequence parallelism")
+
+
+def validate_fp8(t: TrainConfig) -> None:
+    _require(t.fp8_format in ("hybrid", "e4m3"), "train.fp8_format", f"must be hybrid or e4m3; got {t.fp8_format!r}")
+    _require(t.fp8_scaling in ("tensor", "row"), "train.fp8_scaling", f"must be tensor or row; got {t.fp8_scaling!r}")
+    _require(t.fp8_amax_history >= 1, "train.fp8_amax_history", f"must be at least 1, got {t.fp8_amax_history}")
+    row = t.fp8_scaling == "row"
+    _require(not row or t.fp8_amax_history == 1, "train.fp8_amax_history",
+             "applies to tensor scaling only; row scales come from each step's values (set it to 1)")
 
 
 def validate_cuda_graphs(cfg: Config) -> None:

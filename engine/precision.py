@@ -5,8 +5,9 @@
 - `bf16`: Megatron-style mixed precision: bf16 weights, gradients accumulated in an fp32
   `main_grad` buffer, fp32 master weights in the optimizer (copied back after each step).
 - `fp16`: as `bf16` with fp16 weights plus dynamic loss scaling.
-- `fp8`: as `bf16`, with the transformer layers' linears computing in FP8 (parallel/fp8.py:
-  e4m3 forward, e5m2 gradients, per-tensor scales); the output layer stays bf16.
+- `fp8`: as `bf16`, with the transformer layers' linears computing in FP8 (parallel/fp8.py;
+  recipe from `train.fp8_format`, `train.fp8_scaling`, `train.fp8_amax_history`); the output
+  layer stays bf16.
 - `auto`: `bf16` on GPU, `fp32` on CPU.
 
 Autocast stays on for bf16/fp16 weights too: it keeps ops that create fp32 tensors (RoPE

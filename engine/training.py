@@ -23,7 +23,7 @@ from models.gpt import GPTModel
 from models.pipeline_split import chunk_layer_ids, model_stage
 from models.transformer import lora_aliases
 from parallel import comm
-from parallel.fp8 import enable_fp8
+from parallel.fp8 import FP8Recipe, enable_fp8
 from parallel.grid import ProcessGrid, build_grid, init_distributed
 from parallel.lora import apply_lora
 from parallel.nf4 import enable_nf4
@@ -115,8 +115,10 @@ class Trainer:
         precision = resolve_precision(self.cfg.train.precision, self.device)
         chunks = self.build_model(param_dtype(precision))
         if precision == "fp8":
+            t = self.cfg.train
+            recipe = FP8Recipe.from_names(t.fp8_format, t.fp8_scaling, t.fp8_amax_history)
             for chunk in chunks:
-                enable_fp8(chunk)
+                enable_fp8(chunk, recipe)
         return chunks
 
     def build_model(self, dtype=torch.float32) -> list:

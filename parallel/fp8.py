@@ -1,14 +1,20 @@
 """FP8 linear layers on `torch._scaled_mm` (used when Transformer Engine is not installed).
 
-Forward: activations and weights quantised to e4m3 with per-tensor scales computed from the
-current amax (or from the max over a short amax history, `history > 1`, as delayed scaling
-does). Backward: the output gradient in e5m2 (wider range, which gradients need), multiplied
-against the e4m3 operands; Hopper's FP8 matmul accepts e5m2 x e4m3 but not e5m2 x e5m2.
-Matmul accumulation and outputs are bf16/fp32; master weights stay in higher precision.
-`torch._scaled_mm` wants its second operand column-major, hence the transposed copies.
+A recipe (`FP8Recipe`, from `train.fp8_format`, `train.fp8_scaling`, `train.fp8_amax_history`):
+- Formats: `hybrid` quantises activations and weights to e4m3 and output gradients to e5m2
+  (wider range, which gradients need; Hopper multiplies e5m2 by e4m3 but not e5m2 by e5m2);
+  `e4m3` uses e4m3 for the gradients too (more precision, less range).
+- Scaling: `tensor` gives each tensor one scale, from its current amax or from the max over
+  an amax history; `row` gives each row of each GEMM operand its own scale (an outlier then
+  costs only its row precision), computed each step.
+Matmuls accumulate in fp32 and write bf16/fp32; master weights stay in higher precision.
+`torch._scaled_mm` wants its second operand column-major: each operand is quantised once in
+both layouts its GEMMs read. With row scaling each layout has its own scales, since a GEMM
+can only scale along its outer dimensions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -28,11 +34,23 @@ def quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None):
     return fp8, scale.reciprocal()
 
 
-def quantize_with_transpose(x: torch.Tensor, dtype, amax: torch.Tensor | None = None):
-    """(fp8 of the 2-D x, the same values transposed and dense, inverse scale): the backward
-    GEMMs need each operand in the other layout too."""
+def quantize_rows(x: torch.Tensor, dtype):
+    """(fp8 of the 2-D x, inverse scales [rows, 1]): one scale per row."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = FP8_MAX[dtype] / amax.clamp(min=1e-12)
+    return (x.float() * scale).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype), scale.reciprocal()
+
+
+def quantize_both_layouts(x: torch.Tensor, dtype, amax: torch.Tensor | None = None, rowwise: bool = False):
+    """(fp8 x, its inverse scale, fp8 x^T dense, its inverse scale) of the 2-D x: the backward
+    GEMMs need each operand in the other layout too. Row scaling scales the rows of each layout
+    (so the columns of x for the transpose); tensor scaling shares one scale."""
+    if rowwise:
+        fp8, inverse = quantize_rows(x, dtype)
+        fp8_t, inverse_t = quantize_rows(x.t(), dtype)
+        return fp8, inverse, fp8_t.contiguous(), inverse_t
     fp8, inverse = quantize(x, dtype, amax)
-    return fp8, fp8.t().contiguous(), inverse
+    return fp8, inverse, fp8.t().contiguous(), inverse
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,60 +59,77 @@ def _compiled_quantize():
     function (a reduction, then one pass that writes both layouts); eager they are six passes
     over the tensor, more than the FP8 matmul saves. Dynamic shapes: every linear of a model
     has its own, and one compiled graph serves them all."""
-    return torch.compile(quantize_with_transpose, dynamic=True)
+    return torch.compile(quantize_both_layouts, dynamic=True)
 
 
-def fast_quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None):
-    """quantize_with_transpose, compiled on CUDA."""
+def fast_quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None, rowwise: bool = False):
+    """quantize_both_layouts, compiled on CUDA."""
     if x.is_cuda:
-        return _compiled_quantize()(x, dtype, amax)
-    return quantize_with_transpose(x, dtype, amax)
+        return _compiled_quantize()(x, dtype, amax, rowwise)
+    return quantize_both_layouts(x, dtype, amax, rowwise)
 
 
 def scaled_matmul(a, a_inv_scale, b_column_major, b_inv_scale, out_dtype):
-    """a [m, k] row-major @ b [k, n] column-major in FP8 with fp32 accumulation."""
+    """a [m, k] row-major @ b [k, n] column-major in FP8 with fp32 accumulation. Scales are
+    scalars, or a's [m, 1] and b's [n, 1] (its rows before the transpose) for row scaling."""
+    if b_inv_scale.dim() == 2:
+        b_inv_scale = b_inv_scale.reshape(1, -1)
     return torch._scaled_mm(a, b_column_major, scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class FP8Recipe:
+    grad_dtype: torch.dtype = E5M2
+    rowwise: bool = False
+    amax_history: int = 1  # tensor scaling: scale from the max of the last N amaxes (1 = current)
+
+    @classmethod
+    def from_names(cls, fp8_format: str = "hybrid", scaling: str = "tensor", amax_history: int = 1) -> "FP8Recipe":
+        return cls(E4M3 if fp8_format == "e4m3" else E5M2, scaling == "row", amax_history)
+
+
 class _FP8Linear(torch.autograd.Function):
-    """y = x w^T + b with x and w in e4m3; backward with the output gradient in e5m2. Each
-    operand is quantised once, in both layouts its GEMMs read (a row-major, b column-major)."""
+    """y = x w^T + b with x and w in e4m3; backward with the output gradient in the recipe's
+    gradient format."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, amax_state):
+    def forward(ctx, x, weight, bias, recipe, amax_state):
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
         x2d = x.reshape(-1, x.shape[-1])
-        x8, x8_t, x_inv = fast_quantize(x2d, E4M3, amax_state.observe("x", x2d))
-        w8, w8_t, w_inv = fast_quantize(weight, E4M3, amax_state.observe("w", weight))
+        x8, x_inv, x8_t, xt_inv = fast_quantize(x2d, E4M3, amax_state.observe("x", x2d), recipe.rowwise)
+        w8, w_inv, w8_t, wt_inv = fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise)
         y = scaled_matmul(x8, x_inv, w8.t(), w_inv, out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
-        ctx.save_for_backward(x8_t, x_inv, w8_t, w_inv)
-        ctx.meta = (x.shape, x.dtype, bias is not None, amax_state)
+        ctx.save_for_backward(x8_t, xt_inv, w8_t, wt_inv)
+        ctx.meta = (x.shape, x.dtype, bias is not None, recipe, amax_state)
         ctx.weight = weight
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x8_t, x_inv, w8_t, w_inv = ctx.saved_tensors
-        x_shape, x_dtype, has_bias, amax_state = ctx.meta
+        x8_t, xt_inv, w8_t, wt_inv = ctx.saved_tensors
+        x_shape, x_dtype, has_bias, recipe, amax_state = ctx.meta
         weight = ctx.weight
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         out_dtype = torch.float32 if g2d.dtype == torch.float32 else torch.bfloat16
-        g8, g8_t, g_inv = fast_quantize(g2d, E5M2, amax_state.observe("g", g2d))
-        grad_x = scaled_matmul(g8, g_inv, w8_t.t(), w_inv, out_dtype)
-        grad_w = scaled_matmul(g8_t, g_inv, x8_t.t(), x_inv, torch.float32)
+        g8, g_inv, g8_t, gt_inv = fast_quantize(g2d, recipe.grad_dtype, amax_state.observe("g", g2d), recipe.rowwise)
+        grad_x = scaled_matmul(g8, g_inv, w8_t.t(), wt_inv, out_dtype)
+        # The gradient is always the first operand: torch's row-scaled CUDA GEMM takes e5m2 there
+        # (the second must be e4m3) and writes bf16; the tensor-scaled one writes fp32 directly.
+        grad_w = scaled_matmul(g8_t, gt_inv, x8_t.t(), xt_inv, torch.bfloat16 if recipe.rowwise else torch.float32)
         if fuses_into_main_grad(weight, torch.float32):
-            weight.main_grad.add_(grad_w)  # fp32 straight in: no cast to bf16 and no hook add after it
+            weight.main_grad.add_(grad_w)  # straight in: no cast to the weight's dtype and no hook add after it
             grad_w = filled_placeholder(weight)
         else:
             grad_w = grad_w.to(weight.dtype)
         grad_b = g2d.float().sum(0).to(weight.dtype) if has_bias else None
-        return grad_x.reshape(x_shape).to(x_dtype), grad_w, grad_b, None
+        return grad_x.reshape(x_shape).to(x_dtype), grad_w, grad_b, None, None
 
 
 class AmaxHistory:
-    """Per-layer amax bookkeeping: scale from the max of the last `length` amaxes (1 = current)."""
+    """Per-layer amax bookkeeping: scale from the max of the last `length` amaxes (1 = current).
+    The history is a fixed tensor updated in place, so a CUDA graph replay updates it too."""
 
     def __init__(self, length: int = 1):
         self.length, self.history = length, {}
@@ -104,26 +139,28 @@ class AmaxHistory:
         computes itself (fused with it on CUDA)."""
         if self.length <= 1:
             return None
-        amax = tensor.detach().abs().amax().float()
+        amax = tensor.detach().abs().amax().float().reshape(1)
         past = self.history.get(key)
-        past = amax.reshape(1) if past is None else torch.cat([past[-(self.length - 1):], amax.reshape(1)])
-        self.history[key] = past
+        if past is None:  # filled with the first amax: the max over it is the max of those seen
+            self.history[key] = past = amax.repeat(self.length)
+        else:
+            past.copy_(torch.cat([past[1:], amax]))
         return past.max()
 
 
-def fp8_linear_fn(history: int = 1):
+def fp8_linear_fn(recipe: FP8Recipe = FP8Recipe()):
     """A drop-in for F.linear(x, weight, bias) computing in FP8 (for `layer.linear_fn`)."""
-    amax_state = AmaxHistory(history)
+    amax_state = AmaxHistory(1 if recipe.rowwise else recipe.amax_history)
 
     def linear(x, weight, bias=None):
         if x.shape[-1] % 16 or weight.shape[0] % 16:
             return torch.nn.functional.linear(x, weight, bias)  # FP8 GEMMs need multiples of 16
-        return _FP8Linear.apply(x, weight, bias, amax_state)
+        return _FP8Linear.apply(x, weight, bias, recipe, amax_state)
 
     return linear
 
 
-def enable_fp8(module: torch.nn.Module, history: int = 1) -> int:
+def enable_fp8(module: torch.nn.Module, recipe: FP8Recipe = FP8Recipe()) -> int:
     """Switch every tensor-parallel linear under `module` to FP8; returns how many. Each layer
     keeps its own amax state. The output projection to the vocabulary is a plain matmul on the
     embedding (tied or not) and stays in bf16, as Transformer Engine recipes leave it."""
@@ -132,6 +169,6 @@ def enable_fp8(module: torch.nn.Module, history: int = 1) -> int:
     count = 0
     for layer in module.modules():
         if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
-            layer.linear_fn = fp8_linear_fn(history)
+            layer.linear_fn = fp8_linear_fn(recipe)
             count += 1
     return count

@@ -42,6 +42,18 @@ def test_layout_errors():
         validate(parse_args(["--data.mock", "true", "--parallel.tp", "2"]), world_size=3)
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--train.fp8_format", "e5m2"], "train.fp8_format: must be hybrid or e4m3"),
+    (["--train.fp8_scaling", "block"], "train.fp8_scaling: must be tensor or row"),
+    (["--train.fp8_amax_history", "0"], "train.fp8_amax_history: must be at least 1"),
+    (["--train.fp8_scaling", "row", "--train.fp8_amax_history", "4"], "applies to tensor scaling only"),
+])
+def test_fp8_recipe_errors(extra, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(parse_args(["--data.mock", "true", "--train.precision", "fp8", *extra]), world_size=1)
+    assert fragment in str(info.value)
+
+
 @pytest.mark.parametrize("extra, world, fragment", [
     (["--train.device", "cpu"], 1, "model.cuda_graphs: CUDA graphs need a CUDA device (train.device is cpu)"),
     (["--parallel.pp", "2", "--train.device", "cuda"], 2, "model.cuda_graphs: needs parallel.pp 1 (got 2)"),

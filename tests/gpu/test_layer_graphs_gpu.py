@@ -18,6 +18,8 @@ SHAPE = {"hidden_size": 256, "num_heads": 4, "num_kv_heads": 2, "ffn_hidden_size
 CASES = {
     "bf16": ({}, 1),
     "fp8": ({"train": {"precision": "fp8"}}, 1),
+    "fp8-row": ({"train": {"precision": "fp8", "fp8_scaling": "row"}}, 1),
+    "fp8-amax-history": ({"train": {"precision": "fp8", "fp8_amax_history": 4}}, 1),
     "compiled-layers": ({"model": {"compile": True}}, 1),
     "tp2-sp": ({"parallel": {"tp": 2, "sp": True}}, 2),
     "dp2-sharded-overlapped": ({"optim": {"shard": True, "overlap_param_gather": True}}, 2),
