@@ -445,6 +445,12 @@ def validate_cuda_graphs(cfg: Config) -> None:
     _require(m.recompute == "none", key, f"cannot replay activation recompute; set model.recompute none (got {m.recompute})")
     _require(m.dropout == 0 and m.attention_dropout == 0, key,
              f"needs model.dropout and model.attention_dropout 0 (got {m.dropout} and {m.attention_dropout})")
+    _require(cfg.finetune.lora_dropout == 0, key, f"needs finetune.lora_dropout 0 (got {cfg.finetune.lora_dropout})")
+    # These objectives' batches always carry document ids (packed conversations, rollouts),
+    # which run the eager layers: the graphs would never be used.
+    _require(cfg.train.objective not in ("sft", "ppo", "grpo"), key,
+             f"train.objective {cfg.train.objective} packs documents into its sequences, which the graphs cannot "
+             "replay; set model.cuda_graphs false")
 
 
 def validate_batch_ramp(cfg: Config, dp: int) -> None:

@@ -68,7 +68,10 @@ class LayerGraphs:
         self.graphs: list[_LayerGraph] | None = None
         self.signature = None
         self.static_rope: tuple = ()
-        self._pending = None  # weakref to the first layer's autograd node of a forward whose backward has not run
+        self._pending = None  # weakref to the anchor layer's autograd node of a forward whose backward has not run
+        # The lowest layer a backward reaches: 0, or with a frozen input the first layer with
+        # trainable parameters (None: no backward at all). Its backward ends a micro-batch's.
+        self.anchor: int | None = None
 
     def applies(self, document_ids, kv_cache) -> bool:
         return (torch.is_grad_enabled() and document_ids is None and kv_cache is None
@@ -118,6 +121,8 @@ class LayerGraphs:
                                        "(main_grad), as the training engine sets up")
         self.static_rope = tuple(t.detach().clone() for t in rope)
         needs_input_grad = hidden.requires_grad
+        trained = [i for i, layer_params in enumerate(params) if layer_params]
+        self.anchor = 0 if needs_input_grad else (trained[0] if trained else None)
         with _capture_autocast():
             self._warm_up(hidden.detach(), needs_input_grad)
             for layer_params in params:
@@ -142,9 +147,10 @@ class LayerGraphs:
                 for layer in self.layers:
                     out = layer(out, self._rope_arg())
                 inputs = ([x] if needs_input_grad else []) + self._trainable()
-                # A zero gradient: state the backward keeps (an FP8 amax history) sees nothing
-                # larger than the real gradients will bring.
-                torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+                if inputs:
+                    # A zero gradient: state the backward keeps (an FP8 amax history) sees nothing
+                    # larger than the real gradients will bring.
+                    torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
 
     def _trainable(self):
@@ -163,9 +169,14 @@ class LayerGraphs:
         return graphs
 
     def _capture_backwards(self, pool) -> None:
+        if self.anchor is None:
+            return
         grad_out = torch.empty_like(self.graphs[-1].static_out)
-        for graph in reversed(self.graphs):
-            with_input = graph.static_in.requires_grad
+        stack_input_grad = self.graphs[0].static_in.requires_grad
+        anchor = self.graphs[self.anchor]
+        for graph in reversed(self.graphs[self.anchor:]):  # below the anchor no backward runs
+            # Every layer passes its input gradient down, except the anchor over a frozen input.
+            with_input = graph is not anchor or stack_input_grad
             inputs = ([graph.static_in] if with_input else []) + graph.params
             backward_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(backward_graph, pool=pool, capture_error_mode="thread_local"):
@@ -190,7 +201,7 @@ class _ReplayLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graph: _LayerGraph, owner: LayerGraphs, x, *params):
         ctx.graph, ctx.owner = graph, owner
-        if graph is owner.graphs[0]:
+        if owner.anchor is not None and graph is owner.graphs[owner.anchor]:
             owner._pending = weakref.ref(ctx)
         if x.data_ptr() != graph.static_in.data_ptr():
             graph.static_in.copy_(x)
@@ -203,7 +214,7 @@ class _ReplayLayer(torch.autograd.Function):
         if grad_out.data_ptr() != graph.static_grad_out.data_ptr():
             graph.static_grad_out.copy_(grad_out)
         graph.backward_graph.replay()
-        if graph is ctx.owner.graphs[0]:
+        if graph is ctx.owner.graphs[ctx.owner.anchor]:
             ctx.owner._pending = None  # the last replay of this micro-batch: the graphs are free again
         grad_in = _detached(graph.static_grad_in)
         param_grads = (filled_placeholder(p) if fused else _detached(grad)

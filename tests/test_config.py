@@ -59,6 +59,8 @@ def test_fp8_recipe_errors(extra, fragment):
     (["--parallel.pp", "2", "--train.device", "cuda"], 2, "model.cuda_graphs: needs parallel.pp 1 (got 2)"),
     (["--model.recompute", "full", "--train.device", "cuda"], 1, "model.cuda_graphs: cannot replay activation recompute"),
     (["--model.dropout", "0.1", "--train.device", "cuda"], 1, "model.cuda_graphs: needs model.dropout and model.attention_dropout 0"),
+    (["--finetune.lora_dropout", "0.1", "--train.device", "cuda"], 1, "model.cuda_graphs: needs finetune.lora_dropout 0"),
+    (["--train.objective", "grpo", "--train.device", "cuda"], 1, "train.objective grpo packs documents"),
 ])
 def test_cuda_graph_limits_are_config_errors(extra, world, fragment):
     argv = ["--data.mock", "true", "--model.cuda_graphs", "true", *extra]
