@@ -41,6 +41,8 @@ def parse_cli(argv):
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--out", default="")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of 2 extra Trellis steps here")
+    parser.add_argument("--summarize", default="", metavar="DIR",
+                        help="print one table of every benchmark JSON in DIR (from --out) and exit")
     return parser.parse_known_args(argv)
 
 
@@ -135,8 +137,31 @@ def print_table(rows):
               f"{row['peak_mem_gib']:.1f} | {ours / row['tokens_per_s_per_gpu']:.2f}x |")
 
 
+def summarize(directory: str) -> None:
+    """One row per stack of every `--out` JSON file in `directory`, in file-name order."""
+    print("| run | stack | tokens/s per GPU | MFU | peak memory GiB | device |")
+    print("|---|---|---|---|---|---|")
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(directory, name)) as handle:
+            report = json.load(handle)
+        for row in report.get("rows", []):
+            if "tokens_per_s_per_gpu" not in row:  # a stack that could not run (bench_dpo's TRL row)
+                print(f"| {name[:-5]} | {row.get('name', '?')} | error: {row.get('error', 'no result')} | | | |")
+                continue
+            mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "-"
+            print(f"| {name[:-5]} | {row['name']} | {row['tokens_per_s_per_gpu']:.0f} | {mfu} | "
+                  f"{row['peak_mem_gib']:.1f} | {report.get('device', '?')} |")
+
+
 def main(argv=None):
     args, extra = parse_cli(sys.argv[1:] if argv is None else argv)
+    if args.summarize:
+        if not os.path.isdir(args.summarize):
+            raise SystemExit(f"error: --summarize: {args.summarize!r} is not a directory")
+        summarize(args.summarize)
+        return
     cfg, trainer, row = run_trellis(args, extra)
     rows = [row]
     rank0 = trainer.grid.rank == 0

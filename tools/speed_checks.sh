@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU tests and the one- and two-GPU speed rows of docs/benchmarks.md in one launch.
+#
+#   bash tools/speed_checks.sh [OUT_DIR]            (default runs/speed_checks)
+#   ONLY="tests fp8" bash tools/speed_checks.sh     (a subset of the steps below)
+#
+# Steps: tests (tests/gpu), base (llama-1.3b, global batch 32, with the plain-PyTorch and
+# Hugging Face baselines), graphs (the same with model.cuda_graphs), fp8 (an 8-layer llama3-8b
+# cut in bf16 and in each FP8 recipe), tp2 (TP=2 eager and with graphs; needs 2 GPUs). Steps
+# run one after another, so timings do not share a GPU. Each has a time limit (STEP_LIMIT
+# seconds, default 600), and a failed step does not stop the others. At the end a table lists
+# every benchmark's tokens/s per GPU, MFU and peak memory from its JSON file. Logs and JSON go
+# to OUT_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/speed_checks}
+ONLY=${ONLY:-tests base graphs fp8 tp2}
+LIMIT=${STEP_LIMIT:-600}
+mkdir -p "$OUT"
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$GPUS" -lt 1 ]; then
+  echo "error: tools/speed_checks.sh needs a CUDA GPU; none is visible" >&2
+  exit 2
+fi
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+run() {  # name, command...: log to OUT/name.log, JSON to OUT/name.json (benchmarks)
+  local name=$1; shift
+  local start=$SECONDS
+  timeout "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $(( SECONDS - start )) s (log: $OUT/$name.log)"
+}
+python3 -m csrc.loader --build 2>&1 | tail -1
+
+if wanted tests; then
+  run tests python3 -m pytest tests/gpu -q
+  tail -n 1 "$OUT/tests.log"
+fi
+ONE=(env CUDA_VISIBLE_DEVICES=0 python3 tools/benchmark.py)
+BASE=(--preset llama-1.3b --steps 5 --warmup 2 --global-batch 32)
+wanted base && run base "${ONE[@]}" "${BASE[@]}" --baselines --out "$OUT/base.json"
+wanted graphs && run graphs "${ONE[@]}" "${BASE[@]}" --model.cuda_graphs true --out "$OUT/graphs.json"
+if wanted fp8; then
+  CUT=(--preset llama3-8b --model.num_layers 8 --seq 4096 --micro-batch 1 --global-batch 8 --steps 3 --warmup 2)
+  run fp8_bf16 "${ONE[@]}" "${CUT[@]}" --out "$OUT/fp8_bf16.json"
+  run fp8_hybrid_tensor "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --out "$OUT/fp8_hybrid_tensor.json"
+  run fp8_e4m3_tensor "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --train.fp8_format e4m3 \
+    --out "$OUT/fp8_e4m3_tensor.json"
+  run fp8_hybrid_row "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --train.fp8_scaling row \
+    --out "$OUT/fp8_hybrid_row.json"
+fi
+if wanted tp2; then
+  if [ "$GPUS" -ge 2 ]; then
+    TWO=(env CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc-per-node 2 tools/benchmark.py "${BASE[@]}" --tp 2)
+    run tp2 "${TWO[@]}" --out "$OUT/tp2.json"
+    run tp2_graphs "${TWO[@]}" --model.cuda_graphs true --out "$OUT/tp2_graphs.json"
+  else
+    echo "tp2: skipped (needs 2 GPUs, $GPUS visible)"
+  fi
+fi
+python3 tools/benchmark.py --summarize "$OUT"
