@@ -80,7 +80,7 @@ def test_failed_rank_stops_every_rank(tmp_path, mode):
     # Rank 1 is the failed one; ranks 0, 2 and 3 each name themselves, their grid place and the operation.
     for rank in (0, 2, 3):
         mine = [line for line in lines if line.startswith(f"error: rank {rank} (tp ")]
-        assert len(mine) == 1, lines
+        assert len(mine) == 1, (lines, [err[-1500:] for _, err, _ in results])  # both launchers' ends
         assert "step 3" in mine[0] and (" failed: " in mine[0] or " interrupted: " in mine[0]), mine
     if mode == "hang":  # the peers only learn of a stuck rank from the collective timeout
         assert any("step 3" in line and "failed" in line for line in lines)
