@@ -124,7 +124,7 @@ class LayerGraphs:
         trained = [i for i, layer_params in enumerate(params) if layer_params]
         self.anchor = 0 if needs_input_grad else (trained[0] if trained else None)
         with _capture_autocast():
-            self._warm_up(hidden.detach(), needs_input_grad)
+            self._warm_up(hidden.detach(), needs_input_grad, [p for layer_params in params for p in layer_params])
             for layer_params in params:
                 for param in layer_params:
                     param.main_grad.zero_()  # the warm-up's gradients; no real one exists before the first forward
@@ -137,7 +137,7 @@ class LayerGraphs:
     def _rope_arg(self):
         return self.static_rope if self.static_rope else None
 
-    def _warm_up(self, sample: torch.Tensor, needs_input_grad: bool) -> None:
+    def _warm_up(self, sample: torch.Tensor, needs_input_grad: bool, trainable: list) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -146,15 +146,12 @@ class LayerGraphs:
                 out = x
                 for layer in self.layers:
                     out = layer(out, self._rope_arg())
-                inputs = ([x] if needs_input_grad else []) + self._trainable()
+                inputs = ([x] if needs_input_grad else []) + trainable
                 if inputs:
                     # A zero gradient: state the backward keeps (an FP8 amax history) sees nothing
                     # larger than the real gradients will bring.
                     torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
-
-    def _trainable(self):
-        return [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
 
     def _capture_forwards(self, hidden, needs_input_grad, params, pool) -> list:
         graphs = []

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from tools.benchmark import summarise, timed_steps  # noqa: E402
+from tools.benchmark import mfu_text, summarise, timed_steps  # noqa: E402
 
 SPECIALS = ["<pad>", "<unk>", "</s>"]
 
@@ -211,7 +211,7 @@ def print_table(rows) -> None:
         if "error" in row:
             print(f"| {row['name']} | error: {row['error']} | | | | |")
             continue
-        mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "-"
+        mfu = mfu_text(row)
         ratio = f"{ours / row['tokens_per_s']:.2f}x" if ours else "-"
         print(f"| {row['name']} | {row['tokens_per_s']:.0f} | {row['step_s']:.3f} | {mfu} | "
               f"{row['peak_mem_gib']:.1f} | {ratio} |")

@@ -127,12 +127,17 @@ def run_baseline(name, cfg, args, device, peak):
     return summarise(name, times, cfg.train.global_batch_size * args.seq, cfg.model.flops_per_token(), 1, peak, mem)
 
 
+def mfu_text(row) -> str:
+    """A result row's MFU as a table cell ("-" where the device's peak is unknown)."""
+    return f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "-"
+
+
 def print_table(rows):
     print("| stack | tokens/s per GPU | TFLOP/s per GPU | MFU | peak memory GiB | Trellis / this |")
     print("|---|---|---|---|---|---|")
     ours = rows[0]["tokens_per_s_per_gpu"]
     for row in rows:
-        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+        mfu = mfu_text(row)
         print(f"| {row['name']} | {row['tokens_per_s_per_gpu']:.0f} | {row['tflops_per_gpu']:.1f} | {mfu} | "
               f"{row['peak_mem_gib']:.1f} | {ours / row['tokens_per_s_per_gpu']:.2f}x |")
 
@@ -150,7 +155,7 @@ def summarize(directory: str) -> None:
             if "tokens_per_s_per_gpu" not in row:  # a stack that could not run (bench_dpo's TRL row)
                 print(f"| {name[:-5]} | {row.get('name', '?')} | error: {row.get('error', 'no result')} | | | |")
                 continue
-            mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "-"
+            mfu = mfu_text(row)
             print(f"| {name[:-5]} | {row['name']} | {row['tokens_per_s_per_gpu']:.0f} | {mfu} | "
                   f"{row['peak_mem_gib']:.1f} | {report.get('device', '?')} |")
 

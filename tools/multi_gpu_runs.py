@@ -315,6 +315,8 @@ def benchmark_row(out: str, name: str) -> dict | None:
 
 
 def scaling_table(jobs: list, out: str) -> str:
+    from tools.benchmark import mfu_text
+
     results = {job.name: benchmark_row(out, job.name) for job in jobs}
     one_gpu = (benchmark_row(out, "dp1") or {}).get("tokens_per_s_per_gpu")  # from this or an earlier --only run
     lines = ["| run | GPUs | tokens/s per GPU | vs 1 GPU | theoretical bubble | MFU | peak GiB | optimizer state GiB |",
@@ -326,7 +328,7 @@ def scaling_table(jobs: list, out: str) -> str:
             continue
         ratio = f"{100 * row['tokens_per_s_per_gpu'] / one_gpu:.1f}%" if one_gpu else "-"
         theory = "" if job.bubble is None else f"{100 * job.bubble:.1f}%"
-        mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") else "-"
+        mfu = mfu_text(row)
         lines.append(f"| {job.name} | {job.gpus} | {row['tokens_per_s_per_gpu']:.0f} | {ratio} | {theory} | {mfu} | "
                      f"{row['peak_mem_gib']:.1f} | {row.get('optimizer_state_gib', 0):.2f} |")
     return "\n".join(lines) + "\n"
