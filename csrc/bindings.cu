@@ -5,7 +5,7 @@
 #include "trellis_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Trellis fused RMSNorm / LayerNorm and scale-mask-softmax CUDA kernels";
+  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax and FP8 cast CUDA kernels";
   m.def("norm_forward", &trellis::norm_forward, "RMSNorm/LayerNorm forward -> [y, mean, rstd]",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
@@ -15,6 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask"), py::arg("scale"), py::arg("causal"));
   m.def("softmax_backward", &trellis::softmax_backward, "scale + mask + softmax backward", py::arg("dy"),
         py::arg("y"), py::arg("scale"), py::arg("causal"));
+  m.def("fp8_amax", &trellis::fp8_amax, "max |x| as one float32", py::arg("x"));
+  m.def("fp8_cast_transpose", &trellis::fp8_cast_transpose, "FP8 cast in both layouts -> [x8, x8_t, inverse_scale]",
+        py::arg("x"), py::arg("amax"), py::arg("e5m2"));
   m.attr("max_norm_hidden") = trellis::max_norm_hidden();
   m.attr("max_softmax_keys") = trellis::max_softmax_keys();
 }

@@ -31,7 +31,7 @@ DISABLE_ENV = "TRELLIS_DISABLE_KERNELS"
 CACHE_ENV = "TRELLIS_KERNEL_CACHE"
 EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
-_KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "bindings.cu")
+_KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "fp8_cast.cu", "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 
 
@@ -239,6 +239,30 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None
         if fused_ops.softmax_supported(scores, mask):
             return fused_ops.scaled_masked_softmax(scores, mask, scale, causal)
     return scaled_masked_softmax_reference(scores, mask, scale, causal)
+
+
+def fp8_cast_supported(x: torch.Tensor) -> bool:
+    """Whether the FP8 cast kernels take x: a contiguous 2-D float CUDA tensor whose sizes are
+    multiples of 16 (what FP8 GEMMs need anyway). Not under torch.compile: the caller's
+    compiled fallback is traceable, the extension call is not."""
+    return (x.is_cuda and x.dim() == 2 and x.dtype in fused_ops.KERNEL_DTYPES and x.is_contiguous()
+            and x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0
+            and not torch.compiler.is_compiling() and kernels() is not None)
+
+
+def fp8_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as one float32 (caller checked fp8_cast_supported)."""
+    return kernels().fp8_amax(x)
+
+
+def fp8_cast_both_layouts(x: torch.Tensor, fp8_dtype: torch.dtype, amax: torch.Tensor | None = None):
+    """(x8, inverse scale, x8 transposed and dense, inverse scale): x scaled by the format's
+    max / amax (x's own when None) and cast, in one pass over x after the amax (caller checked
+    fp8_cast_supported). parallel/fp8.quantize_both_layouts is the reference."""
+    ext = kernels()
+    amax = ext.fp8_amax(x) if amax is None else amax
+    x8, x8_t, inverse = ext.fp8_cast_transpose(x, amax, fp8_dtype == torch.float8_e5m2)
+    return x8, inverse, x8_t, inverse
 
 
 # Imported last: fused_ops imports `kernels` from this module, which now exists. A module-level

@@ -33,4 +33,12 @@ at::Tensor softmax_forward(const at::Tensor& scores, const c10::optional<at::Ten
 // d scores from the saved softmax output: scale * y * (dy - sum(dy * y)).
 at::Tensor softmax_backward(const at::Tensor& dy, const at::Tensor& y, double scale, bool causal);
 
+// The largest |x| of a tensor as one float32 on its device (NaN if x holds one).
+at::Tensor fp8_amax(const at::Tensor& x);
+
+// x (2-D, both sizes multiples of 16) scaled by max / max(amax, 1e-12) and cast to e4m3 (or
+// e5m2) in both layouts. Returns {x8 [rows, cols], x8 transposed and dense [cols, rows],
+// inverse scale (0-dim float32)}; amax is one float32 on x's device.
+std::vector<at::Tensor> fp8_cast_transpose(const at::Tensor& x, const at::Tensor& amax, bool e5m2);
+
 }  // namespace trellis

@@ -19,6 +19,7 @@ from engine.lion import Lion
 from engine.loss_scaler import DynamicLossScaler
 from engine.precision import param_dtype, resolve_precision
 from parallel.distributed_optimizer import copy_masters_to_model, gather_state_by_name, load_state_by_name, owned_pieces
+from parallel.fp8 import clear_weight_cache
 from parallel.grad_buffer import GradBuffer
 from parallel.gradients import clip_coefficient, global_grad_norm, is_counted_on_this_rank, reduce_sequence_parallel_grads
 
@@ -142,6 +143,7 @@ class TrainingOptimizer:
         self.apply_update(grads, coef)
         self.steps_taken += 1
         copy_masters_to_model(self.master_shards)
+        clear_weight_cache()  # FP8 weight copies are per step (parallel/fp8.py)
         for buffer in self.buffers:
             buffer.launch_param_gather()
         if not self.optim_cfg.overlap_param_gather:

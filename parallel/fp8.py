@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
+from csrc import loader
 from parallel.main_grad_linear import filled_placeholder, fuses_into_main_grad
 
 E4M3 = torch.float8_e4m3fn
@@ -63,10 +64,55 @@ def _compiled_quantize():
 
 
 def fast_quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None, rowwise: bool = False):
-    """quantize_both_layouts, compiled on CUDA."""
-    if x.is_cuda:
-        return _compiled_quantize()(x, dtype, amax, rowwise)
-    return quantize_both_layouts(x, dtype, amax, rowwise)
+    """quantize_both_layouts on CUDA: tensor scaling by the cast-transpose kernel of csrc/ (an
+    amax pass, then one pass writing both layouts), otherwise compiled."""
+    if not x.is_cuda:
+        return quantize_both_layouts(x, dtype, amax, rowwise)
+    if not rowwise and loader.fp8_cast_supported(x):
+        return loader.fp8_cast_both_layouts(x, dtype, amax)
+    return _compiled_quantize()(x, dtype, amax, rowwise)
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as float32 (by the kernel where it takes x)."""
+    if loader.fp8_cast_supported(x):
+        return loader.fp8_amax(x).reshape(())
+    return x.detach().abs().amax().float()
+
+
+# The FP8 copies of each weight, made once per optimizer step (a step of 8 micro-batches
+# quantises its weights once instead of 8 times, for 2 bytes per weight held): weight -> (its
+# version counter, the copies). The optimizer wrapper clears it after every update
+# (engine/optimizer.py), since a data-parallel parameter gather rewrites weights without
+# bumping their version; the version check catches other in-place writes (a checkpoint load).
+# On CUDA only on the default stream: graph warm-up and capture run on side streams, and a
+# capture must quantise inside the graph.
+_weight_copies = WeakIdKeyDictionary()
+CACHE_WEIGHTS = True  # False quantises weights on every call (a test compares the two)
+
+
+def clear_weight_cache() -> None:
+    """Drop the FP8 weight copies: the weights have changed (or are about to)."""
+    _weight_copies.clear()
+
+
+def _may_cache(weight: torch.Tensor) -> bool:
+    if not CACHE_WEIGHTS or torch.compiler.is_compiling():
+        return False
+    return not weight.is_cuda or torch.cuda.current_stream(weight.device) == torch.cuda.default_stream(weight.device)
+
+
+def quantized_weight(weight: torch.Tensor, recipe: "FP8Recipe", amax_state: "AmaxHistory"):
+    """fast_quantize of the weight in e4m3, from the per-step cache where it may be used."""
+    if not _may_cache(weight):
+        return fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise)
+    version = weight._version
+    entry = _weight_copies.get(weight)
+    if entry is None or entry[0] != version:
+        with torch.no_grad():
+            entry = (version, fast_quantize(weight.detach(), E4M3, amax_state.observe("w", weight), recipe.rowwise))
+        _weight_copies[weight] = entry
+    return entry[1]
 
 
 def scaled_matmul(a, a_inv_scale, b_column_major, b_inv_scale, out_dtype):
@@ -97,7 +143,7 @@ class _FP8Linear(torch.autograd.Function):
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
         x2d = x.reshape(-1, x.shape[-1])
         x8, x_inv, x8_t, xt_inv = fast_quantize(x2d, E4M3, amax_state.observe("x", x2d), recipe.rowwise)
-        w8, w_inv, w8_t, wt_inv = fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise)
+        w8, w_inv, w8_t, wt_inv = quantized_weight(weight, recipe, amax_state)
         y = scaled_matmul(x8, x_inv, w8.t(), w_inv, out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
@@ -139,7 +185,7 @@ class AmaxHistory:
         computes itself (fused with it on CUDA)."""
         if self.length <= 1:
             return None
-        amax = tensor.detach().abs().amax().float().reshape(1)
+        amax = tensor_amax(tensor.detach()).reshape(1)
         past = self.history.get(key)
         if past is None:  # filled with the first amax: the max over it is the max of those seen
             self.history[key] = past = amax.repeat(self.length)
@@ -153,8 +199,10 @@ def fp8_linear_fn(recipe: FP8Recipe = FP8Recipe()):
     amax_state = AmaxHistory(1 if recipe.rowwise else recipe.amax_history)
 
     def linear(x, weight, bias=None):
-        if x.shape[-1] % 16 or weight.shape[0] % 16:
-            return torch.nn.functional.linear(x, weight, bias)  # FP8 GEMMs need multiples of 16
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if x.shape[-1] % 16 or weight.shape[0] % 16 or tokens % 16:
+            # FP8 GEMMs need every size a multiple of 16: the weight gradient's inner one is the token count.
+            return torch.nn.functional.linear(x, weight, bias)
         return _FP8Linear.apply(x, weight, bias, recipe, amax_state)
 
     return linear

@@ -1,4 +1,5 @@
 """The FP8 linear equals a matmul of its quantised operands, and stays close to full precision."""
+import pytest
 import torch
 
 from parallel.fp8 import E4M3, E5M2, FP8Recipe, fp8_linear_fn, quantize
@@ -33,8 +34,10 @@ def test_forward_equals_dequantised_matmul_and_backward_is_close():
     torch.testing.assert_close(b.grad, ref_b.grad)
 
 
-def test_odd_shapes_fall_back_to_full_precision():
-    x, w = torch.randn(3, 10), torch.randn(6, 10)
+@pytest.mark.parametrize("x_shape,w_shape", [((3, 10), (6, 10)), ((3, 16), (32, 16))],
+                         ids=["odd-features", "token-count-not-a-multiple-of-16"])
+def test_odd_shapes_fall_back_to_full_precision(x_shape, w_shape):
+    x, w = torch.randn(*x_shape), torch.randn(*w_shape)
     torch.testing.assert_close(fp8_linear_fn()(x, w), x @ w.t())
 
 

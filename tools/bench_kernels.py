@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python tools/bench_kernels.py --check --out $OUT/kernels.json
 
-Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py in this
-process; measure the device copy bandwidth; time fused vs eager torch vs torch.compile of
+Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py and
+tests/gpu/test_fp8_recipes_gpu.py in this process; measure the device copy bandwidth; time fused vs eager torch vs torch.compile of
 the same op (forward, and forward+backward) on large shapes; sweep the norm backward's
 partial-sum grid; list kernels whose registers spilled. Prints markdown tables and writes
 everything to the JSON file given by --out.
@@ -123,10 +123,25 @@ def softmax_case(shape, dtype: torch.dtype, masking: str) -> dict:
     }
 
 
+def fp8_cast_case(rows: int, cols: int, dtype: torch.dtype) -> dict:
+    """FP8 quantisation with current scaling, both layouts (parallel/fp8.py). Forward only.
+    Bytes: x read twice (the amax must be known before the cast) and two fp8 copies written."""
+    from parallel.fp8 import E4M3, quantize_both_layouts
+
+    x = torch.randn(rows, cols, device="cuda", dtype=dtype)
+    return {
+        "name": f"fp8 cast both layouts {rows}x{cols} {str(dtype)[6:]}",
+        "inputs": (x,), "grad_out": None, "modes": ("fwd",),
+        "fused": lambda t: loader.fp8_cast_both_layouts(t, E4M3), "eager": lambda t: quantize_both_layouts(t, E4M3),
+        "bytes": {"fwd": x.numel() * (2 * x.element_size() + 2)},
+        "fused_supported": loader.fp8_cast_supported(x),
+    }
+
+
 def run_case(case: dict, warmup: int, reps: int, with_compile: bool, copy_tbps: float) -> list[dict]:
     rows = []
     variants = {"fused": case["fused"], "eager": case["eager"]}
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in case.get("modes", ("fwd", "fwd+bwd")):
         for variant, op in list(variants.items()) + ([("compile", None)] if with_compile else []):
             if variant == "compile":
                 torch._dynamo.reset()  # a fresh, static-shape graph per case and mode
@@ -176,7 +191,7 @@ def sweep_norm_backward_blocks(ext, rows: int, hidden: int, dtype, warmup: int, 
 
 
 def run_gpu_tests(junit_path: Path | None) -> dict:
-    """Run tests/gpu/test_kernels.py in this process; return counts and failure texts."""
+    """Run the kernel tests of tests/gpu in this process; return counts and failure texts."""
     import pytest
 
     class Collector:
@@ -192,7 +207,7 @@ def run_gpu_tests(junit_path: Path | None) -> dict:
                 self.passed += 1
 
     collector = Collector()
-    args = [str(REPO / "tests" / "gpu" / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "-rf"]
+    args = [str(REPO / "tests" / "gpu" / "test_kernels.py"), str(REPO / "tests" / "gpu" / "test_fp8_recipes_gpu.py"), "-q", "-p", "no:cacheprovider", "-rf"]
     if junit_path is not None:
         args.append(f"--junitxml={junit_path}")
     started = time.perf_counter()
@@ -251,7 +266,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="JSON results file (its folder also gets the test report)")
-    parser.add_argument("--check", action="store_true", help="run tests/gpu/test_kernels.py first")
+    parser.add_argument("--check", action="store_true", help="run the kernel tests of tests/gpu first")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -289,7 +304,7 @@ def main(argv=None) -> int:
         junit = args.out.parent / "test_kernels_junit.xml" if args.out is not None else None
         report["gpu_tests"] = run_gpu_tests(junit)
         tests = report["gpu_tests"]
-        print(f"\ntests/gpu/test_kernels.py: {tests['passed']} passed, {len(tests['failed'])} failed, "
+        print(f"\nkernel tests: {tests['passed']} passed, {len(tests['failed'])} failed, "
               f"{tests['skipped']} skipped in {tests['seconds']:.0f}s")
         for failure in tests["failed"][:20]:
             print(f"  FAILED {failure['test']} ({failure['phase']})")
@@ -302,12 +317,14 @@ def main(argv=None) -> int:
     # Built one at a time (lambdas) so that only one case's tensors are alive.
     cases = [lambda: norm_case("rms", 16384, 4096, torch.bfloat16),
              lambda: norm_case("layer", 16384, 4096, torch.bfloat16),
-             lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "causal")]
+             lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "causal"),
+             lambda: fp8_cast_case(4096, 14336, torch.bfloat16)]
     if not args.quick:
         cases += [lambda: norm_case("rms", 8192, 8192, torch.bfloat16),
                   lambda: norm_case("layer", 8192, 8192, torch.bfloat16),
                   lambda: norm_case("rms", 4096, 16384, torch.bfloat16),
-                  lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "padding")]
+                  lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "padding"),
+                  lambda: fp8_cast_case(14336, 4096, torch.bfloat16), lambda: fp8_cast_case(4096, 4096, torch.float32)]
     report["results"] = []
     for make_case in cases:
         case = make_case()

@@ -5,7 +5,8 @@ Run on a CUDA machine with FP8 (sm89+): `python3 -m pytest tests/gpu/test_fp8_re
 import pytest
 import torch
 
-from parallel.fp8 import E4M3, E5M2, FP8Recipe, fast_quantize, fp8_linear_fn, quantize_both_layouts
+from csrc import loader
+from parallel.fp8 import E4M3, E5M2, FP8Recipe, fast_quantize, fp8_linear_fn, quantize_both_layouts, tensor_amax
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                 reason="needs a CUDA GPU with FP8")
@@ -28,6 +29,34 @@ def test_compiled_quantisation_equals_eager(shape, dtype, rowwise):
             assert (g.float() - e.float()).abs().le(e.float().abs() * 0.13 + 1e-6).all()
         else:
             torch.testing.assert_close(g, e, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("shape", [(4096, 2048), (1008, 5632), (96, 16384), (48, 80), (16, 16)])
+@pytest.mark.parametrize("given_amax", [False, True], ids=["own-amax", "history-amax"])
+def test_cast_kernel_equals_the_reference_bit_for_bit(shape, dtype, x_dtype, given_amax):
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, device="cuda") * 3).to(x_dtype)
+    x[0, 0] = 1e4  # saturates the format when the given amax is smaller
+    amax = torch.tensor(50.0, device="cuda") if given_amax else None
+    assert loader.fp8_cast_supported(x)
+    got = loader.fp8_cast_both_layouts(x, dtype, amax)
+    expected = quantize_both_layouts(x, dtype, amax)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.stride() == e.stride() and g.dtype == e.dtype
+        assert torch.equal(g.view(torch.uint8) if g.dtype in (E4M3, E5M2) else g, e.view(torch.uint8) if e.dtype in (E4M3, E5M2) else e)
+    assert torch.equal(tensor_amax(x), x.abs().amax().float())
+
+
+def test_cast_kernel_keeps_nan_and_takes_only_what_it_can():
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    x[5, 7] = float("nan")
+    assert torch.isnan(loader.fp8_amax(x)).all()
+    assert torch.isnan(loader.fp8_cast_both_layouts(x, E4M3)[1])
+    for unsupported in (torch.randn(40, 64, device="cuda"), torch.randn(64, 64, device="cuda").t(),
+                        torch.randn(64, 64, device="cuda").to(torch.float64)):
+        assert not loader.fp8_cast_supported(unsupported)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
