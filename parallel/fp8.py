@@ -66,6 +66,7 @@ def _compiled_quantize():
 def fast_quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None, rowwise: bool = False):
     """quantize_both_layouts on CUDA: tensor scaling by the cast-transpose kernel of csrc/ (an
     amax pass, then one pass writing both layouts), otherwise compiled."""
+    x = x.detach()  # one compiled variant for weights and activations (requires_grad is guarded on)
     if not x.is_cuda:
         return quantize_both_layouts(x, dtype, amax, rowwise)
     if not rowwise and loader.fp8_cast_supported(x):

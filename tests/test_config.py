@@ -60,6 +60,8 @@ def test_fp8_recipe_errors(extra, fragment):
     (["--model.recompute", "full", "--train.device", "cuda"], 1, "model.cuda_graphs: cannot replay activation recompute"),
     (["--model.dropout", "0.1", "--train.device", "cuda"], 1, "model.cuda_graphs: needs model.dropout and model.attention_dropout 0"),
     (["--finetune.lora_dropout", "0.1", "--train.device", "cuda"], 1, "model.cuda_graphs: needs finetune.lora_dropout 0"),
+    (["--train.precision", "fp8", "--train.fp8_amax_history", "4", "--train.device", "cuda"], 1,
+     "model.cuda_graphs: cannot keep train.fp8_amax_history 4 exact"),
     (["--train.objective", "grpo", "--train.device", "cuda"], 1, "train.objective grpo packs documents"),
 ])
 def test_cuda_graph_limits_are_config_errors(extra, world, fragment):

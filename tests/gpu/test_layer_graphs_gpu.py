@@ -19,7 +19,6 @@ CASES = {
     "bf16": ({}, 1),
     "fp8": ({"train": {"precision": "fp8"}}, 1),
     "fp8-row": ({"train": {"precision": "fp8", "fp8_scaling": "row"}}, 1),
-    "fp8-amax-history": ({"train": {"precision": "fp8", "fp8_amax_history": 4}}, 1),
     "compiled-layers": ({"model": {"compile": True}}, 1),
     "frozen-embedding-and-layer-0": ({"train": {"freeze": ["embedding.*", "layers.0.*"]}}, 1),
     "tp2-sp": ({"parallel": {"tp": 2, "sp": True}}, 2),
