@@ -3,7 +3,8 @@
 // since Hopper's FP8 GEMMs read each operand K-major and the backward GEMMs need the other
 // layout. The math matches the torch reference (parallel/fp8.quantize_both_layouts) bit for
 // bit: scale = max * (1 / max(amax, 1e-12)) and x * scale in fp32, rounded to nearest and saturated
-// to the format's largest finite value.
+// to the format's largest finite value. (Bit for bit while 1 / amax is a normal float, i.e.
+// amax below 2^126: the build flushes subnormals.)
 #include <cuda_fp8.h>
 
 #include <algorithm>

@@ -245,9 +245,9 @@ def fp8_cast_supported(x: torch.Tensor) -> bool:
     """Whether the FP8 cast kernels take x: a contiguous 2-D float CUDA tensor whose sizes are
     multiples of 16 (what FP8 GEMMs need anyway). Not under torch.compile: the caller's
     compiled fallback is traceable, the extension call is not."""
-    return (x.is_cuda and x.dim() == 2 and x.dtype in fused_ops.KERNEL_DTYPES and x.is_contiguous()
-            and x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0
-            and not torch.compiler.is_compiling() and kernels() is not None)
+    return (not torch.compiler.is_compiling() and x.is_cuda and x.dim() == 2 and x.dtype in fused_ops.KERNEL_DTYPES
+            and x.is_contiguous() and x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0
+            and kernels() is not None)
 
 
 def fp8_amax(x: torch.Tensor) -> torch.Tensor:

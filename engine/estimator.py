@@ -24,6 +24,7 @@ ADAM_BYTES = {"bf16": 12, "fp16": 12, "fp8": 12, "bf16-autocast": 8, "fp32": 8}
 # Bytes of one element of a saved activation: matmul inputs are bf16 under every mixed precision;
 # under bf16-autocast and fp32 the residual stream (norm inputs) stays fp32.
 RESIDUAL_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 4, "fp32": 4}
+FP8_COPY_BYTES = 2  # each weight's e4m3 copy in both layouts
 MATMUL_INPUT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 2, "fp32": 4}
 
 # Achieved dense-math rate of the forward/backward on one H100 (model FLOPs per second, excluding
@@ -213,6 +214,8 @@ def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Mem
         # the larger of the two is ever alive (activation_bytes already holds the layer).
         logits = max(0.0, logits - layer_activation_bytes(m, layout, m.seq_length))
     weights = params * WEIGHT_BYTES[p] * (2 if layout.objective == "dpo" else 1)  # + the reference copy
+    if p == "fp8":  # the trained layers' FP8 weight copies, kept for the step (parallel/fp8.py)
+        weights += (m.num_layers // layout.pp) * layer_params(m) / layout.tp * FP8_COPY_BYTES
     tensors = weights + gradients + optimizer + activations + logits
     allowance = tensors * ALLOWANCE_FRACTION + ALLOWANCE_FIXED_GIB * GIB
     return Memory(weights, gradients, optimizer, activations, logits, allowance)

@@ -121,6 +121,7 @@ class TrainingOptimizer:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> dict:
         """Reduce, unscale, check, clip and apply the gradients; returns what the log reports."""
+        clear_weight_cache()  # FP8 weight copies live for one step (parallel/fp8.py); not needed past the backward
         self.finish_param_sync()
         for hook in self.pre_reduce_hooks:
             hook()  # e.g. the tied-embedding sum across pipeline stages, on local grads
@@ -143,7 +144,6 @@ class TrainingOptimizer:
         self.apply_update(grads, coef)
         self.steps_taken += 1
         copy_masters_to_model(self.master_shards)
-        clear_weight_cache()  # FP8 weight copies are per step (parallel/fp8.py)
         for buffer in self.buffers:
             buffer.launch_param_gather()
         if not self.optim_cfg.overlap_param_gather:

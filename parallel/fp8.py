@@ -83,8 +83,8 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 
 # The FP8 copies of each weight, made once per optimizer step (a step of 8 micro-batches
 # quantises its weights once instead of 8 times, for 2 bytes per weight held): weight -> (its
-# version counter, the copies). The optimizer wrapper clears it after every update
-# (engine/optimizer.py), since a data-parallel parameter gather rewrites weights without
+# version counter, the copies). The optimizer wrapper clears it as each step begins
+# (engine/optimizer.py), before the update and the gather that follows it, since a data-parallel parameter gather rewrites weights without
 # bumping their version; the version check catches other in-place writes (a checkpoint load).
 # On CUDA only on the default stream: graph warm-up and capture run on side streams, and a
 # capture must quantise inside the graph.
@@ -98,7 +98,9 @@ def clear_weight_cache() -> None:
 
 
 def _may_cache(weight: torch.Tensor) -> bool:
-    if not CACHE_WEIGHTS or torch.compiler.is_compiling():
+    """Trained weights only: a frozen model's copies (DPO's reference) would stay alive through
+    the policy's backward for nothing, since it runs once per micro-batch anyway."""
+    if not CACHE_WEIGHTS or torch.compiler.is_compiling() or not weight.requires_grad:
         return False
     return not weight.is_cuda or torch.cuda.current_stream(weight.device) == torch.cuda.default_stream(weight.device)
 

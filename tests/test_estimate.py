@@ -49,6 +49,14 @@ def test_autocast_keeps_fp32_weights_and_residual_stream(tiny):
     assert memory.activations == 4 * (98304 + 49152 + 135168)
 
 
+def test_fp8_holds_the_layers_weight_copies(tiny):
+    """FP8 keeps an e4m3 copy of each trained layer weight (both layouts, 2 bytes) for the step."""
+    for tp in (1, 2):
+        bf16 = est.stage_memory(tiny, est.Layout(tp=tp, micro_batch=2, precision="bf16"), True, True)
+        fp8 = est.stage_memory(tiny, est.Layout(tp=tp, micro_batch=2, precision="fp8"), True, True)
+        assert fp8.weights - bf16.weights == tiny.num_layers * est.layer_params(tiny) / tp * 2
+
+
 def test_tensor_and_sequence_parallel_split(tiny):
     layout = est.Layout(tp=2, sp=True, dp=2, micro_batch=2, shard_optimizer=True)
     memory = est.peak_memory(tiny, layout)

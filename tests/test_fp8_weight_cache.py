@@ -13,20 +13,29 @@ def _copies_of(weight):
 def test_copies_are_reused_until_the_weight_changes():
     fp8.clear_weight_cache()
     linear = fp8.fp8_linear_fn()
-    x, w = torch.randn(32, 64), torch.randn(48, 64) * 0.1
+    x, w = torch.randn(32, 64), (torch.randn(48, 64) * 0.1).requires_grad_()
     linear(x, w)
     first = _copies_of(w)
     linear(x, w)
     assert _copies_of(w) is first  # the second micro-batch reuses them
-    w.mul_(2)  # an in-place write bumps the version: quantised again
+    with torch.no_grad():
+        w.mul_(2)  # an in-place write bumps the version: quantised again
     y = linear(x, w)
     assert _copies_of(w) is not first
-    torch.testing.assert_close(y, fp8.fp8_linear_fn()(x, w.clone()))
+    torch.testing.assert_close(y, fp8.fp8_linear_fn()(x, w.detach().clone()))
     second = _copies_of(w)
     w.data.mul_(2)  # a write the version counter does not see (as a parameter gather's)
     fp8.clear_weight_cache()  # ... is what the optimizer's clear is for
     linear(x, w)
     assert _copies_of(w) is not second and _copies_of(w)[0].float().abs().max() > 0
+
+
+def test_frozen_weights_are_not_cached():
+    """A frozen model (DPO's reference) runs once per micro-batch: its copies would only hold memory."""
+    fp8.clear_weight_cache()
+    frozen = torch.randn(48, 64) * 0.1
+    fp8.fp8_linear_fn()(torch.randn(32, 64), frozen)
+    assert _copies_of(frozen) is None
 
 
 def train_fp8(cache: bool):

@@ -6,7 +6,7 @@
 #
 # Steps: tests (tests/gpu), base (llama-1.3b, global batch 32, with the plain-PyTorch and
 # Hugging Face baselines), graphs (the same with model.cuda_graphs), fp8 (an 8-layer llama3-8b
-# cut in bf16 and in each FP8 recipe), tp2 (TP=2 eager and with graphs; needs 2 GPUs). Steps
+# cut in bf16 and in each FP8 recipe; a 16-layer cut in bf16 and the default recipe), tp2 (TP=2 eager and with graphs; needs 2 GPUs). Steps
 # run one after another, so timings do not share a GPU. Each has a time limit (STEP_LIMIT
 # seconds, default 600), and a failed step does not stop the others. At the end a table lists
 # every benchmark's tokens/s per GPU, MFU and peak memory from its JSON file. Logs and JSON go
@@ -48,6 +48,9 @@ if wanted fp8; then
     --out "$OUT/fp8_e4m3_tensor.json"
   run fp8_hybrid_row "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --train.fp8_scaling row \
     --out "$OUT/fp8_hybrid_row.json"
+  DEEP=("${CUT[@]}" --model.num_layers 16)  # the last --model.num_layers wins; the output layer weighs less
+  run fp8_16l_bf16 "${ONE[@]}" "${DEEP[@]}" --out "$OUT/fp8_16l_bf16.json"
+  run fp8_16l_hybrid_tensor "${ONE[@]}" "${DEEP[@]}" --train.precision fp8 --out "$OUT/fp8_16l_hybrid_tensor.json"
 fi
 if wanted tp2; then
   if [ "$GPUS" -ge 2 ]; then
