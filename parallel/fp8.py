@@ -81,13 +81,13 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().float()
 
 
-# The FP8 copies of each weight, made once per optimizer step (a step of 8 micro-batches
-# quantises its weights once instead of 8 times, for 2 bytes per weight held): weight -> (its
-# version counter, the copies). The optimizer wrapper clears it as each step begins
-# (engine/optimizer.py), before the update and the gather that follows it, since a data-parallel parameter gather rewrites weights without
-# bumping their version; the version check catches other in-place writes (a checkpoint load).
-# On CUDA only on the default stream: graph warm-up and capture run on side streams, and a
-# capture must quantise inside the graph.
+# The FP8 copies of each trained weight, made once per optimizer step (a step of 8
+# micro-batches quantises its weights once instead of 8 times, for 2 bytes per weight held):
+# weight -> (its version counter, the copies). The optimizer wrapper clears it as each step
+# begins (engine/optimizer.py), before the update and the parameter gather after it: a
+# data-parallel gather rewrites weights without bumping their version. The version check
+# catches other in-place writes (a checkpoint load). On CUDA only on the default stream: graph
+# warm-up and capture run on side streams, and a capture must quantise inside the graph.
 _weight_copies = WeakIdKeyDictionary()
 CACHE_WEIGHTS = True  # False quantises weights on every call (a test compares the two)
 
@@ -113,7 +113,7 @@ def quantized_weight(weight: torch.Tensor, recipe: "FP8Recipe", amax_state: "Ama
     entry = _weight_copies.get(weight)
     if entry is None or entry[0] != version:
         with torch.no_grad():
-            entry = (version, fast_quantize(weight.detach(), E4M3, amax_state.observe("w", weight), recipe.rowwise))
+            entry = (version, fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise))
         _weight_copies[weight] = entry
     return entry[1]
 
