@@ -104,11 +104,15 @@ def layer_params(m: ModelConfig) -> int:
     return weights + biases
 
 
+def stage_layer_params(m: ModelConfig, layout: Layout) -> float:
+    """The transformer layers' parameters on one GPU of a pipeline stage (its TP shard)."""
+    return (m.num_layers // layout.pp) * layer_params(m) / layout.tp
+
+
 def stage_params(m: ModelConfig, layout: Layout, first: bool, last: bool) -> int:
     """Parameters one GPU of a pipeline stage holds (its TP shard)."""
-    layers = m.num_layers // layout.pp
     vocab = m.padded_vocab_size(layout.tp)
-    params = layers * layer_params(m) / layout.tp
+    params = stage_layer_params(m, layout)
     if first:
         params += vocab * m.hidden_size / layout.tp
         params += m.max_position_embeddings * m.hidden_size if m.position_embedding == "learned" else 0
@@ -215,7 +219,7 @@ def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Mem
         logits = max(0.0, logits - layer_activation_bytes(m, layout, m.seq_length))
     weights = params * WEIGHT_BYTES[p] * (2 if layout.objective == "dpo" else 1)  # + the reference copy
     if p == "fp8":  # the trained layers' FP8 weight copies, kept for the step (parallel/fp8.py)
-        weights += (m.num_layers // layout.pp) * layer_params(m) / layout.tp * FP8_COPY_BYTES
+        weights += stage_layer_params(m, layout) * FP8_COPY_BYTES
     tensors = weights + gradients + optimizer + activations + logits
     allowance = tensors * ALLOWANCE_FRACTION + ALLOWANCE_FIXED_GIB * GIB
     return Memory(weights, gradients, optimizer, activations, logits, allowance)

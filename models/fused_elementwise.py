@@ -14,22 +14,16 @@ going back to [s, b, h] after attention is a view, not a copy.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from models.rope import apply_rope, rope_for_sbnd
+from parallel.compiled import for_device
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
 
 
 def split_qkv_rope_sbnd(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
@@ -62,9 +56,8 @@ def fused_split_qkv_rope(qkv, rope, heads: int, kv_heads: int, head_dim: int):
     # meant three full copies (dq, dk, dv) per layer in the backward. Outside, the
     # permutation's own backward turns attention's gradients back into dense [s, b, n, d].
     cos, sin = rope if rope is not None else (None, None)
-    fn = _compiled(split_qkv_rope_sbnd) if qkv.is_cuda else split_qkv_rope_sbnd
-    return _to_bnsd(fn(qkv, cos, sin, heads, kv_heads, head_dim))
+    return _to_bnsd(for_device(split_qkv_rope_sbnd, qkv)(qkv, cos, sin, heads, kv_heads, head_dim))
 
 
 def fused_swiglu(h):
-    return _compiled(swiglu)(h) if h.is_cuda else swiglu(h)
+    return for_device(swiglu, h)(h)

@@ -27,6 +27,7 @@ before the first one's backward run the eager layers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 
@@ -238,6 +239,5 @@ def _run_forward_pre_hooks(layer: torch.nn.Module) -> None:
 def _capture_autocast():
     """Autocast's cast cache would bake casts made outside the graph into it: capture without it."""
     if not torch.is_autocast_enabled("cuda"):
-        import contextlib
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)

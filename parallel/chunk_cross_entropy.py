@@ -11,11 +11,11 @@ On CPU the same functions run eagerly.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from parallel import comm
+from parallel.compiled import for_device
+from parallel.cross_entropy import local_targets, valid_columns
 
 
 def _masked(logits, valid: int):
@@ -45,24 +45,16 @@ def _logit_grad(logits, valid: int, row_max, sum_exp, index, outside, token_weig
     return ((probs - one_hot.to(probs.dtype)) * token_weights.float().unsqueeze(-1)).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
-
-
 def _run(fn, logits, *args):
-    return (_compiled(fn) if logits.is_cuda else fn)(logits, *args)
+    return for_device(fn, logits)(logits, *args)
 
 
 class ChunkSoftmax:
     """The TP-reduced softmax statistics of one chunk of local logits [tokens, vocab/tp]."""
 
     def __init__(self, logits, target, group, vocab_start: int, vocab_size: int):
-        local_vocab = logits.shape[-1]
-        self.logits, self.valid = logits, min(max(vocab_size - vocab_start, 0), local_vocab)
-        local_target = target - vocab_start
-        self.outside = (local_target < 0) | (local_target >= local_vocab)
-        self.index = local_target.masked_fill(self.outside, 0)
+        self.logits, self.valid = logits, valid_columns(vocab_size, vocab_start, logits.shape[-1])
+        self.index, self.outside = local_targets(target, vocab_start, logits.shape[-1])
         self.row_max = _run(_row_max, logits, self.valid)
         comm.all_reduce(self.row_max, group, op=torch.distributed.ReduceOp.MAX)
         self.sum_exp, target_logit = _run(_row_sums, logits, self.valid, self.row_max, self.index, self.outside)

@@ -11,19 +11,30 @@ import torch
 from parallel import comm
 
 
+def valid_columns(vocab_size: int, vocab_start: int, local_vocab: int) -> int:
+    """How many of this rank's vocabulary columns are real tokens (the rest is padding)."""
+    return min(max(vocab_size - vocab_start, 0), local_vocab)
+
+
+def local_targets(target, vocab_start: int, local_vocab: int):
+    """(each target's column in this rank's slice, 0 where it is outside; mask of those outside)."""
+    local_target = target - vocab_start
+    outside = (local_target < 0) | (local_target >= local_vocab)
+    return local_target.masked_fill(outside, 0), outside
+
+
 def softmax_and_loss(logits, target, group, vocab_start: int, vocab_size: int):
     """From fp32 local logits (overwritten): (local softmax, per-token loss, the local target
     index, mask of targets outside this rank's slice). Shared by the plain and fused paths."""
     local_vocab = logits.shape[-1]
-    valid = min(max(vocab_size - vocab_start, 0), local_vocab)
+    valid = valid_columns(vocab_size, vocab_start, local_vocab)
     if valid < local_vocab:
         logits[..., valid:] = float("-inf")
     logits_max = logits.max(dim=-1).values
     comm.all_reduce(logits_max, group, op=torch.distributed.ReduceOp.MAX)
     logits.sub_(logits_max.unsqueeze(-1))
-    local_target = target - vocab_start
-    outside = (local_target < 0) | (local_target >= local_vocab)
-    index = local_target.masked_fill(outside, 0).unsqueeze(-1)
+    index, outside = local_targets(target, vocab_start, local_vocab)
+    index = index.unsqueeze(-1)
     target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(outside, 0.0)
     comm.all_reduce(target_logit, group)
     probs = logits.exp_()

@@ -75,7 +75,7 @@ def fast_quantize(x: torch.Tensor, dtype, amax: torch.Tensor | None = None, roww
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as float32 (by the kernel where it takes x)."""
+    """max |x| as float32, outside autograd (by the kernel where it takes x)."""
     if loader.fp8_cast_supported(x):
         return loader.fp8_amax(x).reshape(())
     return x.detach().abs().amax().float()
@@ -112,8 +112,7 @@ def quantized_weight(weight: torch.Tensor, recipe: "FP8Recipe", amax_state: "Ama
     version = weight._version
     entry = _weight_copies.get(weight)
     if entry is None or entry[0] != version:
-        with torch.no_grad():
-            entry = (version, fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise))
+        entry = (version, fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise))
         _weight_copies[weight] = entry
     return entry[1]
 
@@ -188,7 +187,7 @@ class AmaxHistory:
         computes itself (fused with it on CUDA)."""
         if self.length <= 1:
             return None
-        amax = tensor_amax(tensor.detach()).reshape(1)
+        amax = tensor_amax(tensor).reshape(1)
         past = self.history.get(key)
         if past is None:  # filled with the first amax: the max over it is the max of those seen
             self.history[key] = past = amax.repeat(self.length)
