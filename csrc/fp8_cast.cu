@@ -148,10 +148,10 @@ at::Tensor fp8_amax(const at::Tensor& x) {
 
 std::vector<at::Tensor> fp8_cast_transpose(const at::Tensor& x, const at::Tensor& amax, bool e5m2) {
   check_cuda_contiguous(x, "x");
-  TORCH_CHECK(x.dim() == 2, "fp8_cast_transpose takes a 2-D tensor, got ", x.dim(), " dims");
+  TORCH_CHECK(x.dim() == 2, "fp8_cast_transpose takes a 2-D tensor, got ", text(x.dim()), " dims");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(rows % 16 == 0 && cols % 16 == 0, "fp8_cast_transpose needs both sizes multiples of 16, got ",
-              rows, " x ", cols);
+              text(rows), " x ", text(cols));
   TORCH_CHECK(amax.is_cuda() && amax.scalar_type() == at::kFloat && amax.numel() == 1,
               "amax must be one float32 on the GPU");
   TORCH_CHECK(amax.get_device() == x.get_device(), "amax must be on x's device");
@@ -163,7 +163,7 @@ std::vector<at::Tensor> fp8_cast_transpose(const at::Tensor& x, const at::Tensor
   if (x.numel() == 0) return {out, out_t, inverse.fill_(1.0)};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((rows + kTile - 1) / kTile), static_cast<unsigned>((cols + kTile - 1) / kTile));
-  TORCH_CHECK(grid.y <= 65535, "fp8_cast_transpose: too many columns (", cols, ")");
+  TORCH_CHECK(grid.y <= 65535, "fp8_cast_transpose: too many columns (", text(cols), ")");
   const float fp8_max = e5m2 ? 57344.f : 448.f;
   const float* amax_ptr = ptr<float>(amax);
   dispatch_float_type(x.scalar_type(), [&](auto tag) {

@@ -9,12 +9,26 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <initializer_list>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "kernel_common.h"
 
 namespace trellis {
+
+// Integers in TORCH_CHECK messages go through these (std::to_string), never streamed: built
+// with CUDA 13.0's nvcc against torch 2.11, a message that streamed an integer crashed the
+// process instead of raising (seen on an H200; strings and dtypes stream fine).
+inline std::string text(int64_t value) { return std::to_string(value); }
+
+// "[a, b, ...]"
+inline std::string sizes_text(std::initializer_list<int64_t> sizes) {
+  std::string joined = "[";
+  for (const int64_t size : sizes) joined += (joined.size() > 1 ? ", " : "") + std::to_string(size);
+  return joined + "]";
+}
 
 // Properties of a device, read once per device and process.
 inline const cudaDeviceProp& device_props(int device) {

@@ -8,8 +8,9 @@ the kernels against.
 The CUDA kernels (csrc/*.cu) form one extension, `trellis_kernels`, compiled just in time by
 `torch.utils.cpp_extension.load` on first use (or ahead of time by `build_kernels()` /
 `python -m csrc.loader --build`) into `$TRELLIS_KERNEL_CACHE` (default
-`~/.cache/trellis_kernels`). A failed build logs one warning and the process keeps using the
-references; `TRELLIS_DISABLE_KERNELS=1` forces the references.
+`~/.cache/trellis_kernels`). The FP8 GEMM that accumulates into fp32 (csrc/fp8_gemm.cu) is a
+second one, `trellis_gemm`, since it links cuBLASLt. A failed build logs one warning and the
+process keeps using the references; `TRELLIS_DISABLE_KERNELS=1` forces the references.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
 _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "fp8_cast.cu", "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
+GEMM_EXTENSION_NAME = "trellis_gemm"
+_GEMM_SOURCES = ("fp8_gemm.cu",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,7 +155,7 @@ def cuda_arch_flags() -> list[str]:
     return flags
 
 
-_built_module = None
+_built_modules: dict = {}
 
 
 def build_kernels(verbose: bool = False):
@@ -161,50 +164,85 @@ def build_kernels(verbose: bool = False):
     Builds at most once per process. Safe to call from several processes at once: torch's
     loader takes a file lock in the build directory, so one compiles and the others wait.
     """
-    global _built_module
-    if _built_module is None:
-        _built_module = _compile_kernels(verbose)
-    return _built_module
+    return _build_once(EXTENSION_NAME, _KERNEL_SOURCES, kernel_cache_dir(), (), verbose)
 
 
-def _compile_kernels(verbose: bool):
+def build_gemm(verbose: bool = False):
+    """The cuBLASLt FP8 GEMM extension (built like build_kernels, in a folder of its own)."""
+    return _build_once(GEMM_EXTENSION_NAME, _GEMM_SOURCES, kernel_cache_dir() / GEMM_EXTENSION_NAME,
+                       tuple(_cublaslt_link_flags()), verbose)
+
+
+def _build_once(name: str, sources: tuple, build_dir: Path, ldflags: tuple, verbose: bool):
+    if name not in _built_modules:
+        _built_modules[name] = _compile_extension(name, sources, build_dir, ldflags, verbose)
+    return _built_modules[name]
+
+
+def _cublaslt_link_flags() -> list[str]:
+    """-l flags for cuBLASLt: the toolkit's, else the one pip's nvidia packages put beside torch."""
+    from torch.utils import cpp_extension
+
+    home = Path(cpp_extension.CUDA_HOME or "/nonexistent")
+    if any((home / lib / "libcublasLt.so").exists() for lib in ("lib64", "lib")):
+        return ["-lcublasLt"]
+    for site_dir in map(Path, sys.path):
+        for library in sorted(site_dir.glob("nvidia/*/lib/libcublasLt.so.*")):
+            return [f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"]
+    return ["-lcublasLt"]  # let the linker search its default paths (and say so if it fails)
+
+
+def _compile_extension(name: str, sources: tuple, build_dir: Path, ldflags: tuple, verbose: bool):
     if not torch.cuda.is_available():
         raise RuntimeError("the CUDA kernels need a CUDA build of torch and a visible GPU")
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to the CUDA toolkit")
-    build_dir = kernel_cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     module = cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(_CSRC_DIR / name) for name in _KERNEL_SOURCES],
+        name=name,
+        sources=[str(_CSRC_DIR / source) for source in sources],
         extra_include_paths=[str(_CSRC_DIR)],
         extra_cflags=["-O3"],
         # -lineinfo maps SASS back to source in profilers and costs nothing at run time.
         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *cuda_arch_flags()],
+        extra_ldflags=list(ldflags),
         build_directory=str(build_dir),
         verbose=verbose,
     )
-    logger.info("trellis kernels ready in %.1fs (%s)", time.perf_counter() - started, build_dir)
+    logger.info("%s ready in %.1fs (%s)", name, time.perf_counter() - started, build_dir)
     return module
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels_or_none():
+def _built_or_none(name: str):
+    """The built extension `name`, or None after one warning when its build or load failed."""
+    build, fallback = {EXTENSION_NAME: (build_kernels, "trellis CUDA kernels unavailable, using torch reference ops"),
+                       GEMM_EXTENSION_NAME: (build_gemm, "trellis FP8 GEMM extension unavailable, "
+                                                         "using torch._scaled_mm and an add")}[name]
     try:
-        return build_kernels()
-    except Exception as error:  # any build or load failure: warn once, use the references
-        logger.warning("trellis CUDA kernels unavailable, using torch reference ops: %s", error)
+        return build()
+    except Exception as error:  # any build or load failure: warn once, take the fallback
+        logger.warning("%s: %s", fallback, error)
         return None
+
+
+def _extension(name: str):
+    if kernels_disabled() or not torch.cuda.is_available():
+        return None
+    return _built_or_none(name)
 
 
 def kernels():
     """The compiled extension, or None when disabled, without CUDA, or when the build failed."""
-    if kernels_disabled() or not torch.cuda.is_available():
-        return None
-    return _kernels_or_none()
+    return _extension(EXTENSION_NAME)
+
+
+def gemm_extension():
+    """The cuBLASLt GEMM extension, or None when disabled, without CUDA, or when the build failed."""
+    return _extension(GEMM_EXTENSION_NAME)
 
 
 @torch.compiler.assume_constant_result
@@ -265,6 +303,23 @@ def fp8_cast_both_layouts(x: torch.Tensor, fp8_dtype: torch.dtype, amax: torch.T
     return x8, inverse, x8_t, inverse
 
 
+def fp8_gemm_accumulate_supported(out: torch.Tensor) -> bool:
+    """Whether fp8_gemm_accumulate may write `out`: a contiguous, 16-byte aligned fp32 CUDA
+    matrix whose sizes are multiples of 16 (cuBLASLt has no FP8 kernel for a less aligned
+    output), outside torch.compile, with the extension built."""
+    return (not torch.compiler.is_compiling() and out.is_cuda and out.dim() == 2 and out.dtype == torch.float32
+            and out.is_contiguous() and out.shape[0] % 16 == 0 and out.shape[1] % 16 == 0
+            and out.data_ptr() % 16 == 0 and gemm_extension() is not None)
+
+
+def fp8_gemm_accumulate(a: torch.Tensor, a_inverse_scale: torch.Tensor, b: torch.Tensor,
+                        b_inverse_scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out += (a * a_inverse_scale) @ (b * b_inverse_scale)^T, in place, for FP8 a [m, k] and
+    b [n, k] (both row-major, so b is the second operand's transpose) and fp32 out [m, n]: one
+    cuBLASLt GEMM with beta = 1 (caller checked fp8_gemm_accumulate_supported)."""
+    gemm_extension().fp8_gemm_accumulate(a, a_inverse_scale, b, b_inverse_scale, out)
+
+
 # Imported last: fused_ops imports `kernels` from this module, which now exists. A module-level
 # import (not one inside the dispatchers) keeps the dispatchers traceable by torch.compile.
 from . import fused_ops  # noqa: E402
@@ -280,13 +335,16 @@ def _main(argv=None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
-    try:
-        module = build_kernels(verbose=args.verbose)
-    except Exception as error:
-        print(f"build failed: {error}", file=sys.stderr)
-        return 1
-    print(f"built {EXTENSION_NAME} in {time.perf_counter() - started:.1f}s: {module.__file__}")
-    return 0
+    failed = 0
+    for name, build in ((EXTENSION_NAME, build_kernels), (GEMM_EXTENSION_NAME, build_gemm)):
+        try:
+            module = build(verbose=args.verbose)
+        except Exception as error:
+            print(f"build of {name} failed: {error}", file=sys.stderr)
+            failed = 1
+            continue
+        print(f"built {name} in {time.perf_counter() - started:.1f}s: {module.__file__}")
+    return failed
 
 
 if __name__ == "__main__":

@@ -200,8 +200,8 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
   check_cuda_contiguous(rstd, "rstd");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x");
   const int64_t hidden = x.size(-1);
-  TORCH_CHECK(weight.numel() == hidden, "weight must have hidden (", hidden, ") elements");
-  TORCH_CHECK(hidden % 8 == 0 && hidden <= max_norm_hidden(), "unsupported hidden size ", hidden);
+  TORCH_CHECK(weight.numel() == hidden, "weight must have hidden (", text(hidden), ") elements");
+  TORCH_CHECK(hidden % 8 == 0 && hidden <= max_norm_hidden(), "unsupported hidden size ", text(hidden));
   const int64_t rows = x.numel() / hidden;
   TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == at::kFloat, "rstd must be fp32 [rows]");
   if (!rms) {
@@ -227,7 +227,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
     const RowLayout layout = choose_row_layout(hidden / vec_elems<T>());
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", hidden);
+    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", text(hidden));
     dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
       constexpr int kItems = decltype(items)::value;
       constexpr bool kWarpRows = decltype(warp_rows)::value;
@@ -235,7 +235,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
                         : norm_backward_kernel<T, W, kItems, kWarpRows, false>;
       const int accumulators = need_weight_grad ? (has_bias ? 2 : 1) : 0;
       const size_t smem = static_cast<size_t>(accumulators) * layout.rows_per_block * hidden * sizeof(float);
-      TORCH_CHECK(smem <= device_props(device).sharedMemPerBlockOptin, "norm backward needs ", smem,
+      TORCH_CHECK(smem <= device_props(device).sharedMemPerBlockOptin, "norm backward needs ", text(static_cast<int64_t>(smem)),
                   " bytes of shared memory");
       if (smem > 48 * 1024)
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

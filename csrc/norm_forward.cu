@@ -86,9 +86,9 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(!rms || !has_bias, "RMSNorm takes no bias");
   TORCH_CHECK(x.dim() >= 1, "x must have a hidden dimension");
   const int64_t hidden = x.size(-1);
-  TORCH_CHECK(weight.numel() == hidden, "weight must have hidden (", hidden, ") elements");
-  TORCH_CHECK(hidden % 8 == 0, "hidden size must be a multiple of 8, got ", hidden);
-  TORCH_CHECK(hidden <= max_norm_hidden(), "hidden size above ", max_norm_hidden());
+  TORCH_CHECK(weight.numel() == hidden, "weight must have hidden (", text(hidden), ") elements");
+  TORCH_CHECK(hidden % 8 == 0, "hidden size must be a multiple of 8, got ", text(hidden));
+  TORCH_CHECK(hidden <= max_norm_hidden(), "hidden size above ", text(max_norm_hidden()));
   const int64_t rows = x.numel() / hidden;
   TORCH_CHECK(rows <= INT32_MAX, "too many rows");
 
@@ -104,7 +104,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& weig
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
     const RowLayout layout = choose_row_layout(hidden / vec_elems<T>());
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", hidden);
+    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", text(hidden));
     dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
       auto launch = [&](auto kernel) {
         kernel<<<row_grid(layout, rows), row_block(layout), 0, stream>>>(

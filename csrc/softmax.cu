@@ -148,7 +148,7 @@ void check_scores(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, name, " must be [batch, heads, queries, keys]");
   const int64_t sk = t.size(3);
   TORCH_CHECK(sk % 8 == 0 && sk <= max_softmax_keys(), "keys must be a multiple of 8 up to ",
-              max_softmax_keys(), ", got ", sk);
+              text(max_softmax_keys()), ", got ", text(sk));
   TORCH_CHECK(t.numel() / sk <= INT32_MAX, "too many rows");
   TORCH_CHECK(t.size(1) <= INT32_MAX && t.size(2) <= INT32_MAX, "dims too large");
 }
@@ -184,7 +184,7 @@ at::Tensor softmax_forward(const at::Tensor& scores, const c10::optional<at::Ten
     using T = typename decltype(tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_softmax_keys());
     const RowLayout layout = choose_row_layout(sk / vec_elems<T>());
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for ", sk, " keys");
+    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for ", text(sk), " keys");
     dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
       softmax_forward_kernel<T, decltype(items)::value, decltype(warp_rows)::value>
           <<<row_grid(layout, rows), row_block(layout), 0, stream>>>(
@@ -211,7 +211,7 @@ at::Tensor softmax_backward(const at::Tensor& dy, const at::Tensor& y, double sc
     using T = typename decltype(tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_softmax_keys());
     const RowLayout layout = choose_row_layout(sk / vec_elems<T>());
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for ", sk, " keys");
+    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for ", text(sk), " keys");
     dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
       softmax_backward_kernel<T, decltype(items)::value, decltype(warp_rows)::value>
           <<<row_grid(layout, rows), row_block(layout), 0, stream>>>(

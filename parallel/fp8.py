@@ -163,16 +163,27 @@ class _FP8Linear(torch.autograd.Function):
         out_dtype = torch.float32 if g2d.dtype == torch.float32 else torch.bfloat16
         g8, g_inv, g8_t, gt_inv = fast_quantize(g2d, recipe.grad_dtype, amax_state.observe("g", g2d), recipe.rowwise)
         grad_x = scaled_matmul(g8, g_inv, w8_t.t(), wt_inv, out_dtype)
-        # The gradient is always the first operand: torch's row-scaled CUDA GEMM takes e5m2 there
-        # (the second must be e4m3) and writes bf16; the tensor-scaled one writes fp32 directly.
-        grad_w = scaled_matmul(g8_t, gt_inv, x8_t.t(), xt_inv, torch.bfloat16 if recipe.rowwise else torch.float32)
-        if fuses_into_main_grad(weight, torch.float32):
-            weight.main_grad.add_(grad_w)  # straight in: no cast to the weight's dtype and no hook add after it
-            grad_w = filled_placeholder(weight)
-        else:
-            grad_w = grad_w.to(weight.dtype)
+        grad_w = _weight_grad(weight, g8_t, gt_inv, x8_t, xt_inv, recipe)
         grad_b = g2d.float().sum(0).to(weight.dtype) if has_bias else None
         return grad_x.reshape(x_shape).to(x_dtype), grad_w, grad_b, None, None
+
+
+def _weight_grad(weight, g8_t, g_inv, x8_t, x_inv, recipe: FP8Recipe) -> torch.Tensor:
+    """The weight gradient g^T x from the transposed FP8 copies ([out, tokens], [in, tokens]).
+    Into fp32 main_grad where there is one: with tensor scaling by the cuBLASLt GEMM that adds
+    into it in its epilogue (csrc/fp8_gemm.cu), else a product and an add. Returns what
+    autograd gets: the placeholder once main_grad holds it, else the gradient in the weight's dtype."""
+    into_main_grad = fuses_into_main_grad(weight, torch.float32)
+    if into_main_grad and not recipe.rowwise and loader.fp8_gemm_accumulate_supported(weight.main_grad):
+        loader.fp8_gemm_accumulate(g8_t, g_inv, x8_t, x_inv, weight.main_grad)
+        return filled_placeholder(weight)
+    # The gradient is always the first operand: torch's row-scaled CUDA GEMM takes e5m2 there
+    # (the second must be e4m3) and writes bf16; the tensor-scaled one writes fp32 directly.
+    grad_w = scaled_matmul(g8_t, g_inv, x8_t.t(), x_inv, torch.bfloat16 if recipe.rowwise else torch.float32)
+    if into_main_grad:
+        weight.main_grad.add_(grad_w)  # no cast to the weight's dtype and no hook add after it
+        return filled_placeholder(weight)
+    return grad_w.to(weight.dtype)
 
 
 class AmaxHistory:

@@ -5,7 +5,8 @@
 Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py and
 tests/gpu/test_fp8_recipes_gpu.py in this process; measure the device copy bandwidth; time fused vs eager torch vs torch.compile of
 the same op (forward, and forward+backward) on large shapes; sweep the norm backward's
-partial-sum grid; list kernels whose registers spilled. Prints markdown tables and writes
+partial-sum grid; time the FP8 weight-gradient GEMM into fp32 against torch's product and
+add; list kernels whose registers spilled. Prints markdown tables and writes
 everything to the JSON file given by --out.
 
 Bandwidth: "bytes" is the traffic an ideal fused implementation must move (inputs read once,
@@ -136,6 +137,40 @@ def fp8_cast_case(rows: int, cols: int, dtype: torch.dtype) -> dict:
         "bytes": {"fwd": x.numel() * (2 * x.element_size() + 2)},
         "fused_supported": loader.fp8_cast_supported(x),
     }
+
+
+# The weight-gradient GEMMs of a llama3-8b layer at 4096 tokens: (name, out features, in features).
+WEIGHT_GRAD_SHAPES = (("qkv", 6144, 4096), ("attention out", 4096, 4096), ("gate+up", 28672, 4096),
+                      ("down", 4096, 14336))
+
+
+def fp8_weight_grad_rows(warmup: int, reps: int, tokens: int = 4096) -> list[dict]:
+    """main_grad (fp32) += g^T x per shape, three ways: the accumulating FP8 GEMM of
+    csrc/fp8_gemm.cu; torch._scaled_mm's fp32 product then an add (what FP8 does without it);
+    bf16 addmm into the fp32 buffer (the bf16 recipe's GEMM)."""
+    rows = []
+    for name, fan_out, fan_in in WEIGHT_GRAD_SHAPES:
+        g_t = (torch.randn(fan_out, tokens, device="cuda")).to(torch.float8_e5m2)
+        x_t = (torch.randn(fan_in, tokens, device="cuda")).to(torch.float8_e4m3fn)
+        scale = torch.tensor(1.0, device="cuda")
+        g_bf16, x_bf16 = g_t.to(torch.bfloat16), x_t.to(torch.bfloat16).t().contiguous()
+        main_grad = torch.zeros(fan_out, fan_in, device="cuda")
+        variants = {
+            "fp8 GEMM into main_grad": lambda: loader.fp8_gemm_accumulate(g_t, scale, x_t, scale, main_grad),
+            "fp8 _scaled_mm + add": lambda: main_grad.add_(torch._scaled_mm(
+                g_t, x_t.t(), scale_a=scale, scale_b=scale, out_dtype=torch.float32)),
+            "bf16 addmm into main_grad": lambda: torch.addmm(main_grad, g_bf16, x_bf16, out_dtype=torch.float32,
+                                                             out=main_grad),
+        }
+        if not loader.fp8_gemm_accumulate_supported(main_grad):
+            del variants["fp8 GEMM into main_grad"]
+        for variant, run in variants.items():
+            timing = time_ms(run, warmup, reps)
+            tflops = 2 * fan_out * fan_in * tokens / (timing["median_ms"] * 1e-3) / 1e12
+            rows.append({"shape": f"{name} {fan_out}x{fan_in}, {tokens} tokens", "variant": variant, **timing,
+                         "tflops": tflops})
+        del g_t, x_t, g_bf16, x_bf16, main_grad
+    return rows
 
 
 def run_case(case: dict, warmup: int, reps: int, with_compile: bool, copy_tbps: float) -> list[dict]:
@@ -334,6 +369,13 @@ def main(argv=None) -> int:
         save()
         torch.cuda.empty_cache()
     print("\n" + markdown_table(report["results"]))
+
+    report["fp8_weight_grad"] = fp8_weight_grad_rows(args.warmup, args.reps)
+    print("\nWeight-gradient GEMMs into fp32 main_grad (llama3-8b layer shapes):\n")
+    print("| shape | variant | median ms | TFLOP/s |\n|---|---|---:|---:|")
+    for r in report["fp8_weight_grad"]:
+        print(f"| {r['shape']} | {r['variant']} | {r['median_ms']:.3f} | {r['tflops']:.0f} |")
+    save()
 
     report["norm_backward_block_sweep"] = []
     for rows_, hidden in ((16384, 4096), (8192, 8192)):

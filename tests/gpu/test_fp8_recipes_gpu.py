@@ -57,6 +57,9 @@ def test_cast_kernel_keeps_nan_and_takes_only_what_it_can():
     for unsupported in (torch.randn(40, 64, device="cuda"), torch.randn(64, 64, device="cuda").t(),
                         torch.randn(64, 64, device="cuda").to(torch.float64)):
         assert not loader.fp8_cast_supported(unsupported)
+    # A size in the message raises (streaming an integer into TORCH_CHECK once crashed instead).
+    with pytest.raises(RuntimeError, match="got 40 x 64"):
+        loader.kernels().fp8_cast_transpose(torch.zeros(40, 64, device="cuda"), torch.ones(1, device="cuda"), False)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -82,3 +85,72 @@ def test_recipe_stays_close_to_bf16(name):
     assert rel(y, ref_y.detach()) < 0.06
     assert rel(x.grad, 2 * ref_x.grad) < 0.1
     assert rel(weight.main_grad, ref_w) < 0.1
+
+
+def _scaled_inputs(m, n, k, a_dtype, b_dtype):
+    a = (torch.randn(m, k, device="cuda") * 4).to(a_dtype)
+    b = (torch.randn(n, k, device="cuda") * 4).to(b_dtype)
+    return a, torch.tensor(0.37, device="cuda"), b, torch.tensor(1.9, device="cuda")
+
+
+@pytest.mark.parametrize("types", [(E5M2, E4M3), (E4M3, E4M3), (E4M3, E5M2)], ids=["e5m2-e4m3", "e4m3-e4m3", "e4m3-e5m2"])
+@pytest.mark.parametrize("shape", [(1024, 4096, 2048), (5632, 2048, 4096), (16, 48, 32)])
+@pytest.mark.parametrize("out_offset", [0, 4], ids=["out-at-start", "out-at-16-bytes"])
+def test_gemm_accumulate_equals_scaled_mm_then_add(shape, types, out_offset):
+    """csrc/fp8_gemm.cu: out += (sa a) (sb b)^T equals torch._scaled_mm's fp32 product added to
+    out, for out at the start of its storage and at an offset (a main_grad view in a buffer;
+    the gradient buffer starts each one at a multiple of 256 bytes)."""
+    torch.manual_seed(0)
+    m, n, k = shape
+    a, a_scale, b, b_scale = _scaled_inputs(m, n, k, *types)
+    storage = torch.randn(m * n + out_offset, device="cuda")
+    out = storage[out_offset:].view(m, n)
+    start = out.clone()
+    assert loader.fp8_gemm_accumulate_supported(out)
+    loader.fp8_gemm_accumulate(a, a_scale, b, b_scale, out)
+    product = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=torch.float32)
+    torch.testing.assert_close(out, start + product, rtol=1e-5, atol=1e-5 * float(product.abs().max()))
+    loader.gemm_extension().fp8_gemm_accumulate(a, a_scale, b, b_scale, out, accumulate=False)
+    torch.testing.assert_close(out, product, rtol=1e-5, atol=1e-5 * float(product.abs().max()))
+
+
+def test_gemm_accumulate_refuses_what_it_cannot_do():
+    ext = loader.gemm_extension()
+    a, a_scale, b, b_scale = _scaled_inputs(64, 32, 48, E5M2, E5M2)
+    out = torch.zeros(64, 32, device="cuda")
+    with pytest.raises(RuntimeError, match="e5m2 by e5m2"):
+        ext.fp8_gemm_accumulate(a, a_scale, b, b_scale, out)
+    a, a_scale, b, b_scale = _scaled_inputs(64, 32, 48, E4M3, E4M3)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.fp8_gemm_accumulate(a, a_scale, b, b_scale, out.bfloat16())
+    with pytest.raises(RuntimeError, match="must be \\[64, 32\\], got \\[32, 64\\]"):
+        ext.fp8_gemm_accumulate(a, a_scale, b, b_scale, torch.zeros(32, 64, device="cuda"))
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.fp8_gemm_accumulate(a[:, :40].contiguous(), a_scale, b[:, :40].contiguous(), b_scale, out)
+    assert not loader.fp8_gemm_accumulate_supported(torch.zeros(64, 40, device="cuda"))
+    assert not loader.fp8_gemm_accumulate_supported(torch.zeros(64, 32, device="cuda").t())
+    # cuBLASLt has no FP8 kernel for an fp32 output aligned to less than 16 bytes.
+    assert not loader.fp8_gemm_accumulate_supported(torch.zeros(64 * 32 + 1, device="cuda")[1:].view(64, 32))
+
+
+def test_linear_weight_gradient_takes_the_accumulating_gemm(monkeypatch):
+    """The tensor-scaled linear's weight gradient goes through the accumulating GEMM and equals
+    the product-and-add path within fp32 rounding, over two micro-batches into one main_grad."""
+    torch.manual_seed(2)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(512, 768, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    gemm = loader.fp8_gemm_accumulate
+    monkeypatch.setattr(loader, "fp8_gemm_accumulate", lambda *args: calls.append(1) or gemm(*args))
+    results = []
+    for use_gemm in (True, False):
+        if not use_gemm:
+            monkeypatch.setattr(loader, "fp8_gemm_accumulate_supported", lambda out: False)
+        weight = torch.nn.Parameter(torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16) * 0.02)
+        weight.main_grad = torch.zeros(768, 1024, device="cuda")
+        linear = fp8_linear_fn(FP8Recipe())
+        for _ in range(2):
+            linear(x, weight).backward(grad)
+        results.append(weight.main_grad)
+    assert len(calls) == 2
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5 * float(results[1].abs().max()))
