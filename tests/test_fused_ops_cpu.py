@@ -54,6 +54,28 @@ def test_cache_dir_and_arch_flags(monkeypatch, tmp_path):
     assert "-gencode=arch=compute_80,code=compute_80" not in flags
 
 
+def test_cublaslt_link_flags(monkeypatch, tmp_path):
+    """The FP8 GEMM extension links the toolkit's cuBLASLt, else the one pip put beside torch."""
+    from torch.utils import cpp_extension
+
+    toolkit, site_dir = tmp_path / "cuda", tmp_path / "site"
+    (toolkit / "lib64").mkdir(parents=True)
+    (site_dir / "nvidia" / "cu13" / "lib").mkdir(parents=True)
+    (site_dir / "nvidia" / "cu13" / "lib" / "libcublasLt.so.13").touch()
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    monkeypatch.setattr(loader.sys, "path", [str(site_dir)])
+    pip_lib = site_dir / "nvidia" / "cu13" / "lib"
+    assert loader._cublaslt_link_flags() == [f"-L{pip_lib}", "-l:libcublasLt.so.13", f"-Wl,-rpath,{pip_lib}"]
+    (toolkit / "lib64" / "libcublasLt.so").touch()
+    assert loader._cublaslt_link_flags() == ["-lcublasLt"]
+
+
+def test_fp8_gemm_accumulate_takes_no_cpu_tensor():
+    assert not loader.fp8_gemm_accumulate_supported(torch.zeros(32, 32))
+    if not torch.cuda.is_available():
+        assert loader.gemm_extension() is None
+
+
 def test_support_checks():
     x = torch.randn(4, 4096, dtype=torch.bfloat16)
     w = torch.randn(4096)
