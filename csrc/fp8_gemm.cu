@@ -6,8 +6,8 @@
 // out is fp32 and row-major, the scales are one float32 each on the GPU. cuBLASLt reads and
 // writes out in its epilogue (beta = 1), so the weight gradient of every micro-batch lands in
 // the fp32 main_grad without a separate fp32 product and add: torch._scaled_mm has no beta.
-// That add was 12 bytes of traffic per weight per micro-batch, about 9% of an 8-layer
-// llama3-8b FP8 step at eight micro-batches.
+// That add was 12 bytes of traffic per weight per micro-batch, about 5% of an 8-layer
+// llama3-8b FP8 step at eight micro-batches (docs/benchmarks.md).
 //
 // Its own extension (trellis_gemm), since it links cuBLASLt: a toolkit without it then costs
 // this GEMM only, not the norm and softmax kernels (csrc/loader.py falls back to the product
@@ -128,6 +128,10 @@ void fp8_gemm_accumulate(const at::Tensor& a, const at::Tensor& a_scale, const a
   TORCH_CHECK(a_type == CUDA_R_8F_E4M3 || b_type == CUDA_R_8F_E4M3, "FP8 GEMMs cannot multiply e5m2 by e5m2");
   if (m == 0 || n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
+  if (k == 0) {  // an empty sum: out stays, or becomes 0
+    if (!accumulate) out.zero_();
+    return;
+  }
 
   // cuBLAS is column-major: out row-major [m, n] is out^T column-major [n, m] = b @ a^T, so its
   // first operand is b ([n, k] row-major = [k, n] column-major, transposed) and its second a.

@@ -61,7 +61,10 @@ def test_cublaslt_link_flags(monkeypatch, tmp_path):
     toolkit, site_dir = tmp_path / "cuda", tmp_path / "site"
     (toolkit / "lib64").mkdir(parents=True)
     (site_dir / "nvidia" / "cu13" / "lib").mkdir(parents=True)
+    (site_dir / "nvidia" / "cu12" / "lib").mkdir(parents=True)
+    (site_dir / "nvidia" / "cu12" / "lib" / "libcublasLt.so.12").touch()  # another CUDA: not taken
     (site_dir / "nvidia" / "cu13" / "lib" / "libcublasLt.so.13").touch()
+    monkeypatch.setattr(loader.torch.version, "cuda", "13.0")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
     monkeypatch.setattr(loader.sys, "path", [str(site_dir)])
     pip_lib = site_dir / "nvidia" / "cu13" / "lib"
