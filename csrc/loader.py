@@ -280,13 +280,17 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None
     return scaled_masked_softmax_reference(scores, mask, scale, causal)
 
 
+def _fp8_gemm_matrix(x: torch.Tensor) -> bool:
+    """What the FP8 extension calls take: a contiguous, 16-byte aligned 2-D CUDA tensor whose
+    sizes are multiples of 16 (what FP8 GEMMs need), outside torch.compile (the callers'
+    fallbacks are traceable, the extension calls are not)."""
+    return (not torch.compiler.is_compiling() and x.is_cuda and x.dim() == 2 and x.is_contiguous()
+            and x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
 def fp8_cast_supported(x: torch.Tensor) -> bool:
-    """Whether the FP8 cast kernels take x: a contiguous 2-D float CUDA tensor whose sizes are
-    multiples of 16 (what FP8 GEMMs need anyway). Not under torch.compile: the caller's
-    compiled fallback is traceable, the extension call is not."""
-    return (not torch.compiler.is_compiling() and x.is_cuda and x.dim() == 2 and x.dtype in fused_ops.KERNEL_DTYPES
-            and x.is_contiguous() and x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0
-            and kernels() is not None)
+    """Whether the FP8 cast kernels take x: a float _fp8_gemm_matrix, with the kernels built."""
+    return _fp8_gemm_matrix(x) and x.dtype in fused_ops.KERNEL_DTYPES and kernels() is not None
 
 
 def fp8_amax(x: torch.Tensor) -> torch.Tensor:
@@ -305,12 +309,9 @@ def fp8_cast_both_layouts(x: torch.Tensor, fp8_dtype: torch.dtype, amax: torch.T
 
 
 def fp8_gemm_accumulate_supported(out: torch.Tensor) -> bool:
-    """Whether fp8_gemm_accumulate may write `out`: a contiguous, 16-byte aligned fp32 CUDA
-    matrix whose sizes are multiples of 16 (cuBLASLt has no FP8 kernel for a less aligned
-    output), outside torch.compile, with the extension built."""
-    return (not torch.compiler.is_compiling() and out.is_cuda and out.dim() == 2 and out.dtype == torch.float32
-            and out.is_contiguous() and out.shape[0] % 16 == 0 and out.shape[1] % 16 == 0
-            and out.data_ptr() % 16 == 0 and gemm_extension() is not None)
+    """Whether fp8_gemm_accumulate may write `out`: an fp32 _fp8_gemm_matrix (cuBLASLt has no
+    FP8 kernel for a less aligned output), with the extension built."""
+    return _fp8_gemm_matrix(out) and out.dtype == torch.float32 and gemm_extension() is not None
 
 
 def fp8_gemm_accumulate(a: torch.Tensor, a_inverse_scale: torch.Tensor, b: torch.Tensor,
