@@ -5,7 +5,7 @@
 #include "trellis_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax and FP8 cast CUDA kernels";
+  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE and FP8 cast CUDA kernels";
   m.def("norm_forward", &trellis::norm_forward, "RMSNorm/LayerNorm forward -> [y, mean, rstd]",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
@@ -18,6 +18,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_amax", &trellis::fp8_amax, "max |x| as one float32", py::arg("x"));
   m.def("fp8_cast_transpose", &trellis::fp8_cast_transpose, "FP8 cast in both layouts -> [x8, x8_t, inverse_scale]",
         py::arg("x"), py::arg("amax"), py::arg("e5m2"));
+  m.def("swiglu_forward", &trellis::swiglu_forward, "silu(gate) * up of h = [gate | up]", py::arg("h"));
+  m.def("swiglu_backward", &trellis::swiglu_backward, "SwiGLU backward -> dh", py::arg("h"), py::arg("dy"));
+  m.def("qkv_rope_forward", &trellis::qkv_rope_forward, "QKV split + RoPE -> [q, k, v]", py::arg("qkv"),
+        py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("kv_heads"));
+  m.def("qkv_rope_backward", &trellis::qkv_rope_backward, "QKV split + RoPE backward -> d qkv", py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("cos"), py::arg("sin"));
   m.attr("max_norm_hidden") = trellis::max_norm_hidden();
   m.attr("max_softmax_keys") = trellis::max_softmax_keys();
 }

@@ -32,7 +32,8 @@ DISABLE_ENV = "TRELLIS_DISABLE_KERNELS"
 CACHE_ENV = "TRELLIS_KERNEL_CACHE"
 EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
-_KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "fp8_cast.cu", "bindings.cu")
+_KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.cu", "qkv_rope.cu", "fp8_cast.cu",
+                   "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
 _GEMM_SOURCES = ("fp8_gemm.cu",)
@@ -280,6 +281,34 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None
     return scaled_masked_softmax_reference(scores, mask, scale, causal)
 
 
+def _eager_cuda_kernels(x: torch.Tensor) -> bool:
+    """A CUDA tensor outside torch.compile, with the kernels built: the eager-only kernels'
+    common condition (under compile the callers' torch code is traced and fused instead)."""
+    return not torch.compiler.is_compiling() and x.is_cuda and fused_kernels_available()
+
+
+def swiglu_supported(h: torch.Tensor) -> bool:
+    """Whether the SwiGLU kernel takes h = [gate | up] (else the caller's torch code runs)."""
+    return _eager_cuda_kernels(h) and elementwise_ops.swiglu_supported(h)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one kernel each way (caller checked swiglu_supported)."""
+    return elementwise_ops.swiglu(h)
+
+
+def split_qkv_rope_supported(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the QKV split + RoPE kernel takes these (fp32 [s, d] cos/sin tables only)."""
+    return (cos is not None and _eager_cuda_kernels(qkv)
+            and elementwise_ops.qkv_rope_supported(qkv, cos, sin, heads, kv_heads, head_dim))
+
+
+def split_qkv_rope(qkv, cos, sin, heads: int, kv_heads: int):
+    """Dense q, k, v [s, b, n, d] of qkv [s, b, (heads + 2 kv_heads) d], RoPE on q and k, in one
+    kernel each way (caller checked split_qkv_rope_supported)."""
+    return elementwise_ops.split_qkv_rope(qkv, cos, sin, heads, kv_heads)
+
+
 def _fp8_gemm_matrix(x: torch.Tensor) -> bool:
     """What the FP8 extension calls take: a contiguous, 16-byte aligned 2-D CUDA tensor whose
     sizes are multiples of 16 (what FP8 GEMMs need), outside torch.compile (the callers'
@@ -324,7 +353,7 @@ def fp8_gemm_accumulate(a: torch.Tensor, a_inverse_scale: torch.Tensor, b: torch
 
 # Imported last: fused_ops imports `kernels` from this module, which now exists. A module-level
 # import (not one inside the dispatchers) keeps the dispatchers traceable by torch.compile.
-from . import fused_ops  # noqa: E402
+from . import elementwise_ops, fused_ops  # noqa: E402
 
 
 def _main(argv=None) -> int:

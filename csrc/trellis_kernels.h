@@ -41,4 +41,16 @@ at::Tensor fp8_amax(const at::Tensor& x);
 // inverse scale (0-dim float32)}; amax is one float32 on x's device.
 std::vector<at::Tensor> fp8_cast_transpose(const at::Tensor& x, const at::Tensor& amax, bool e5m2);
 
+// SwiGLU over h = [gate | up] (last dim 2 f, f a multiple of 8): y = silu(gate) * up, and the
+// gradient of h from dy.
+at::Tensor swiglu_forward(const at::Tensor& h);
+at::Tensor swiglu_backward(const at::Tensor& h, const at::Tensor& dy);
+
+// qkv [s, b, (heads + 2 kv_heads) d] -> {q [s, b, heads, d], k, v [s, b, kv_heads, d]}, dense, with
+// rotate-half RoPE on q and k from fp32 cos/sin [s, d]; the backward returns d qkv.
+std::vector<at::Tensor> qkv_rope_forward(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                         int64_t heads, int64_t kv_heads);
+at::Tensor qkv_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cos,
+                             const at::Tensor& sin);
+
 }  // namespace trellis

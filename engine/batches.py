@@ -79,7 +79,16 @@ def collate(items, device) -> dict:
             batch["loss_mask"] = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]))[:, 1:].float()
         else:
             batch["loss_mask"] = torch.ones_like(batch["labels"], dtype=torch.float32)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU batch tensor on `device`. For CUDA it goes through pinned memory, so the copy is
+    queued behind the GPU's work instead of holding the host (torch's caching host allocator
+    keeps the pinned block until the copy has run)."""
+    if torch.device(device).type == "cuda":
+        tensor = tensor.contiguous().pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def step_microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,

@@ -97,6 +97,7 @@ class Trainer:
         self.step = 0
         self.batch_ramp = BatchRamp(cfg.train.global_batch_size, cfg.train.batch_ramp)
         self.consumed_samples = 0  # training samples read so far (with a batch ramp, not step x global batch)
+        self.prefetched_batches = None  # ((data, first sample, global batch), micro-batches) of the next step
         self.spike_guard = SpikeGuard(cfg.train.spike_factor, cfg.train.spike_max_skips)
         self.early_stopper = EarlyStopper(cfg.train.early_stop_patience)
         self.logger = MetricsLogger(cfg.train.output_dir, self.grid.is_logging_rank, cfg.log.quiet, cfg.log.tensorboard)
@@ -229,10 +230,29 @@ class Trainer:
                                  self.grid.dp_rank, self.grid.dp, self.device, self.collate_batch)
 
     def train_microbatches(self, global_batch: int) -> list:
-        """This rank's share of the next `global_batch` training samples."""
+        """This rank's share of the next `global_batch` training samples: those the previous
+        step prepared (prefetch_next_microbatches) when they are these, else loaded now."""
+        key = (id(self.train_data), self.consumed_samples, global_batch)
+        prefetched, self.prefetched_batches = self.prefetched_batches, None
+        if prefetched is not None and prefetched[0] == key:
+            return prefetched[1]
         t = self.cfg.train
         return sample_microbatches(self.train_data, self.consumed_samples, global_batch, t.micro_batch_size,
                                    self.grid.dp_rank, self.grid.dp, self.device, self.collate_batch)
+
+    def prefetch_next_microbatches(self) -> None:
+        """Load and collate the next step's micro-batches, and queue their copies to the GPU, while
+        this step's backward still runs there. Loaded at the start of a step instead, they kept
+        the GPU idle for the host's collation (about 1% of a llama-1.3b step on an H200, profile).
+        Keyed by the samples they hold, so a resumed or reconfigured run never takes stale ones."""
+        if self.step + 1 >= self.cfg.train.iters:
+            return  # the last step: nothing follows it
+        global_batch = self.batch_ramp.batch_at(self.consumed_samples)
+        try:
+            batches = self.train_microbatches(global_batch)
+        except IndexError:
+            return  # the data runs out: the next step itself reports it
+        self.prefetched_batches = ((id(self.train_data), self.consumed_samples, global_batch), batches)
 
     def global_token_count(self, batches) -> torch.Tensor:
         count = sum(b["loss_mask"].sum() for b in batches).float()
@@ -291,6 +311,7 @@ class Trainer:
         self.optimizer.set_microbatches(len(batches))  # fewer while the batch ramps up
         loss = self.forward_backward(batches)
         self.consumed_samples += global_batch
+        self.prefetch_next_microbatches()
         self.monitor.operation = f"step {self.step + 1} loss all-reduce over data-parallel ranks"
         comm.all_reduce(loss, self.grid.dp_group)  # the global loss: every rank takes the same decision below
         # Only an active guard reads the loss here: the read waits for the backward to finish.

@@ -1,4 +1,5 @@
-"""Elementwise pieces of the layer (QKV split + RoPE, SwiGLU) fused by torch.compile on CUDA.
+"""Elementwise pieces of the layer (QKV split + RoPE, SwiGLU): one CUDA kernel per pass on
+CUDA (csrc/swiglu.cu, csrc/qkv_rope.cu), else fused by torch.compile.
 
 Eager, RoPE is five kernels per tensor (two muls, a split, a negation, a concatenation) and
 SwiGLU three, each a full pass over the activations, forward and again backward: on an H100
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from csrc import loader
 from models.rope import apply_rope, rope_for_sbnd
 from parallel.compiled import for_device
 
@@ -51,13 +53,17 @@ def split_qkv_rope(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
 
 
 def fused_split_qkv_rope(qkv, rope, heads: int, kv_heads: int, head_dim: int):
+    cos, sin = rope if rope is not None else (None, None)
+    if loader.split_qkv_rope_supported(qkv, cos, sin, heads, kv_heads, head_dim):
+        return _to_bnsd(loader.split_qkv_rope(qkv, cos, sin, heads, kv_heads))
     # The permutation to [b, n, s, d] stays outside the compiled function: AOTAutograd makes
     # the gradients of a compiled function's outputs contiguous, which for permuted outputs
     # meant three full copies (dq, dk, dv) per layer in the backward. Outside, the
     # permutation's own backward turns attention's gradients back into dense [s, b, n, d].
-    cos, sin = rope if rope is not None else (None, None)
     return _to_bnsd(for_device(split_qkv_rope_sbnd, qkv)(qkv, cos, sin, heads, kv_heads, head_dim))
 
 
 def fused_swiglu(h):
+    if loader.swiglu_supported(h):
+        return loader.swiglu(h)
     return for_device(swiglu, h)(h)

@@ -239,6 +239,41 @@ class EmulatedExtension:
         return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
 
 
+    # SwiGLU and QKV split + RoPE: the closed forms of csrc/swiglu.cu and csrc/qkv_rope.cu.
+    @staticmethod
+    def swiglu_forward(h):
+        gate, up = h.chunk(2, dim=-1)
+        return gate * torch.sigmoid(gate) * up
+
+    @staticmethod
+    def swiglu_backward(h, dy):
+        gate, up = h.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        return torch.cat([dy * up * s * (1 + gate * (1 - s)), dy * gate * s], dim=-1)
+
+    @staticmethod
+    def qkv_rope_forward(qkv, cos, sin, heads, kv_heads):
+        s, b, width = qkv.shape
+        d = width // (heads + 2 * kv_heads)
+        x = qkv.reshape(s, b, heads + 2 * kv_heads, d)
+        c, n = cos.to(qkv.dtype)[:, None, None, :], sin.to(qkv.dtype)[:, None, None, :]
+        lo, hi = x[..., : d // 2], x[..., d // 2:]
+        half = d // 2
+        rotated = torch.cat([lo * c[..., :half] - hi * n[..., :half], hi * c[..., half:] + lo * n[..., half:]], -1)
+        rotated = torch.cat([rotated[:, :, : heads + kv_heads], x[:, :, heads + kv_heads:]], dim=2)
+        return [t.contiguous() for t in rotated.split((heads, kv_heads, kv_heads), dim=2)]
+
+    @staticmethod
+    def qkv_rope_backward(dq, dk, dv, cos, sin):
+        s, b, _, d = dq.shape
+        half = d // 2
+        g = torch.cat([dq, dk], dim=2)
+        c, n = cos.to(dq.dtype)[:, None, None, :], sin.to(dq.dtype)[:, None, None, :]
+        lo, hi = g[..., :half], g[..., half:]
+        dx = torch.cat([lo * c[..., :half] + hi * n[..., half:], hi * c[..., half:] - lo * n[..., :half]], -1)
+        return torch.cat([dx, dv], dim=2).reshape(s, b, -1)
+
+
 @pytest.fixture
 def emulated(monkeypatch):
     monkeypatch.setattr(fused_ops, "_ext", lambda: EmulatedExtension)
@@ -308,6 +343,58 @@ def test_softmax_gradcheck_eager_and_op(emulated):
     assert check(lambda s: emulated.scaled_masked_softmax(s, mask, 0.5, True), (scores,))
     assert check(lambda s: emulated.scaled_masked_softmax(s, None, 2.0, False), (scores,))
     assert check(lambda s: fused_ops.softmax_fwd(s, mask, 0.5, True), (scores,))
+
+
+def test_swiglu_op_matches_reference_and_gradcheck(emulated):
+    from csrc import elementwise_ops
+    from models.fused_elementwise import swiglu
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 2 * 8, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(elementwise_ops.swiglu(h), swiglu(h))
+    assert torch.autograd.gradcheck(elementwise_ops.swiglu, (h,))
+    # A strided input is made dense first (the kernels read 16-byte vectors of contiguous rows).
+    wide = torch.randn(3, 4 * 8, dtype=torch.float64)[:, : 2 * 8]
+    torch.testing.assert_close(elementwise_ops.swiglu(wide), swiglu(wide))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_split_qkv_rope_op_matches_reference_and_gradcheck(emulated, heads, kv_heads):
+    from csrc import elementwise_ops
+    from models.fused_elementwise import split_qkv_rope_sbnd
+    from models.rope import rope_cache
+
+    torch.manual_seed(0)
+    s, b, d = 5, 2, 8
+    qkv = torch.randn(s, b, (heads + 2 * kv_heads) * d, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_cache(s, d, 10000.0, "cpu"))
+    got = elementwise_ops.split_qkv_rope(qkv, cos, sin, heads, kv_heads)
+    for a, w in zip(got, split_qkv_rope_sbnd(qkv, cos, sin, heads, kv_heads, d)):
+        torch.testing.assert_close(a, w)
+    assert torch.autograd.gradcheck(lambda x: elementwise_ops.split_qkv_rope(x, cos, sin, heads, kv_heads), (qkv,))
+    # k and v outside the loss: their gradients arrive as None and count as zeros.
+    only_q = torch.autograd.grad(elementwise_ops.split_qkv_rope(qkv, cos, sin, heads, kv_heads)[0].sum(), qkv)[0]
+    want = torch.autograd.grad(split_qkv_rope_sbnd(qkv, cos, sin, heads, kv_heads, d)[0].sum(), qkv)[0]
+    torch.testing.assert_close(only_q, want)
+
+
+def test_elementwise_support_checks():
+    from csrc import elementwise_ops
+
+    assert elementwise_ops.swiglu_supported(torch.zeros(4, 32, dtype=torch.bfloat16))
+    assert not elementwise_ops.swiglu_supported(torch.zeros(4, 24, dtype=torch.bfloat16))  # f = 12
+    assert not elementwise_ops.swiglu_supported(torch.zeros(4, 32, dtype=torch.float64))
+    cos = torch.zeros(6, 32)
+    qkv = torch.zeros(6, 2, (4 + 2 * 2) * 32, dtype=torch.bfloat16)
+    assert elementwise_ops.qkv_rope_supported(qkv, cos, cos, 4, 2, 32)
+    assert not elementwise_ops.qkv_rope_supported(qkv, cos[:5], cos[:5], 4, 2, 32)  # not one row per position
+    assert not elementwise_ops.qkv_rope_supported(qkv, cos.expand(2, 6, 32), cos.expand(2, 6, 32), 4, 2, 32)
+    narrow = torch.zeros(6, 2, (4 + 2 * 2) * 8, dtype=torch.bfloat16)  # half a head below one bf16 vector
+    assert not elementwise_ops.qkv_rope_supported(narrow, cos[:, :8], cos[:, :8], 4, 2, 8)
+    assert elementwise_ops.qkv_rope_supported(narrow.float(), cos[:, :8], cos[:, :8], 4, 2, 8)
+    # On CPU the dispatchers never pick the kernels.
+    assert not loader.swiglu_supported(torch.zeros(4, 32, dtype=torch.bfloat16))
+    assert not loader.split_qkv_rope_supported(qkv, cos, cos, 4, 2, 32)
 
 
 def test_compiled_graph_uses_the_ops(emulated):

@@ -123,3 +123,37 @@ def test_batch_ramp_config_errors(ramp, world, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(tiny_config({"train": {**RAMP["train"], "batch_ramp": ramp}}), world)
+
+
+def prefetch_checks(overrides: dict) -> list:
+    """Which samples each step's batches hold, as the prefetch hands them over."""
+    from engine.batches import collate, sample_microbatches
+    from engine.config import validate
+    from engine.training import Trainer, shutdown
+
+    trainer = Trainer(validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"])))
+    micro = trainer.cfg.train.micro_batch_size
+
+    def samples(first, global_batch):
+        return sample_microbatches(trainer.train_data, first, global_batch, micro, 0, 1, trainer.device, collate)
+
+    keys = []
+    for _ in range(trainer.cfg.train.iters):
+        trainer.train_step()
+        ready = trainer.prefetched_batches
+        keys.append(None if ready is None else ready[0][1:])
+        if ready is not None:  # the next step's batches, by content
+            for got, want in zip(ready[1], samples(*ready[0][1:])):
+                assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["labels"], want["labels"])
+    # A run moved to other samples (a resume) ignores batches prepared for different ones.
+    trainer.prefetched_batches = ((id(trainer.train_data), 999, 4), samples(0, 4))
+    trainer.consumed_samples = 8
+    assert torch.equal(trainer.train_microbatches(4)[0]["tokens"], samples(8, 4)[0]["tokens"])
+    shutdown()
+    return keys
+
+
+def test_next_step_batches_are_prefetched_by_sample():
+    """Each step prepares the next one's micro-batches (through the ramp); the last prepares none."""
+    keys = run_distributed(prefetch_checks, 1, RAMP)[0]
+    assert keys == [(4, 4), (8, 4), (12, 4), (16, 8), (24, 8), None]

@@ -1,0 +1,87 @@
+"""Autograd functions around the SwiGLU and QKV-split + RoPE kernels of trellis_kernels.
+
+Eager only: under torch.compile the callers keep the torch code, which Inductor fuses itself.
+Use the dispatchers in csrc/loader.py (swiglu, split_qkv_rope); they come here only for CUDA
+tensors these kernels take.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import fused_ops
+
+VECTOR_BYTES = 16  # the kernels move 16-byte vectors
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t as the kernels read it: contiguous and 16-byte aligned (a copy only when it is not)."""
+    if t.is_contiguous() and t.data_ptr() % VECTOR_BYTES == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _vector_elems(dtype: torch.dtype) -> int:
+    return VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def swiglu_supported(h: Tensor) -> bool:
+    """h = [gate | up] on its last dim, each part a positive multiple of 8 wide."""
+    if h.dtype not in fused_ops.KERNEL_DTYPES or h.dim() < 1 or h.numel() == 0:
+        return False
+    width = h.shape[-1]
+    return width % 16 == 0
+
+
+def qkv_rope_supported(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """qkv [s, b, (heads + 2 kv_heads) head_dim] with fp32 cos/sin [s, head_dim] on its device
+    (not per-sample tables) and head_dim a multiple of two vectors of qkv's dtype."""
+    if qkv.dtype not in fused_ops.KERNEL_DTYPES or qkv.dim() != 3 or qkv.numel() == 0:
+        return False
+    if qkv.shape[-1] != (heads + 2 * kv_heads) * head_dim or head_dim % (2 * _vector_elems(qkv.dtype)):
+        return False
+    table_shape = (qkv.shape[0], head_dim)
+    return all(t.dtype == torch.float32 and t.device == qkv.device and tuple(t.shape) == table_shape
+               for t in (cos, sin))
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        h = _dense(h)
+        ctx.save_for_backward(h)
+        return fused_ops._ext().swiglu_forward(h)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (h,) = ctx.saved_tensors
+        return fused_ops._ext().swiglu_backward(h, _dense(dy))
+
+
+class _SplitQKVRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads, kv_heads):
+        cos, sin = _dense(cos), _dense(sin)
+        ctx.save_for_backward(cos, sin)
+        q, k, v = fused_ops._ext().qkv_rope_forward(_dense(qkv), cos, sin, heads, kv_heads)
+        ctx.q_shape, ctx.kv_shape, ctx.dtype = q.shape, k.shape, qkv.dtype
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        # An output that took no part in the loss has no gradient: zeros stand in for it.
+        grads = [torch.zeros(shape, dtype=ctx.dtype, device=cos.device) if g is None else _dense(g)
+                 for g, shape in ((dq, ctx.q_shape), (dk, ctx.kv_shape), (dv, ctx.kv_shape))]
+        return fused_ops._ext().qkv_rope_backward(*grads, cos, sin), None, None, None, None
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """silu(gate) * up of h = [gate | up] (caller checked swiglu_supported)."""
+    return _SwiGLU.apply(h)
+
+
+def split_qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int):
+    """Dense q [s, b, heads, d], k and v [s, b, kv_heads, d] with RoPE on q and k (caller
+    checked qkv_rope_supported)."""
+    return _SplitQKVRope.apply(qkv, cos, sin, heads, kv_heads)
