@@ -1,10 +1,14 @@
 """Elementwise pieces of the layer (QKV split + RoPE, SwiGLU): one CUDA kernel per pass on
-CUDA (csrc/swiglu.cu, csrc/qkv_rope.cu), else fused by torch.compile.
+CUDA (csrc/swiglu.cu, csrc/qkv_rope.cu, through csrc/loader.py), else the torch code below,
+fused by torch.compile.
 
 Eager, RoPE is five kernels per tensor (two muls, a split, a negation, a concatenation) and
 SwiGLU three, each a full pass over the activations, forward and again backward: on an H100
-that was about a fifth of a llama-1.3b step. Compiled, each becomes one kernel per pass. CPU
-runs the eager code, which is also what the compiled version is checked against.
+that was about a fifth of a llama-1.3b step. Compiled, each becomes one kernel per pass, but
+Inductor's backward kernels ran at a third to half of the copy bandwidth on an H200, which the
+hand-written kernels reach. The compiled functions stay for what the kernels do not take
+(per-sample RoPE positions, odd widths, compiled layers). CPU runs the eager code, which is
+also what the kernels and the compiled version are checked against.
 
 The QKV split and RoPE are one function so that their backward is one kernel too: it reads
 the q/k/v gradients and writes the fused qkv gradient directly (split's backward would

@@ -1,6 +1,7 @@
 """GPU checks of the layer's fused paths against plain torch: the weight gradient accumulated
-into fp32 main_grad by the GEMM (bf16 inputs), the compiled QKV split + RoPE (forward and
-the fused backward that writes the qkv gradient), and the per-token losses whose backward
+into fp32 main_grad by the GEMM (bf16 inputs), the fused QKV split + RoPE (the CUDA kernel, or
+the compiled function for per-sample positions; forward and the backward that writes the qkv
+gradient), and the per-token losses whose backward
 recomputes the logits. Run on a CUDA machine:
 `python3 -m pytest tests/gpu/test_fused_layer_paths_gpu.py -q`."""
 import contextlib
