@@ -10,6 +10,8 @@ torch.compile) and Hugging Face LlamaForCausalLM, and reports Trellis's ratio to
 `--global-batch` larger than the micro-batch, every stack accumulates gradients over the same
 number of micro-batches per optimizer step, as a training run does.
 Extra `--section.key value` arguments go to the Trellis configuration unchanged.
+`--profile FILE` writes torch.profiler's kernel table of 2 more steps; `--idle FILE` writes
+where the GPU waits during 1 more step (tools/gpu_idle.py), for finding host-side stalls.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from engine.config import parse_args, validate  # noqa: E402
 from engine.metrics import device_peak_tflops  # noqa: E402
 
 
+PROFILED_STEPS = 2
+
+
 def parse_cli(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-1.3b")
@@ -41,6 +46,9 @@ def parse_cli(argv):
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--out", default="")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of 2 extra Trellis steps here")
+    parser.add_argument("--idle", default="", metavar="FILE",
+                        help="write where the GPU idles in 1 extra traced Trellis step here, the trace "
+                             "beside it (FILE.trace.json; tools/gpu_idle.py); CUDA only")
     parser.add_argument("--summarize", default="", metavar="DIR",
                         help="print one table of every benchmark JSON in DIR (from --out) and exit")
     return parser.parse_known_args(argv)
@@ -71,18 +79,27 @@ def timed_steps(step_fn, warmup, steps, device):
     return times, mem
 
 
+def extra_steps(args) -> int:
+    """Steps run after the timed ones (--profile, --idle). They count in train.iters, so that the
+    steps before them prepare their batches as in a run (nothing is prefetched past the last)."""
+    return (PROFILED_STEPS if args.profile else 0) + (1 if args.idle else 0)
+
+
 def run_trellis(args, extra):
     from engine.training import Trainer
 
     argv = ["--model.preset", args.preset, "--model.seq_length", str(args.seq), "--data.mock", "true",
             "--train.micro_batch_size", str(args.micro_batch), "--train.global_batch_size", str(args.global_batch),
-            "--train.iters", str(args.warmup + args.steps), "--parallel.tp", str(args.tp), "--parallel.pp", str(args.pp),
+            "--train.iters", str(args.warmup + args.steps + extra_steps(args)),
+            "--parallel.tp", str(args.tp), "--parallel.pp", str(args.pp),
             "--log.quiet", "true", "--train.output_dir", "/tmp/trellis_benchmark"] + extra
     cfg = validate(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     trainer = Trainer(cfg)
     times, mem = timed_steps(trainer.train_step, args.warmup, args.steps, trainer.device)
     if args.profile:
         profile_steps(trainer, args.profile)
+    if args.idle:
+        write_idle_report(trainer, args.idle)
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     peak = device_peak_tflops(trainer.device, cfg.log.peak_tflops)
     row = summarise("trellis", times, tokens, cfg.model.flops_per_token(), trainer.grid.world_size, peak,
@@ -101,7 +118,7 @@ def max_over_ranks(value: float, device) -> float:
     return tensor.item()
 
 
-def profile_steps(trainer, path: str, steps: int = 2) -> None:
+def profile_steps(trainer, path: str, steps: int = PROFILED_STEPS) -> None:
     """Kernel-level time of a few training steps, sorted by device time (where it goes)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -112,6 +129,20 @@ def profile_steps(trainer, path: str, steps: int = 2) -> None:
     sort_key = "cuda_time_total" if trainer.device.type == "cuda" else "cpu_time_total"
     with open(path, "w") as handle:
         handle.write(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90))
+
+
+def write_idle_report(trainer, path: str) -> None:
+    """tools/gpu_idle.py's report of one more training step, to `path` (and printed)."""
+    from tools.gpu_idle import format_report, idle_report, trace_steps
+
+    if trainer.device.type != "cuda":
+        raise SystemExit("error: --idle needs a CUDA device (it reports where the GPU waits)")
+    torch.cuda.synchronize()
+    events = trace_steps(trainer.train_step, torch.cuda.synchronize, path + ".trace.json")
+    text = format_report(idle_report(events))
+    with open(path, "w") as handle:
+        handle.write(text)
+    print(text, end="")
 
 
 def run_baseline(name, cfg, args, device, peak):

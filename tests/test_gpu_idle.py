@@ -1,0 +1,69 @@
+"""tools/gpu_idle.py on a hand-made chrome trace: busy and idle time, gaps charged to the op
+that ends them and to the host ops its launch ran inside."""
+import json
+
+import pytest
+
+from tools import gpu_idle
+
+
+def kernel(name, ts, dur, correlation, cat="kernel"):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+
+def host(name, ts, dur, tid=1):
+    return {"cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+
+def launch(ts, correlation, tid=1):
+    return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "tid": tid,
+            "args": {"correlation": correlation}}
+
+
+# GPU: a [0, 100), b [105, 200) (5 us: launch spacing), c [300, 400) after a 100 us gap whose launch
+# ran inside aten::mm inside aten::linear; a memcpy [390, 450) overlaps c on another stream; d
+# [950, 1000) after a 500 us gap, launched inside aten::copy_.
+EVENTS = [
+    kernel("a", 0, 100, 1), kernel("b", 105, 95, 2), kernel("c", 300, 100, 3),
+    kernel("Memcpy HtoD", 390, 60, 4, cat="gpu_memcpy"), kernel("d", 950, 50, 5),
+    host("aten::linear", 250, 60), host("aten::mm", 280, 20), host("aten::copy_", 900, 45),
+    launch(0, 1), launch(1, 2), launch(290, 3), launch(300, 4), launch(940, 5),
+]
+
+
+def test_idle_report_charges_gaps_to_their_launch():
+    report = gpu_idle.idle_report(EVENTS)
+    assert report["span_ms"] == pytest.approx(1.0)
+    assert report["busy_ms"] == pytest.approx((100 + 95 + 150 + 50) / 1000)  # c and the memcpy merged
+    assert report["idle_ms"] == pytest.approx((5 + 100 + 500) / 1000)
+    assert (report["small_gaps"], report["small_gaps_ms"]) == (1, pytest.approx(0.005))
+    causes = [(c["next_device_op"], c["launched_in"], c["gaps"]) for c in report["causes"]]
+    assert causes == [("d", "aten::copy_", 1), ("c", "aten::mm < aten::linear", 1)]
+    text = gpu_idle.format_report(report)
+    assert "idle 0.6 ms (60.5%)" in text and "| 0.50 | 1 | d | aten::copy_ |" in text
+
+
+def test_empty_trace_and_cli(tmp_path, capsys):
+    assert "no GPU activity" in gpu_idle.format_report(gpu_idle.idle_report([host("aten::mm", 0, 5)]))
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": EVENTS}))
+    assert gpu_idle.main([str(path), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| d | aten::copy_ |" in out and "aten::mm" not in out
+    with pytest.raises(SystemExit, match="cannot read a chrome trace"):
+        gpu_idle.main([str(tmp_path / "missing.json")])
+
+
+def test_benchmark_idle_needs_cuda(tmp_path):
+    import types
+
+    import torch
+
+    from tools.benchmark import PROFILED_STEPS, extra_steps, parse_cli, write_idle_report
+
+    assert parse_cli(["--idle", "x.txt"])[0].idle == "x.txt"
+    # The traced steps count in train.iters, so the timed steps before them prefetch as in a run.
+    assert extra_steps(parse_cli(["--idle", "x.txt", "--profile", "p.txt"])[0]) == PROFILED_STEPS + 1
+    assert extra_steps(parse_cli([])[0]) == 0
+    with pytest.raises(SystemExit, match="--idle needs a CUDA device"):
+        write_idle_report(types.SimpleNamespace(device=torch.device("cpu")), str(tmp_path / "idle.txt"))
