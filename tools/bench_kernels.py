@@ -2,9 +2,10 @@
 
     PYTHONPATH=. python tools/bench_kernels.py --check --out $OUT/kernels.json
 
-Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py and
-tests/gpu/test_fp8_recipes_gpu.py in this process; measure the device copy bandwidth; time fused vs eager torch vs torch.compile of
-the same op (forward, and forward+backward) on large shapes; sweep the norm backward's
+Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py,
+test_elementwise_kernels.py and test_fp8_recipes_gpu.py in this process; measure the device
+copy bandwidth; time fused vs eager torch vs torch.compile of the same op (forward, and
+forward+backward) on large shapes: norms, softmax, FP8 cast, SwiGLU, QKV split + RoPE; sweep the norm backward's
 partial-sum grid; time the FP8 weight-gradient GEMM into fp32 against torch's product and
 add; list kernels whose registers spilled. Prints markdown tables and writes
 everything to the JSON file given by --out.
@@ -139,6 +140,42 @@ def fp8_cast_case(rows: int, cols: int, dtype: torch.dtype) -> dict:
     }
 
 
+def swiglu_case(tokens: int, f: int, dtype: torch.dtype) -> dict:
+    """SwiGLU of the fused fc1 output [tokens, 2 f] (models/fused_elementwise.py). Bytes: the
+    forward reads 2 f and writes f per token, the backward reads 2 f + f and writes 2 f."""
+    from models.fused_elementwise import fused_swiglu, swiglu
+
+    h = torch.randn(tokens, 2 * f, device="cuda", dtype=dtype)
+    part = tokens * f * h.element_size()
+    return {
+        "name": f"SwiGLU {tokens}x(2x{f}) {str(dtype)[6:]}",
+        "inputs": (h,), "grad_out": torch.randn(tokens, f, device="cuda", dtype=dtype),
+        "fused": fused_swiglu, "eager": swiglu,
+        "bytes": {"fwd": 3 * part, "fwd+bwd": 8 * part},
+        "fused_supported": loader.swiglu_supported(h),
+    }
+
+
+def qkv_rope_case(seq: int, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """QKV split + RoPE of qkv [s, b, (heads + 2 kv_heads) d] into dense q, k, v. Bytes: qkv read
+    and q, k, v written each way, plus the fp32 cos/sin tables."""
+    from models.fused_elementwise import split_qkv_rope_sbnd
+    from models.rope import rope_cache
+
+    qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    cos, sin = rope_cache(seq, head_dim, 10000.0, "cuda")
+    grads = tuple(torch.randn(seq, batch, n, head_dim, device="cuda", dtype=dtype) for n in (heads, kv_heads, kv_heads))
+    moved, tables = 2 * qkv.numel() * qkv.element_size(), 2 * cos.numel() * 4
+    return {
+        "name": f"QKV split+RoPE s{seq} b{batch} {heads}/{kv_heads} heads d{head_dim} {str(dtype)[6:]}",
+        "inputs": (qkv,), "grad_out": grads,
+        "fused": lambda x: loader.split_qkv_rope(x, cos, sin, heads, kv_heads),
+        "eager": lambda x: split_qkv_rope_sbnd(x, cos, sin, heads, kv_heads, head_dim),
+        "bytes": {"fwd": moved + tables, "fwd+bwd": 2 * (moved + tables)},
+        "fused_supported": loader.split_qkv_rope_supported(qkv, cos, sin, heads, kv_heads, head_dim),
+    }
+
+
 # The weight-gradient GEMMs of a llama3-8b layer at 4096 tokens: (name, out features, in features).
 WEIGHT_GRAD_SHAPES = (("qkv", 6144, 4096), ("attention out", 4096, 4096), ("gate+up", 28672, 4096),
                       ("down", 4096, 14336))
@@ -242,7 +279,8 @@ def run_gpu_tests(junit_path: Path | None) -> dict:
                 self.passed += 1
 
     collector = Collector()
-    args = [str(REPO / "tests" / "gpu" / "test_kernels.py"), str(REPO / "tests" / "gpu" / "test_fp8_recipes_gpu.py"), "-q", "-p", "no:cacheprovider", "-rf"]
+    files = ("test_kernels.py", "test_elementwise_kernels.py", "test_fp8_recipes_gpu.py")
+    args = [str(REPO / "tests" / "gpu" / name) for name in files] + ["-q", "-p", "no:cacheprovider", "-rf"]
     if junit_path is not None:
         args.append(f"--junitxml={junit_path}")
     started = time.perf_counter()
@@ -306,6 +344,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--quick", action="store_true", help="one shape per op (smoke run)")
+    parser.add_argument("--only", default="", metavar="NAMES",
+                        help="comma-separated parts of case names to time (e.g. SwiGLU,RoPE); default all")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -353,16 +393,24 @@ def main(argv=None) -> int:
     cases = [lambda: norm_case("rms", 16384, 4096, torch.bfloat16),
              lambda: norm_case("layer", 16384, 4096, torch.bfloat16),
              lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "causal"),
-             lambda: fp8_cast_case(4096, 14336, torch.bfloat16)]
+             lambda: fp8_cast_case(4096, 14336, torch.bfloat16),
+             lambda: swiglu_case(8192, 5632, torch.bfloat16),  # llama-1.3b, micro-batch 4 x 2048
+             lambda: qkv_rope_case(2048, 4, 16, 16, 128, torch.bfloat16)]
     if not args.quick:
         cases += [lambda: norm_case("rms", 8192, 8192, torch.bfloat16),
                   lambda: norm_case("layer", 8192, 8192, torch.bfloat16),
                   lambda: norm_case("rms", 4096, 16384, torch.bfloat16),
                   lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "padding"),
-                  lambda: fp8_cast_case(14336, 4096, torch.bfloat16), lambda: fp8_cast_case(4096, 4096, torch.float32)]
+                  lambda: fp8_cast_case(14336, 4096, torch.bfloat16), lambda: fp8_cast_case(4096, 4096, torch.float32),
+                  lambda: swiglu_case(4096, 14336, torch.bfloat16),  # llama3-8b, 4096 tokens
+                  lambda: qkv_rope_case(4096, 1, 32, 8, 128, torch.bfloat16)]
     report["results"] = []
+    wanted = [part for part in args.only.split(",") if part]
     for make_case in cases:
         case = make_case()
+        if wanted and not any(part in case["name"] for part in wanted):
+            del case
+            continue
         print(f"timing {case['name']} ...", flush=True)
         report["results"] += run_case(case, args.warmup, args.reps, not args.no_compile, copy["tb_per_s"])
         del case
