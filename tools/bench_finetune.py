@@ -62,7 +62,7 @@ def parse_cli(argv):
 def bench_args(args, preset: str, micro_batch: int):
     """The namespace tools/benchmark.py's run_trellis reads."""
     return types.SimpleNamespace(preset=preset, seq=args.seq, micro_batch=micro_batch, global_batch=0,
-                                 warmup=args.warmup, steps=args.steps, tp=1, pp=1, profile="")
+                                 warmup=args.warmup, steps=args.steps, tp=1, pp=1, profile="", idle="")
 
 
 def engine_flags(args) -> list:
