@@ -12,6 +12,7 @@ from torch import Tensor
 from . import fused_ops
 
 VECTOR_BYTES = 16  # the kernels move 16-byte vectors
+INT32_MAX = 2**31 - 1
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -22,21 +23,27 @@ def _dense(t: Tensor) -> Tensor:
 
 
 def _vector_elems(dtype: torch.dtype) -> int:
-    return VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+    return VECTOR_BYTES // dtype.itemsize
+
+
+def _rows_fit(t: Tensor) -> bool:
+    """The kernels index rows (one grid row each) with 32-bit integers."""
+    return t.numel() // t.shape[-1] <= INT32_MAX
 
 
 def swiglu_supported(h: Tensor) -> bool:
     """h = [gate | up] on its last dim, each part a positive multiple of 8 wide."""
     if h.dtype not in fused_ops.KERNEL_DTYPES or h.dim() < 1 or h.numel() == 0:
         return False
-    width = h.shape[-1]
-    return width % 16 == 0
+    return h.shape[-1] % 16 == 0 and _rows_fit(h)
 
 
 def qkv_rope_supported(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int, head_dim: int) -> bool:
     """qkv [s, b, (heads + 2 kv_heads) head_dim] with fp32 cos/sin [s, head_dim] on its device
     (not per-sample tables) and head_dim a multiple of two vectors of qkv's dtype."""
     if qkv.dtype not in fused_ops.KERNEL_DTYPES or qkv.dim() != 3 or qkv.numel() == 0:
+        return False
+    if heads <= 0 or kv_heads <= 0 or head_dim <= 0 or not _rows_fit(qkv):
         return False
     if qkv.shape[-1] != (heads + 2 * kv_heads) * head_dim or head_dim % (2 * _vector_elems(qkv.dtype)):
         return False

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from engine.batches import collate
+from engine.batches import collate, to_device
 from engine.config import ConfigError
 from engine.data.errors import DataError
 from engine.data.preference import RESPONSES, PreferenceDataset
@@ -60,7 +60,7 @@ def collate_pairs(samples, device) -> dict:
     batch = collate(sequences, device)
     if "reference_logps" in samples[0]:
         pairs = np.stack([s["reference_logps"] for s in samples])  # [b, 2]
-        batch["reference_logps"] = torch.from_numpy(pairs.T.reshape(-1).copy()).to(device)
+        batch["reference_logps"] = to_device(torch.from_numpy(pairs.T.reshape(-1).copy()), device)
     return batch
 
 

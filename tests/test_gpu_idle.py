@@ -15,19 +15,19 @@ def host(name, ts, dur, tid=1):
     return {"cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
 
 
-def launch(ts, correlation, tid=1):
-    return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "tid": tid,
+def launch(ts, correlation, tid=1, cat="cuda_runtime"):
+    return {"cat": cat, "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "tid": tid,
             "args": {"correlation": correlation}}
 
 
 # GPU: a [0, 100), b [105, 200) (5 us: launch spacing), c [300, 400) after a 100 us gap whose launch
 # ran inside aten::mm inside aten::linear; a memcpy [390, 450) overlaps c on another stream; d
-# [950, 1000) after a 500 us gap, launched inside aten::copy_.
+# [950, 1000) after a 500 us gap, launched (through the driver API, as Triton does) inside aten::copy_.
 EVENTS = [
     kernel("a", 0, 100, 1), kernel("b", 105, 95, 2), kernel("c", 300, 100, 3),
     kernel("Memcpy HtoD", 390, 60, 4, cat="gpu_memcpy"), kernel("d", 950, 50, 5),
     host("aten::linear", 250, 60), host("aten::mm", 280, 20), host("aten::copy_", 900, 45),
-    launch(0, 1), launch(1, 2), launch(290, 3), launch(300, 4), launch(940, 5),
+    launch(0, 1), launch(1, 2), launch(290, 3), launch(300, 4), launch(940, 5, cat="cuda_driver"),
 ]
 
 
@@ -62,7 +62,6 @@ def test_benchmark_idle_needs_cuda(tmp_path):
     from tools.benchmark import PROFILED_STEPS, extra_steps, parse_cli, write_idle_report
 
     assert parse_cli(["--idle", "x.txt"])[0].idle == "x.txt"
-    # The traced steps count in train.iters, so the timed steps before them prefetch as in a run.
     assert extra_steps(parse_cli(["--idle", "x.txt", "--profile", "p.txt"])[0]) == PROFILED_STEPS + 1
     assert extra_steps(parse_cli([])[0]) == 0
     with pytest.raises(SystemExit, match="--idle needs a CUDA device"):

@@ -129,7 +129,7 @@ def prefetch_checks(overrides: dict) -> list:
     """Which samples each step's batches hold, as the prefetch hands them over."""
     from engine.batches import collate, sample_microbatches
     from engine.config import validate
-    from engine.training import Trainer, shutdown
+    from engine.training import PrefetchedBatches, Trainer, shutdown
 
     trainer = Trainer(validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"])))
     micro = trainer.cfg.train.micro_batch_size
@@ -141,14 +141,22 @@ def prefetch_checks(overrides: dict) -> list:
     for _ in range(trainer.cfg.train.iters):
         trainer.train_step()
         ready = trainer.prefetched_batches
-        keys.append(None if ready is None else ready[0][1:])
+        keys.append(None if ready is None else (ready.first_sample, ready.global_batch))
         if ready is not None:  # the next step's batches, by content
-            for got, want in zip(ready[1], samples(*ready[0][1:])):
+            assert ready.dataset is trainer.train_data
+            for got, want in zip(ready.batches, samples(ready.first_sample, ready.global_batch)):
                 assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["labels"], want["labels"])
-    # A run moved to other samples (a resume) ignores batches prepared for different ones.
-    trainer.prefetched_batches = ((id(trainer.train_data), 999, 4), samples(0, 4))
+    # A run moved to other samples (a resume), or given another dataset, ignores batches
+    # prepared for different ones.
     trainer.consumed_samples = 8
-    assert torch.equal(trainer.train_microbatches(4)[0]["tokens"], samples(8, 4)[0]["tokens"])
+    for stale in (PrefetchedBatches(trainer.train_data, 999, 4, samples(0, 4)),
+                  PrefetchedBatches(object(), 8, 4, samples(0, 4))):
+        trainer.prefetched_batches = stale
+        assert torch.equal(trainer.train_microbatches(4)[0]["tokens"], samples(8, 4)[0]["tokens"])
+    # Data that fails to load leaves nothing prefetched; the next step loads again and reports it.
+    trainer.step, trainer.train_data = 0, None
+    trainer.prefetch_next_microbatches()
+    assert trainer.prefetched_batches is None
     shutdown()
     return keys
 

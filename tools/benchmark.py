@@ -80,8 +80,7 @@ def timed_steps(step_fn, warmup, steps, device):
 
 
 def extra_steps(args) -> int:
-    """Steps run after the timed ones (--profile, --idle). They count in train.iters, so that the
-    steps before them prepare their batches as in a run (nothing is prefetched past the last)."""
+    """Steps run after the timed ones (--profile, --idle)."""
     return (PROFILED_STEPS if args.profile else 0) + (1 if args.idle else 0)
 
 
@@ -90,7 +89,9 @@ def run_trellis(args, extra):
 
     argv = ["--model.preset", args.preset, "--model.seq_length", str(args.seq), "--data.mock", "true",
             "--train.micro_batch_size", str(args.micro_batch), "--train.global_batch_size", str(args.global_batch),
-            "--train.iters", str(args.warmup + args.steps + extra_steps(args)),
+            # One step more than are run: a run prefetches each step's batches during the step
+            # before, except after its last, so this way every step run works as in a long run.
+            "--train.iters", str(args.warmup + args.steps + extra_steps(args) + 1),
             "--parallel.tp", str(args.tp), "--parallel.pp", str(args.pp),
             "--log.quiet", "true", "--train.output_dir", "/tmp/trellis_benchmark"] + extra
     cfg = validate(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))

@@ -19,6 +19,8 @@ import json
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATEGORIES = ("cpu_op", "python_function", "user_annotation")
+# Runtime API calls (cudaLaunchKernel, memcpy) and driver ones (cuLaunchKernel: Triton's kernels).
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 SMALL_GAP_US = 20.0
 NAME_WIDTH = 60
 
@@ -52,12 +54,15 @@ class HostOps:
         for ops in self.by_thread.values():
             ops.sort(key=lambda e: e["ts"])
         self.starts = {tid: [e["ts"] for e in ops] for tid, ops in self.by_thread.items()}
+        self.longest = {tid: max(e["dur"] for e in ops) for tid, ops in self.by_thread.items()}
 
     def enclosing(self, ts: float, tid, depth: int = 3) -> list:
         """Names of the `depth` innermost host ops of thread `tid` running at time ts. The later
         an enclosing op started, the deeper it is, so a backward walk meets them innermost first."""
         ops, names = self.by_thread.get(tid, []), []
         for index in range(bisect.bisect_right(self.starts.get(tid, []), ts) - 1, -1, -1):
+            if ops[index]["ts"] + self.longest[tid] < ts:
+                break  # no op this early lasts until ts
             if ops[index]["ts"] + ops[index]["dur"] >= ts:
                 names.append(ops[index]["name"][:NAME_WIDTH])
                 if len(names) == depth:
@@ -70,7 +75,7 @@ def idle_report(events: list, top: int = 15, analysed_gaps: int = 400) -> dict:
     for the `analysed_gaps` longest gaps of at least SMALL_GAP_US."""
     busy, span, gaps = find_gaps(device_events(events))
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
     host = HostOps(events)
     by_cause, counts = collections.Counter(), collections.Counter()
     large = sorted((g for g in gaps if g[0] >= SMALL_GAP_US), key=lambda g: -g[0])

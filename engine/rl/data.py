@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.batches import to_device
 from engine.config import ConfigError
 from engine.sft_data import EpochCycle, epochs_needed
 
@@ -59,5 +60,5 @@ def collate_pairs(samples: list, device) -> dict:
             tokens.append(sample[f"{side}_tokens"])
             trained = np.nonzero(sample[f"{side}_loss_mask"])[0]
             last_index.append(int(trained[-1]) + 1)  # labels are shifted: the last trained label's token
-    return {"tokens": torch.from_numpy(np.stack(tokens)).to(device),
-            "last_index": torch.tensor(last_index, dtype=torch.long, device=device)}
+    return {"tokens": to_device(torch.from_numpy(np.stack(tokens)), device),
+            "last_index": to_device(torch.tensor(last_index, dtype=torch.long), device)}
