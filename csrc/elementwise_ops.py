@@ -70,16 +70,13 @@ class _SplitQKVRope(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, heads, kv_heads):
         cos, sin = _dense(cos), _dense(sin)
         ctx.save_for_backward(cos, sin)
-        q, k, v = fused_ops._ext().qkv_rope_forward(_dense(qkv), cos, sin, heads, kv_heads)
-        ctx.q_shape, ctx.kv_shape, ctx.dtype = q.shape, k.shape, qkv.dtype
-        return q, k, v
+        return tuple(fused_ops._ext().qkv_rope_forward(_dense(qkv), cos, sin, heads, kv_heads))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
+        # An output outside the loss arrives as zeros: autograd materialises missing gradients.
         cos, sin = ctx.saved_tensors
-        # An output that took no part in the loss has no gradient: zeros stand in for it.
-        grads = [torch.zeros(shape, dtype=ctx.dtype, device=cos.device) if g is None else _dense(g)
-                 for g, shape in ((dq, ctx.q_shape), (dk, ctx.kv_shape), (dv, ctx.kv_shape))]
+        grads = (_dense(dq), _dense(dk), _dense(dv))
         return fused_ops._ext().qkv_rope_backward(*grads, cos, sin), None, None, None, None
 
 

@@ -281,10 +281,15 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None
     return scaled_masked_softmax_reference(scores, mask, scale, causal)
 
 
+def _eager_cuda(x: torch.Tensor) -> bool:
+    """A CUDA tensor outside torch.compile: what every extension call that is not a custom op
+    needs (under compile the callers' torch code is traced and fused instead)."""
+    return not torch.compiler.is_compiling() and x.is_cuda
+
+
 def _eager_cuda_kernels(x: torch.Tensor) -> bool:
-    """A CUDA tensor outside torch.compile, with the kernels built: the eager-only kernels'
-    common condition (under compile the callers' torch code is traced and fused instead)."""
-    return not torch.compiler.is_compiling() and x.is_cuda and fused_kernels_available()
+    """_eager_cuda, with trellis_kernels built."""
+    return _eager_cuda(x) and fused_kernels_available()
 
 
 def swiglu_supported(h: torch.Tensor) -> bool:
@@ -313,7 +318,7 @@ def _fp8_gemm_matrix(x: torch.Tensor) -> bool:
     """What the FP8 extension calls take: a contiguous, 16-byte aligned 2-D CUDA tensor whose
     sizes are multiples of 16 (what FP8 GEMMs need), outside torch.compile (the callers'
     fallbacks are traceable, the extension calls are not)."""
-    return (not torch.compiler.is_compiling() and x.is_cuda and x.dim() == 2 and x.is_contiguous()
+    return (_eager_cuda(x) and x.dim() == 2 and x.is_contiguous()
             and x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.data_ptr() % 16 == 0)
 
 

@@ -75,7 +75,7 @@ def test_dispatch_uses_the_kernels_and_falls_back(ext):
 
 
 def test_unused_outputs_get_zero_gradients(ext):
-    """Only q takes part in the loss: k and v's gradients are None and become zeros."""
+    """Only q takes part in the loss: k and v's gradients reach the kernel as zeros."""
     s, b, heads, kv_heads, d = 8, 2, 2, 1, 32
     qkv = random((s, b, (heads + 2 * kv_heads) * d), torch.float32, 7)
     rope = rope_cache(s, d, 10000.0, "cuda")
