@@ -43,20 +43,60 @@ NOMINAL_COPY_TBPS = 3.0  # H100 SXM copy bandwidth (read + write) quoted in DESI
 # ----------------------------------------------------------------------------- timing
 
 
+_SLEEP_CYCLES_PER_MS: list[float] = []
+
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of torch.cuda._sleep per millisecond, measured once."""
+    if not _SLEEP_CYCLES_PER_MS:
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles // 10)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        _SLEEP_CYCLES_PER_MS.append(cycles / start.elapsed_time(end))
+    return _SLEEP_CYCLES_PER_MS[0]
+
+
 def time_ms(fn, warmup: int, reps: int) -> dict:
-    """Median / min milliseconds of fn() over reps, each rep timed with its own CUDA events."""
+    """Median / min GPU milliseconds of fn() over reps, each rep between its own CUDA events.
+
+    The reps are queued behind a GPU sleep longer than the host needs to launch them all, so
+    each rep's events bracket device work only. Without it a short op (tens of µs) is timed
+    with its host launch cost whenever Python launches slower than the GPU runs it; in a
+    training step the host runs ahead of the GPU and that cost is hidden.
+    "host_ms_per_call" is the host's launch time per call, for the record; "queued" is False
+    when the launches outlasted the sleep, so the times may hold host gaps after all."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    host_start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    host_ms = (time.perf_counter() - host_start) * 1e3 / 3
+    torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    queue_ms = min(2 * host_ms * reps + 1.0, 2000.0)
+    torch.cuda._sleep(int(queue_ms * _sleep_cycles_per_ms()))
+    launch_start = time.perf_counter()
     for start, end in zip(starts, ends):
         start.record()
         fn()
         end.record()
+    launch_ms = (time.perf_counter() - launch_start) * 1e3
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+    # If launching outlasted the sleep (fn blocks the host, or the launch queue filled up),
+    # the later reps may include host gaps again: say so rather than report them as GPU time.
+    queued = launch_ms < queue_ms
+    if not queued:
+        print(f"warning: launching {reps} reps took {launch_ms:.1f} ms, longer than the {queue_ms:.1f} ms "
+              "GPU sleep ahead of them: these times may include host launch gaps", file=sys.stderr)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "host_ms_per_call": host_ms,
+            "queued": queued}
 
 
 def copy_bandwidth(warmup: int, reps: int, gib: float = 2.0) -> dict:
@@ -323,8 +363,9 @@ def _git_commit() -> str | None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| case | mode | variant | median ms | GB/s | % measured copy | % of 3.0 TB/s | fused speed-up vs eager / compile |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| case | mode | variant | median ms | GB/s | % measured copy | % of 3.0 TB/s | host ms / call "
+             "| fused speed-up vs eager / compile |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         speedup = ""
         if r["variant"] == "fused":
@@ -332,7 +373,7 @@ def markdown_table(rows: list[dict]) -> str:
             if not r["fused_path_taken"]:
                 speedup += " (FALLBACK: reference ran)"
         lines.append(f"| {r['case']} | {r['mode']} | {r['variant']} | {r['median_ms']:.4f} | {r['gb_per_s']:.0f} | "
-                     f"{r['pct_of_measured_copy']:.1f} | {r['pct_of_3tbps']:.1f} | {speedup} |")
+                     f"{r['pct_of_measured_copy']:.1f} | {r['pct_of_3tbps']:.1f} | {r['host_ms_per_call']:.4f} | {speedup} |")
     return "\n".join(lines)
 
 
