@@ -4,6 +4,7 @@ failure paths: a rank that dies mid-run, and one that hangs, must make every oth
 within parallel.timeout_s with one `error: rank R (...): <operation> failed: ...` line each,
 and leave no process behind."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,7 +59,23 @@ def leftover_processes(tmp_path) -> list:
 
 
 def error_lines(results) -> list:
-    return [line for _, err, _ in results for line in err.splitlines() if line.startswith("error: rank")]
+    """Every `error: rank ...` report, wherever it starts: the workers and their launcher share one
+    stderr, and a launcher's own write longer than the pipe's atomic size (a C++ stack of a
+    lost rendezvous store, several KiB) may be split around a worker's line."""
+    return [match.group(0) for _, err, _ in results for match in re.finditer(r"error: rank .*", err)]
+
+
+def failure_report(results, lines) -> str:
+    """What a failed assertion shows, as one string (pytest shortens a tuple's repr): each
+    launcher's exit code, the error lines found, the lines of a native crash or of torchrun's
+    summary, and the end of each launcher's output."""
+    clues = re.compile(r"terminate called|what\(\)|Fatal Python|Signal \d|exitcode|Aborted|Killed")
+    parts = [f"launcher exit codes: {[code for _, _, code in results]}", "error lines:", *lines]
+    for node, (_, err, _) in enumerate(results):
+        parts += [f"--- launcher {node}: crash and summary lines ---",
+                  *[line for line in err.splitlines() if clues.search(line)],
+                  f"--- launcher {node}: end of stderr ---", err[-1500:]]
+    return "\n".join(parts)
 
 
 def test_two_nodes_train_tp2_dp2(tmp_path):
@@ -80,7 +97,7 @@ def test_failed_rank_stops_every_rank(tmp_path, mode):
     # Rank 1 is the failed one; ranks 0, 2 and 3 each name themselves, their grid place and the operation.
     for rank in (0, 2, 3):
         mine = [line for line in lines if line.startswith(f"error: rank {rank} (tp ")]
-        assert len(mine) == 1, (lines, [err[-1500:] for _, err, _ in results])  # both launchers' ends
+        assert len(mine) == 1, failure_report(results, lines)
         assert "step 3" in mine[0] and (" failed: " in mine[0] or " interrupted: " in mine[0]), mine
     if mode == "hang":  # the peers only learn of a stuck rank from the collective timeout
         assert any("step 3" in line and "failed" in line for line in lines)
