@@ -30,10 +30,29 @@ def _parent_is_torchrun() -> bool:
     return b"torchrun" in cmdline or b"torch.distributed.run" in cmdline
 
 
+def print_line(text: str) -> None:
+    """Write `text` and its newline to stderr in one write(2), which a pipe keeps whole (up to
+    4096 bytes) among other writers. The workers of a node share their launcher's stderr, and
+    print() writes the text and the newline separately: ranks failing in the same millisecond
+    (a collective timeout ends them together) then ran their reports into one line."""
+    try:
+        sys.stderr.flush()  # what Python still buffers goes first
+    except (OSError, RuntimeError, ValueError):
+        pass  # called from a signal handler inside a write to stderr: our line still goes out
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced in-process (a captured test)
+        sys.stderr.write(text + "\n")
+        return
+    data = (text + "\n").encode(errors="replace")
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def report_user_error(error: Exception) -> int:
     """Print `error: ...` once per node and stop the launcher without its traceback."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print_line(f"error: {error}")
         if _parent_is_torchrun():
             os.kill(os.getppid(), signal.SIGKILL)
     return USER_ERROR_EXIT
@@ -74,15 +93,15 @@ def _first_line(error: BaseException) -> str:
 
 def report_collective_failure(error: BaseException, monitor: RunMonitor) -> None:
     """Print `error: rank R (coordinates): <operation> failed: <reason>` and exit now."""
-    print(f"error: {monitor.where}: {monitor.operation} failed: {_first_line(error)}", file=sys.stderr, flush=True)
+    print_line(f"error: {monitor.where}: {monitor.operation} failed: {_first_line(error)}")
     os._exit(COLLECTIVE_ERROR_EXIT)
 
 
 def report_termination(monitor: RunMonitor) -> None:
     """On SIGTERM (torchrun stops a node's workers when one of them fails): one line, then exit."""
     def handler(signum, frame):
-        print(f"error: {monitor.where}: {monitor.operation} interrupted: the launcher terminated this worker "
-              f"(signal {signum}), usually because another worker failed", file=sys.stderr, flush=True)
+        print_line(f"error: {monitor.where}: {monitor.operation} interrupted: the launcher terminated this worker "
+                   f"(signal {signum}), usually because another worker failed")
         os._exit(TERMINATED_EXIT)
     signal.signal(signal.SIGTERM, handler)
 
@@ -94,7 +113,7 @@ def inject_test_failure(rank: int, step: int) -> None:
     if os.environ.get("TRELLIS_FAIL_RANK") != str(rank) or os.environ.get("TRELLIS_FAIL_STEP") != str(step):
         return
     mode = os.environ.get("TRELLIS_FAIL_MODE", "exit")
-    print(f"rank {rank}: TRELLIS_FAIL_RANK hook, {mode} at step {step}", file=sys.stderr, flush=True)
+    print_line(f"rank {rank}: TRELLIS_FAIL_RANK hook, {mode} at step {step}")
     if mode == "hang":
         while True:
             time.sleep(3600)

@@ -78,6 +78,28 @@ def failure_report(results, lines) -> str:
     return "\n".join(parts)
 
 
+WRITER = """
+import sys
+from engine.launch import print_line
+for i in range(300):
+    print_line(f"error: rank {sys.argv[1]} line {i} " + "x" * 150)
+"""
+
+
+def test_failure_lines_stay_whole_among_concurrent_writers():
+    # Six "ranks" writing into one shared stderr pipe, as the workers of a node do; with print()
+    # a line's text and its newline were separate writes, and lines ran together.
+    read_end, write_end = os.pipe()
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(rank)], cwd=ROOT, stderr=write_end)
+               for rank in range(6)]
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        lines = pipe.read().splitlines()
+    assert [writer.wait() for writer in writers] == [0] * 6
+    expected = {f"error: rank {rank} line {i} " + "x" * 150 for rank in range(6) for i in range(300)}
+    assert len(lines) == len(expected) and set(lines) == expected
+
+
 def test_two_nodes_train_tp2_dp2(tmp_path):
     results, _ = launch_two_nodes(tmp_path, iters=4)
     assert [code for _, _, code in results] == [0, 0], [err[-2000:] for _, err, _ in results]
