@@ -59,9 +59,9 @@ def leftover_processes(tmp_path) -> list:
 
 
 def error_lines(results) -> list:
-    """Every `error: rank ...` report, wherever it starts: the workers and their launcher share one
-    stderr, and a launcher's own write longer than the pipe's atomic size (a C++ stack of a
-    lost rendezvous store, several KiB) may be split around a worker's line."""
+    """Every `error: rank ...` report, wherever it starts in a line. Our reports are whole lines
+    (engine.launch.print_line), but the workers and their launcher share one stderr, and any
+    other process's unfinished line (Python writes a traceback in pieces) would precede one."""
     return [match.group(0) for _, err, _ in results for match in re.finditer(r"error: rank .*", err)]
 
 
