@@ -74,6 +74,7 @@ class RunMonitor:
     def __init__(self):
         self.where = f"rank {os.environ.get('RANK', 0)}"  # replaced by grid coordinates once known
         self.operation = "startup"
+        self.reported = False  # this process's one failure line is out (or going out)
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -93,13 +94,19 @@ def _first_line(error: BaseException) -> str:
 
 def report_collective_failure(error: BaseException, monitor: RunMonitor) -> None:
     """Print `error: rank R (coordinates): <operation> failed: <reason>` and exit now."""
+    monitor.reported = True  # a SIGTERM from now on adds no second line (see report_termination)
     print_line(f"error: {monitor.where}: {monitor.operation} failed: {_first_line(error)}")
     os._exit(COLLECTIVE_ERROR_EXIT)
 
 
 def report_termination(monitor: RunMonitor) -> None:
-    """On SIGTERM (torchrun stops a node's workers when one of them fails): one line, then exit."""
+    """On SIGTERM (torchrun stops a node's workers when one of them fails): one line, then exit.
+    A worker whose own failure line is already out leaves that exit to report_collective_failure:
+    its peers fail together, so the launcher's SIGTERM can land between that line and the exit."""
     def handler(signum, frame):
+        if monitor.reported:
+            return
+        monitor.reported = True
         print_line(f"error: {monitor.where}: {monitor.operation} interrupted: the launcher terminated this worker "
                    f"(signal {signum}), usually because another worker failed")
         os._exit(TERMINATED_EXIT)

@@ -100,6 +100,31 @@ def test_failure_lines_stay_whole_among_concurrent_writers():
     assert len(lines) == len(expected) and set(lines) == expected
 
 
+SIGTERM_AFTER_FAILURE_LINE = """
+import os, signal
+from engine import launch
+monitor = launch.RunMonitor()
+monitor.where, monitor.operation = "rank 2 (tp 0/2, pp 0/1, dp 1/2)", "step 3 forward-backward"
+launch.report_termination(monitor)
+write = launch.print_line
+def write_then_sigterm(text):  # the launcher's SIGTERM lands between the line and the exit
+    launch.print_line = write  # once
+    write(text)
+    os.kill(os.getpid(), signal.SIGTERM)
+launch.print_line = write_then_sigterm
+launch.report_collective_failure(RuntimeError("Timed out waiting 20000ms for recv operation"), monitor)
+"""
+
+
+def test_sigterm_after_the_failure_line_adds_no_second_line():
+    result = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_FAILURE_LINE], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 3, result.stderr  # the failure's own exit, not the SIGTERM one (143)
+    assert lines == ["error: rank 2 (tp 0/2, pp 0/1, dp 1/2): step 3 forward-backward failed: "
+                     "Timed out waiting 20000ms for recv operation"], result.stderr
+
+
 def test_two_nodes_train_tp2_dp2(tmp_path):
     results, _ = launch_two_nodes(tmp_path, iters=4)
     assert [code for _, _, code in results] == [0, 0], [err[-2000:] for _, err, _ in results]
