@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -43,21 +44,17 @@ NOMINAL_COPY_TBPS = 3.0  # H100 SXM copy bandwidth (read + write) quoted in DESI
 # ----------------------------------------------------------------------------- timing
 
 
-_SLEEP_CYCLES_PER_MS: list[float] = []
-
-
+@functools.cache
 def _sleep_cycles_per_ms() -> float:
     """GPU clock cycles of torch.cuda._sleep per millisecond, measured once."""
-    if not _SLEEP_CYCLES_PER_MS:
-        cycles = 10_000_000
-        torch.cuda._sleep(cycles // 10)  # warm-up
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        torch.cuda.synchronize()
-        _SLEEP_CYCLES_PER_MS.append(cycles / start.elapsed_time(end))
-    return _SLEEP_CYCLES_PER_MS[0]
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles // 10)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / start.elapsed_time(end)
 
 
 def time_ms(fn, warmup: int, reps: int) -> dict:
