@@ -174,15 +174,19 @@ struct RowLayout {
   bool ok() const { return items > 0; }
 };
 
-inline RowLayout choose_row_layout(int64_t vecs) {
+// `block_items` (2 or 4) is the vectors per thread where a block owns a row: 2 spreads a row
+// over twice the threads, which pays where a kernel's registers per row are few (measured per
+// kernel on an H200, docs/benchmarks.md); longer rows take 4, then 8.
+inline RowLayout choose_row_layout(int64_t vecs, int block_items = 4) {
   auto round_up_warp = [](int64_t n) { return static_cast<int>((n + kWarpSize - 1) / kWarpSize * kWarpSize); };
   RowLayout layout;
   if (vecs <= 0) return layout;
   if (vecs <= 32) return {1, true, kWarpSize, kWarpRowsPerBlock};
   if (vecs <= 64) return {2, true, kWarpSize, kWarpRowsPerBlock};
   if (vecs <= 128) return {4, true, kWarpSize, kWarpRowsPerBlock};
-  if (vecs <= 4LL * kMaxRowThreads) return {4, false, round_up_warp((vecs + 3) / 4), 1};
-  if (vecs <= 8LL * kMaxRowThreads) return {8, false, round_up_warp((vecs + 7) / 8), 1};
+  for (const int items : {block_items, 4, 8})
+    if (items >= block_items && vecs <= static_cast<int64_t>(items) * kMaxRowThreads)
+      return {items, false, round_up_warp((vecs + items - 1) / items), 1};
   return layout;  // too long: callers fall back to the torch reference
 }
 
@@ -197,8 +201,9 @@ constexpr int max_items_for(int64_t max_elems) {
 }
 
 // Calls f(std::integral_constant<int, ITEMS>, std::bool_constant<WARP_ROWS>) for a layout
-// (kMaxItems bounds the instantiated ITEMS; callers check layout.items against it first).
-template <int kMaxItems, typename F>
+// (kMaxItems bounds the instantiated ITEMS; callers check layout.items against it first;
+// kBlockItems is the smallest ITEMS of block rows, as passed to choose_row_layout).
+template <int kMaxItems, int kBlockItems = 4, typename F>
 void dispatch_row_layout(const RowLayout& layout, F&& f) {
   using std::integral_constant;
   if (layout.warp_rows) {
@@ -209,6 +214,9 @@ void dispatch_row_layout(const RowLayout& layout, F&& f) {
     }
   } else {
     switch (layout.items) {
+      case 2:
+        if constexpr (kBlockItems <= 2) f(integral_constant<int, 2>{}, std::false_type{});
+        return;
       case 4: f(integral_constant<int, 4>{}, std::false_type{}); return;
       case 8:
         if constexpr (kMaxItems >= 8) f(integral_constant<int, 8>{}, std::false_type{});

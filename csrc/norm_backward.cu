@@ -1,11 +1,14 @@
 // Fused RMSNorm / LayerNorm backward: dx, and dweight / dbias without atomics.
 //
 // A persistent grid of blocks walks the rows (row = group, group + groups, ...). Each thread
-// owns fixed columns, so it adds its dweight / dbias contributions into its own slots of a
-// per-block fp32 accumulator in shared memory (no races, no barriers in the loop). At the
-// end each block writes its column sums as one row of a [blocks, hidden] partial buffer,
-// and column_sum_kernel adds the partial rows in a fixed order: the result is the same
-// bits on every run (for a given device, since the grid size follows the SM count).
+// owns fixed columns, so it adds its dweight / dbias contributions into its own fp32
+// accumulators: registers where they fit beside the row (every layout of 16-bit inputs),
+// else its own slots of a per-block shared-memory row (long fp32 rows). No races, no barriers
+// in the loop. At the end each row group (registers) or block (shared memory) writes its
+// column sums as one row of a [grads, parts, hidden] partial buffer, and one
+// column_sum_kernel launch adds the partial rows of both gradients in a fixed order: the
+// result is the same bits on every run (for a given device, since the grid size follows the
+// SM count).
 //
 //   RMSNorm:   xhat = x * rstd;            dx = rstd * (g - xhat * mean(g * xhat))
 //   LayerNorm: xhat = (x - mean) * rstd;   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
@@ -30,38 +33,53 @@ __device__ __forceinline__ void shared_add(float* dst, const float (&add)[N]) {
   }
 }
 
-template <int N>
-__device__ __forceinline__ void shared_zero(float* dst) {
-  float4* d = reinterpret_cast<float4*>(dst);
-#pragma unroll
-  for (int q = 0; q < N / 4; ++q) d[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+// Whether a thread keeps its weight-gradient sums in registers: up to 4 vectors of the row
+// (dy and x, 4 registers per 16-byte vector each) and up to 64 sums (one per column and
+// gradient), which stays under the 128 registers that 512-thread blocks allow without
+// spilling. Longer rows of fp32 (8 vectors a thread) keep them in shared memory.
+// On an H200 register sums made the LayerNorm backward 11-17% faster than shared-memory sums
+// (each element's read-modify-write of shared memory was the cost), the RMSNorm one up to 3%.
+template <typename T>
+constexpr bool grads_in_registers(int items, int grads) {
+  return items <= 4 && grads * items * vec_elems<T>() <= 64;
 }
 
-template <typename T, typename W, int kItems, bool kWarpRows, bool kRms>
+// kGrads: 0 (dx only), 1 (dweight), 2 (dweight and dbias; LayerNorm only).
+template <typename T, typename W, int kItems, bool kWarpRows, bool kRms, int kGrads>
 __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, T* __restrict__ dx,
-    float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t rows, int hidden) {
+    float* __restrict__ partial, int64_t rows, int hidden) {
   constexpr int kVec = vec_elems<T>();
-  // [dweight | dbias][group in block][hidden], fp32; absent when no weight grad is wanted.
+  constexpr bool kInRegisters = grads_in_registers<T>(kItems, kGrads);
+  constexpr int kSums = kGrads > 0 && kInRegisters ? kGrads : 1;  // array sizes must be positive
+  // Shared-memory sums: [grad][group in block][hidden], fp32 (empty with register sums).
   extern __shared__ float4 accumulators[];
   __shared__ float2 scratch[kWarpSize];
-
-  const bool accumulate = dw_partial != nullptr;
-  const bool accumulate_bias = db_partial != nullptr;
-  float* acc_w_all = reinterpret_cast<float*>(accumulators);
-  float* acc_b_all = acc_w_all + static_cast<int64_t>(blockDim.y) * hidden;
-  float* acc_w = acc_w_all + static_cast<int64_t>(threadIdx.y) * hidden;
-  float* acc_b = acc_b_all + static_cast<int64_t>(threadIdx.y) * hidden;
   const int lane = threadIdx.x, width = blockDim.x, vecs = hidden / kVec;
+  float* shared_sums = reinterpret_cast<float*>(accumulators);
+  const int64_t grad_stride = static_cast<int64_t>(blockDim.y) * hidden;
+  float* my_shared_sums = shared_sums + static_cast<int64_t>(threadIdx.y) * hidden;
+  float sums[kSums][kInRegisters ? kItems : 1][kInRegisters ? kVec : 1];
 
-  if (accumulate) {
+  if constexpr (kGrads > 0 && kInRegisters) {
+#pragma unroll
+    for (int g = 0; g < kSums; ++g)
+#pragma unroll
+      for (int i = 0; i < kItems; ++i)
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) sums[g][i][j] = 0.f;
+  } else if constexpr (kGrads > 0) {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int v = lane + i * width;
       if (v >= vecs) continue;
-      shared_zero<kVec>(acc_w + v * kVec);
-      if (accumulate_bias) shared_zero<kVec>(acc_b + v * kVec);
+#pragma unroll
+      for (int g = 0; g < kGrads; ++g) {
+        float4* d = reinterpret_cast<float4*>(my_shared_sums + g * grad_stride + v * kVec);
+#pragma unroll
+        for (int q = 0; q < kVec / 4; ++q) d[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     }
   }
 
@@ -102,9 +120,9 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
     if constexpr (kRms) {
       mean_gx = row_sum<kWarpRows>(sum_gx, reinterpret_cast<float*>(scratch)) / hidden;
     } else {
-      const float2 sums = row_sum2<kWarpRows>(make_float2(sum_g, sum_gx), scratch);
-      mean_g = sums.x / hidden;
-      mean_gx = sums.y / hidden;
+      const float2 totals = row_sum2<kWarpRows>(make_float2(sum_g, sum_gx), scratch);
+      mean_g = totals.x / hidden;
+      mean_gx = totals.y / hidden;
     }
 
     T* dx_row = dx + row * hidden;
@@ -125,56 +143,86 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
         db[j] = d;
       }
       out.store(dx_row + v * kVec);
-      if (accumulate) shared_add<kVec>(acc_w + v * kVec, dw);
-      if (accumulate_bias) shared_add<kVec>(acc_b + v * kVec, db);
+      if constexpr (kGrads > 0 && kInRegisters) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          sums[0][i][j] += dw[j];
+          if constexpr (kGrads == 2) sums[kSums - 1][i][j] += db[j];
+        }
+      } else if constexpr (kGrads > 0) {
+        shared_add<kVec>(my_shared_sums + v * kVec, dw);
+        if constexpr (kGrads == 2) shared_add<kVec>(my_shared_sums + grad_stride + v * kVec, db);
+      }
     }
   }
 
-  if (!accumulate) return;  // uniform over the block
-  __syncthreads();
-  // Add the block's groups in order and write this block's row of partial sums.
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
-  const int64_t out_offset = static_cast<int64_t>(blockIdx.x) * hidden;
-  for (int c = tid * 4; c < hidden; c += threads * 4) {
-    float4 sw = make_float4(0.f, 0.f, 0.f, 0.f), sb = sw;
-    for (int g = 0; g < static_cast<int>(blockDim.y); ++g) {
-      const float4 a = *reinterpret_cast<const float4*>(acc_w_all + static_cast<int64_t>(g) * hidden + c);
-      sw.x += a.x; sw.y += a.y; sw.z += a.z; sw.w += a.w;
-      if (accumulate_bias) {
-        const float4 b = *reinterpret_cast<const float4*>(acc_b_all + static_cast<int64_t>(g) * hidden + c);
-        sb.x += b.x; sb.y += b.y; sb.z += b.z; sb.w += b.w;
+  if constexpr (kGrads > 0 && kInRegisters) {
+    // One partial row per row group, written straight from registers.
+    const int64_t parts = groups;
+    const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+    for (int g = 0; g < kSums; ++g)
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int v = lane + i * width;
+        if (v >= vecs) continue;
+        float4* dst = reinterpret_cast<float4*>(partial + (g * parts + part) * hidden + v * kVec);
+#pragma unroll
+        for (int q = 0; q < kVec / 4; ++q)
+          dst[q] = make_float4(sums[g][i][4 * q], sums[g][i][4 * q + 1], sums[g][i][4 * q + 2], sums[g][i][4 * q + 3]);
+      }
+  } else if constexpr (kGrads > 0) {
+    // Add the block's groups in order and write this block's partial row.
+    __syncthreads();
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+    const int64_t parts = gridDim.x;
+    for (int c = tid * 4; c < hidden; c += threads * 4) {
+#pragma unroll
+      for (int g = 0; g < kGrads; ++g) {
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r = 0; r < static_cast<int>(blockDim.y); ++r) {
+          const float4 a = *reinterpret_cast<const float4*>(shared_sums + g * grad_stride + static_cast<int64_t>(r) * hidden + c);
+          s.x += a.x; s.y += a.y; s.z += a.z; s.w += a.w;
+        }
+        *reinterpret_cast<float4*>(partial + (g * parts + blockIdx.x) * hidden + c) = s;
       }
     }
-    *reinterpret_cast<float4*>(dw_partial + out_offset + c) = sw;
-    if (accumulate_bias) *reinterpret_cast<float4*>(db_partial + out_offset + c) = sb;
   }
 }
 
-// out[c] = sum over p of partial[p][c], in a fixed order. Block (32, kSumRows): the x
-// threads read 32 neighbouring columns (coalesced), the y threads split the parts.
+// Column sums of a [grads, parts, hidden] partial buffer, both gradients in one launch:
+// logical column c = g * hidden + h goes to out[g][h] (out_w for g = 0, out_b for g = 1), the
+// sum over p of partial[g][p][h] in a fixed order. Block (32, kSumRows): the x threads read
+// 32 neighbouring columns (coalesced), the y threads split the parts.
 constexpr int kSumRows = 16;
 
 template <typename W>
-__global__ void column_sum_kernel(const float* __restrict__ partial, int parts, int hidden, W* __restrict__ out) {
+__global__ void column_sum_kernel(const float* __restrict__ partial, int parts, int hidden, int columns,
+                                  W* __restrict__ out_w, W* __restrict__ out_b) {
   __shared__ float tile[kSumRows][kWarpSize + 1];
   const int c = blockIdx.x * kWarpSize + threadIdx.x;
+  const int g = c < hidden ? 0 : 1, h = c - g * hidden;
   float s = 0.f;
-  if (c < hidden)
-    for (int p = threadIdx.y; p < parts; p += kSumRows) s += partial[static_cast<int64_t>(p) * hidden + c];
+  if (c < columns) {
+    const float* column = partial + static_cast<int64_t>(g) * parts * hidden + h;
+    for (int p = threadIdx.y; p < parts; p += kSumRows) s += column[static_cast<int64_t>(p) * hidden];
+  }
   tile[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
-  if (threadIdx.y == 0 && c < hidden) {
+  if (threadIdx.y == 0 && c < columns) {
     float total = 0.f;
 #pragma unroll
     for (int k = 0; k < kSumRows; ++k) total += tile[k][threadIdx.x];
-    out[c] = from_float<W>(total);
+    (g == 0 ? out_w : out_b)[h] = from_float<W>(total);
   }
 }
 
 template <typename W>
-void launch_column_sum(const float* partial, int parts, int hidden, W* out, cudaStream_t stream) {
-  const dim3 grid((hidden + kWarpSize - 1) / kWarpSize), block(kWarpSize, kSumRows);
-  column_sum_kernel<W><<<grid, block, 0, stream>>>(partial, parts, hidden, out);
+void launch_column_sum(const float* partial, int grads, int parts, int hidden, W* out_w, W* out_b,
+                       cudaStream_t stream) {
+  const int columns = grads * hidden;
+  const dim3 grid((columns + kWarpSize - 1) / kWarpSize), block(kWarpSize, kSumRows);
+  column_sum_kernel<W><<<grid, block, 0, stream>>>(partial, parts, hidden, columns, out_w, out_b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -226,35 +274,42 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     using T = typename decltype(x_tag)::type;
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
-    const RowLayout layout = choose_row_layout(hidden / vec_elems<T>());
+    // Measured on an H200 (docs/benchmarks.md): the RMSNorm backward, one sum per column, ran
+    // 4-5% faster with 2 vectors a thread over twice the threads; the LayerNorm one, two sums per
+    // column in 128 registers, keeps 4 (so 4 blocks of 128 threads fit an SM at hidden 4096).
+    const RowLayout layout = choose_row_layout(hidden / vec_elems<T>(), rms ? 2 : 4);
     TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", text(hidden));
-    dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
-      constexpr int kItems = decltype(items)::value;
-      constexpr bool kWarpRows = decltype(warp_rows)::value;
-      auto kernel = rms ? norm_backward_kernel<T, W, kItems, kWarpRows, true>
-                        : norm_backward_kernel<T, W, kItems, kWarpRows, false>;
-      const int accumulators = need_weight_grad ? (has_bias ? 2 : 1) : 0;
-      const size_t smem = static_cast<size_t>(accumulators) * layout.rows_per_block * hidden * sizeof(float);
-      TORCH_CHECK(smem <= device_props(device).sharedMemPerBlockOptin, "norm backward needs ", text(static_cast<int64_t>(smem)),
-                  " bytes of shared memory");
-      if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      const int grid = backward_blocks(kernel, layout, smem, rows, blocks, device);
-
-      at::Tensor partial;
-      float* dw_partial = nullptr;
-      float* db_partial = nullptr;
-      if (need_weight_grad) {
-        partial = at::empty({accumulators, grid, hidden}, x.options().dtype(at::kFloat));
-        dw_partial = ptr<float>(partial);
-        if (has_bias) db_partial = dw_partial + static_cast<int64_t>(grid) * hidden;
-      }
-      kernel<<<grid, row_block(layout), smem, stream>>>(
-          ptr<T>(dy), ptr<T>(x), ptr<W>(weight), rms ? nullptr : ptr<float>(mean), ptr<float>(rstd), ptr<T>(dx),
-          dw_partial, db_partial, rows, static_cast<int>(hidden));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (dw_partial != nullptr) launch_column_sum<W>(dw_partial, grid, static_cast<int>(hidden), ptr<W>(dw), stream);
-      if (db_partial != nullptr) launch_column_sum<W>(db_partial, grid, static_cast<int>(hidden), ptr<W>(db), stream);
+    dispatch_row_layout<kMaxItems, 2>(layout, [&](auto items, auto warp_rows) {
+      auto launch = [&](auto rms_tag, auto grads_tag) {
+        constexpr int kItems = decltype(items)::value;
+        constexpr bool kRms = decltype(rms_tag)::value;
+        constexpr int kGrads = decltype(grads_tag)::value;
+        constexpr bool kInRegisters = grads_in_registers<T>(kItems, kGrads);
+        auto kernel = norm_backward_kernel<T, W, kItems, decltype(warp_rows)::value, kRms, kGrads>;
+        const int64_t smem = kInRegisters ? 0 : static_cast<int64_t>(kGrads) * layout.rows_per_block * hidden * sizeof(float);
+        TORCH_CHECK(smem <= static_cast<int64_t>(device_props(device).sharedMemPerBlockOptin), "norm backward needs ",
+                    text(smem), " bytes of shared memory");
+        if (smem > 48 * 1024)
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        const int grid = backward_blocks(kernel, layout, smem, rows, blocks, device);
+        const int parts = kInRegisters ? grid * layout.rows_per_block : grid;
+        at::Tensor partial;
+        if (kGrads > 0) partial = at::empty({kGrads, parts, hidden}, x.options().dtype(at::kFloat));
+        kernel<<<grid, row_block(layout), smem, stream>>>(
+            ptr<T>(dy), ptr<T>(x), ptr<W>(weight), kRms ? nullptr : ptr<float>(mean), ptr<float>(rstd), ptr<T>(dx),
+            kGrads > 0 ? ptr<float>(partial) : nullptr, rows, static_cast<int>(hidden));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (kGrads > 0)
+          launch_column_sum<W>(ptr<float>(partial), kGrads, parts, static_cast<int>(hidden), ptr<W>(dw),
+                               kGrads == 2 ? ptr<W>(db) : nullptr, stream);
+      };
+      using std::integral_constant;
+      const int grads = need_weight_grad ? (has_bias ? 2 : 1) : 0;
+      if (rms && grads == 0) launch(std::true_type{}, integral_constant<int, 0>{});
+      else if (rms) launch(std::true_type{}, integral_constant<int, 1>{});
+      else if (grads == 0) launch(std::false_type{}, integral_constant<int, 0>{});
+      else if (grads == 1) launch(std::false_type{}, integral_constant<int, 1>{});
+      else launch(std::false_type{}, integral_constant<int, 2>{});
     });
   });
   return {dx, dw, db};

@@ -91,6 +91,20 @@ def test_norm_matches_reference(ext, rows_shape, hidden, dtype, fp32_weight, kin
             assert_close_rel(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("rows_shape,hidden", [((33,), 256), ((2048,), 4096), ((16,), 16384)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["rms", "layer_bias"])
+def test_norm_with_frozen_weights_gives_dx_only(ext, rows_shape, hidden, dtype, kind):
+    """Frozen norm weights (LoRA, QLoRA) take the kernels that compute dx alone."""
+    fused_fn, ref_fn = NORM_KINDS[kind]
+    x, w, b, dy = norm_inputs(rows_shape, hidden, dtype, dtype, kind == "layer_bias")
+    leaf = x.detach().clone().requires_grad_(True)
+    fused_fn(leaf, w, b).backward(dy)
+    ref_leaf = x.detach().clone().requires_grad_(True)
+    ref_fn(ref_leaf, w, b).backward(dy)
+    assert_close_rel(leaf.grad, ref_leaf.grad, dtype, "dx")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_backward_is_deterministic(ext, dtype):
     x, w, b, dy = norm_inputs((4096,), 4096, dtype, dtype, True)
