@@ -7,9 +7,9 @@
 
 namespace trellis {
 
-// Longest hidden size the fused norms take (any multiple of 8 up to it). The backward keeps
-// fp32 weight/bias-gradient accumulators for a whole row in shared memory: 16384 columns
-// x 4 bytes x 2 (weight and bias) = 128 KiB, inside Hopper's 227 KiB per block.
+// Longest hidden size the fused norms take (any multiple of 8 up to it). For long fp32 rows
+// the backward keeps fp32 weight/bias-gradient sums for a whole row in shared memory: 16384
+// columns x 4 bytes x 2 (weight and bias) = 128 KiB, inside Hopper's 227 KiB per block.
 constexpr int64_t max_norm_hidden() { return 16384; }
 // Longest softmax row (keys); rows stay in registers, up to 8 vectors x 512 threads of fp32.
 constexpr int64_t max_softmax_keys() { return 16384; }
