@@ -53,7 +53,8 @@ __global__ void amax_kernel(const T* __restrict__ x, int64_t n, float* __restric
   constexpr int kVec = vec_elems<T>(), kAmaxUnroll = amax_unroll<T>();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t vectors = n / kVec;
-  int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t v = first;
   float local = 0.f;
   for (; v + (kAmaxUnroll - 1) * stride < vectors; v += kAmaxUnroll * stride) {
     Pack<T, kVec> packs[kAmaxUnroll];
@@ -70,7 +71,6 @@ __global__ void amax_kernel(const T* __restrict__ x, int64_t n, float* __restric
 #pragma unroll
     for (int i = 0; i < kVec; ++i) local = nan_max(local, fabsf(pack.get(i)));
   }
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = vectors * kVec + first; i < n; i += stride) local = nan_max(local, fabsf(to_float(x[i])));
   __shared__ float warp_maxima[kAmaxThreads / kWarpSize];
   local = warp_nan_max(local);
@@ -129,18 +129,25 @@ __global__ void __launch_bounds__(CastTile<T>::kThreads, 1024 / CastTile<T>::kTh
   // Row-major pass: each thread takes whole 16-byte vectors of the tile, loading a batch of 4
   // (16 registers) before converting any.
   constexpr int kBatch = kLoads < 4 ? kLoads : 4;
+  // The thread's vector k sits at tile row .x, tile column .y; false where it is past x's edge.
+  auto place = [](int k) {
+    const int v = threadIdx.x + k * kCastThreads;
+    return make_int2(v / kRowVecs, (v % kRowVecs) * kVec);
+  };
+  auto inside = [&](int2 at) { return row0 + at.x < rows && col0 + at.y < cols; };
 #pragma unroll 1  // (unrolled, fp32's two batches would load together and spill)
   for (int k0 = 0; k0 < kLoads; k0 += kBatch) {
     Pack<T, kVec> packs[kBatch];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int v = threadIdx.x + (k0 + k) * kCastThreads, r = v / kRowVecs, c = (v % kRowVecs) * kVec;
-      if (row0 + r < rows && col0 + c < cols) packs[k].load(x + (row0 + r) * cols + col0 + c);
+      const int2 at = place(k0 + k);
+      if (inside(at)) packs[k].load(x + (row0 + at.x) * cols + col0 + at.y);
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int v = threadIdx.x + (k0 + k) * kCastThreads, r = v / kRowVecs, c = (v % kRowVecs) * kVec;
-      if (row0 + r >= rows || col0 + c >= cols) continue;
+      const int2 at = place(k0 + k);
+      if (!inside(at)) continue;
+      const int r = at.x, c = at.y;
       uint32_t words[kVec / 4];
 #pragma unroll
       for (int w = 0; w < kVec / 4; ++w) {

@@ -200,29 +200,42 @@ constexpr int max_items_for(int64_t max_elems) {
   return static_cast<int>((max_elems / vec_elems<T>() + kMaxRowThreads - 1) / kMaxRowThreads);
 }
 
-// Calls f(std::integral_constant<int, ITEMS>, std::bool_constant<WARP_ROWS>) for a layout
-// (kMaxItems bounds the instantiated ITEMS; callers check layout.items against it first;
-// kBlockItems is the smallest ITEMS of block rows, as passed to choose_row_layout).
+// Chooses the layout of a row of `vecs` 16-byte vectors (choose_row_layout with kBlockItems)
+// and calls f(layout, std::integral_constant<int, ITEMS>, std::bool_constant<WARP_ROWS>) with
+// it. Returns false, calling nothing, where no instance serves the row: too long for the layout
+// rule, or more vectors a thread than kMaxItems (the longest row the kernel supports). The
+// layout and the instances come from the one kBlockItems, so they cannot disagree.
 template <int kMaxItems, int kBlockItems = 4, typename F>
-void dispatch_row_layout(const RowLayout& layout, F&& f) {
+[[nodiscard]] bool dispatch_row_layout(int64_t vecs, F&& f) {
+  static_assert(kBlockItems == 2 || kBlockItems == 4, "block rows take 2 or 4 vectors a thread first");
   using std::integral_constant;
+  const RowLayout layout = choose_row_layout(vecs, kBlockItems);
+  if (!layout.ok() || layout.items > kMaxItems) return false;
   if (layout.warp_rows) {
     switch (layout.items) {
-      case 1: f(integral_constant<int, 1>{}, std::true_type{}); return;
-      case 2: f(integral_constant<int, 2>{}, std::true_type{}); return;
-      case 4: f(integral_constant<int, 4>{}, std::true_type{}); return;
+      case 1: f(layout, integral_constant<int, 1>{}, std::true_type{}); return true;
+      case 2: f(layout, integral_constant<int, 2>{}, std::true_type{}); return true;
+      case 4: f(layout, integral_constant<int, 4>{}, std::true_type{}); return true;
     }
-  } else {
-    switch (layout.items) {
-      case 2:
-        if constexpr (kBlockItems <= 2) f(integral_constant<int, 2>{}, std::false_type{});
-        return;
-      case 4: f(integral_constant<int, 4>{}, std::false_type{}); return;
-      case 8:
-        if constexpr (kMaxItems >= 8) f(integral_constant<int, 8>{}, std::false_type{});
-        return;
+    return false;
+  }
+  if constexpr (kBlockItems == 2) {
+    if (layout.items == 2) {
+      f(layout, integral_constant<int, 2>{}, std::false_type{});
+      return true;
     }
   }
+  if (layout.items == 4) {
+    f(layout, integral_constant<int, 4>{}, std::false_type{});
+    return true;
+  }
+  if constexpr (kMaxItems >= 8) {
+    if (layout.items == 8) {
+      f(layout, integral_constant<int, 8>{}, std::false_type{});
+      return true;
+    }
+  }
+  return false;
 }
 
 template <typename T>

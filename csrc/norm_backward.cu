@@ -44,44 +44,112 @@ constexpr bool grads_in_registers(int items, int grads) {
   return items <= 4 && grads * items * vec_elems<T>() <= 64;
 }
 
-// kGrads: 0 (dx only), 1 (dweight), 2 (dweight and dbias; LayerNorm only).
+// A thread's weight- (and bias-) gradient sums over the rows it visits, one per column it owns
+// (vector i of the row is v = lane + i * width): registers where grads_in_registers allows,
+// else the thread's own slots of its row group's shared-memory rows ([grad][group][hidden]).
+// kGrads: 0 (dx only: nothing kept), 1 (dweight), 2 (dweight and dbias; LayerNorm only).
+template <typename T, int kItems, int kGrads>
+struct GradSums {
+  static constexpr int kVec = vec_elems<T>();
+  static constexpr bool kInRegisters = grads_in_registers<T>(kItems, kGrads);
+  static constexpr int kSlots = kGrads > 0 && kInRegisters ? kGrads : 1;  // array sizes must be positive
+
+  float regs[kSlots][kInRegisters ? kItems : 1][kInRegisters ? kVec : 1];
+  float* shared;        // shared-memory sums, all gradients and groups of the block
+  int64_t grad_stride;  // floats from one gradient's rows to the next's
+
+  __device__ __forceinline__ GradSums(float* block_sums, int hidden)
+      : shared(block_sums), grad_stride(static_cast<int64_t>(blockDim.y) * hidden) {}
+
+  __device__ __forceinline__ float* shared_at(int g, int v, int hidden) const {
+    return shared + g * grad_stride + static_cast<int64_t>(threadIdx.y) * hidden + v * kVec;
+  }
+
+  __device__ __forceinline__ void zero(int lane, int width, int vecs, int hidden) {
+    if constexpr (kGrads > 0 && kInRegisters) {
+#pragma unroll
+      for (int g = 0; g < kSlots; ++g)
+#pragma unroll
+        for (int i = 0; i < kItems; ++i)
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) regs[g][i][j] = 0.f;
+    } else if constexpr (kGrads > 0) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int v = lane + i * width;
+        if (v >= vecs) continue;
+#pragma unroll
+        for (int g = 0; g < kGrads; ++g) {
+          float4* d = reinterpret_cast<float4*>(shared_at(g, v, hidden));
+#pragma unroll
+          for (int q = 0; q < kVec / 4; ++q) d[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+    }
+  }
+
+  // Adds one row's contributions to vector i (column vector v) of the thread.
+  __device__ __forceinline__ void add(int i, int v, int hidden, const float (&dw)[kVec], const float (&db)[kVec]) {
+    if constexpr (kGrads > 0 && kInRegisters) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        regs[0][i][j] += dw[j];
+        if constexpr (kGrads == 2) regs[kSlots - 1][i][j] += db[j];
+      }
+    } else if constexpr (kGrads > 0) {
+      shared_add<kVec>(shared_at(0, v, hidden), dw);
+      if constexpr (kGrads == 2) shared_add<kVec>(shared_at(1, v, hidden), db);
+    }
+  }
+
+  // Writes the sums as partial rows of [kGrads, parts, hidden]: one row per row group from
+  // registers (parts = groups of the grid), or one per block from shared memory, its groups
+  // added in order (parts = blocks).
+  __device__ __forceinline__ void write(float* partial, int lane, int width, int vecs, int hidden) const {
+    if constexpr (kGrads > 0 && kInRegisters) {
+      const int64_t parts = static_cast<int64_t>(gridDim.x) * blockDim.y;
+      const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+      for (int g = 0; g < kSlots; ++g)
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const int v = lane + i * width;
+          if (v >= vecs) continue;
+          float4* dst = reinterpret_cast<float4*>(partial + (g * parts + part) * hidden + v * kVec);
+#pragma unroll
+          for (int q = 0; q < kVec / 4; ++q)
+            dst[q] = make_float4(regs[g][i][4 * q], regs[g][i][4 * q + 1], regs[g][i][4 * q + 2], regs[g][i][4 * q + 3]);
+        }
+    } else if constexpr (kGrads > 0) {
+      __syncthreads();
+      const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+      const int64_t parts = gridDim.x;
+      for (int c = tid * 4; c < hidden; c += threads * 4) {
+#pragma unroll
+        for (int g = 0; g < kGrads; ++g) {
+          float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+          for (int r = 0; r < static_cast<int>(blockDim.y); ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(shared + g * grad_stride + static_cast<int64_t>(r) * hidden + c);
+            s.x += a.x; s.y += a.y; s.z += a.z; s.w += a.w;
+          }
+          *reinterpret_cast<float4*>(partial + (g * parts + blockIdx.x) * hidden + c) = s;
+        }
+      }
+    }
+  }
+};
+
 template <typename T, typename W, int kItems, bool kWarpRows, bool kRms, int kGrads>
 __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, T* __restrict__ dx,
     float* __restrict__ partial, int64_t rows, int hidden) {
   constexpr int kVec = vec_elems<T>();
-  constexpr bool kInRegisters = grads_in_registers<T>(kItems, kGrads);
-  constexpr int kSums = kGrads > 0 && kInRegisters ? kGrads : 1;  // array sizes must be positive
-  // Shared-memory sums: [grad][group in block][hidden], fp32 (empty with register sums).
-  extern __shared__ float4 accumulators[];
+  extern __shared__ float4 accumulators[];  // shared-memory sums (empty with register sums)
   __shared__ float2 scratch[kWarpSize];
   const int lane = threadIdx.x, width = blockDim.x, vecs = hidden / kVec;
-  float* shared_sums = reinterpret_cast<float*>(accumulators);
-  const int64_t grad_stride = static_cast<int64_t>(blockDim.y) * hidden;
-  float* my_shared_sums = shared_sums + static_cast<int64_t>(threadIdx.y) * hidden;
-  float sums[kSums][kInRegisters ? kItems : 1][kInRegisters ? kVec : 1];
-
-  if constexpr (kGrads > 0 && kInRegisters) {
-#pragma unroll
-    for (int g = 0; g < kSums; ++g)
-#pragma unroll
-      for (int i = 0; i < kItems; ++i)
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) sums[g][i][j] = 0.f;
-  } else if constexpr (kGrads > 0) {
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int v = lane + i * width;
-      if (v >= vecs) continue;
-#pragma unroll
-      for (int g = 0; g < kGrads; ++g) {
-        float4* d = reinterpret_cast<float4*>(my_shared_sums + g * grad_stride + v * kVec);
-#pragma unroll
-        for (int q = 0; q < kVec / 4; ++q) d[q] = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-  }
+  GradSums<T, kItems, kGrads> sums(reinterpret_cast<float*>(accumulators), hidden);
+  sums.zero(lane, width, vecs, hidden);
 
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += groups) {
@@ -143,51 +211,10 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
         db[j] = d;
       }
       out.store(dx_row + v * kVec);
-      if constexpr (kGrads > 0 && kInRegisters) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          sums[0][i][j] += dw[j];
-          if constexpr (kGrads == 2) sums[kSums - 1][i][j] += db[j];
-        }
-      } else if constexpr (kGrads > 0) {
-        shared_add<kVec>(my_shared_sums + v * kVec, dw);
-        if constexpr (kGrads == 2) shared_add<kVec>(my_shared_sums + grad_stride + v * kVec, db);
-      }
+      sums.add(i, v, hidden, dw, db);
     }
   }
-
-  if constexpr (kGrads > 0 && kInRegisters) {
-    // One partial row per row group, written straight from registers.
-    const int64_t parts = groups;
-    const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-#pragma unroll
-    for (int g = 0; g < kSums; ++g)
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int v = lane + i * width;
-        if (v >= vecs) continue;
-        float4* dst = reinterpret_cast<float4*>(partial + (g * parts + part) * hidden + v * kVec);
-#pragma unroll
-        for (int q = 0; q < kVec / 4; ++q)
-          dst[q] = make_float4(sums[g][i][4 * q], sums[g][i][4 * q + 1], sums[g][i][4 * q + 2], sums[g][i][4 * q + 3]);
-      }
-  } else if constexpr (kGrads > 0) {
-    // Add the block's groups in order and write this block's partial row.
-    __syncthreads();
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
-    const int64_t parts = gridDim.x;
-    for (int c = tid * 4; c < hidden; c += threads * 4) {
-#pragma unroll
-      for (int g = 0; g < kGrads; ++g) {
-        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int r = 0; r < static_cast<int>(blockDim.y); ++r) {
-          const float4 a = *reinterpret_cast<const float4*>(shared_sums + g * grad_stride + static_cast<int64_t>(r) * hidden + c);
-          s.x += a.x; s.y += a.y; s.z += a.z; s.w += a.w;
-        }
-        *reinterpret_cast<float4*>(partial + (g * parts + blockIdx.x) * hidden + c) = s;
-      }
-    }
-  }
+  sums.write(partial, lane, width, vecs, hidden);
 }
 
 // Column sums of a [grads, parts, hidden] partial buffer, both gradients in one launch:
@@ -274,13 +301,8 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     using T = typename decltype(x_tag)::type;
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
-    // Measured on an H200 (docs/benchmarks.md): the RMSNorm backward, one sum per column, ran
-    // 4-5% faster with 2 vectors a thread over twice the threads; the LayerNorm one, two sums per
-    // column in 128 registers, keeps 4 (so 4 blocks of 128 threads fit an SM at hidden 4096).
-    const RowLayout layout = choose_row_layout(hidden / vec_elems<T>(), rms ? 2 : 4);
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", text(hidden));
-    dispatch_row_layout<kMaxItems, 2>(layout, [&](auto items, auto warp_rows) {
-      auto launch = [&](auto rms_tag, auto grads_tag) {
+    auto launch = [&](const RowLayout& layout, auto items, auto warp_rows) {
+      auto run = [&](auto rms_tag, auto grads_tag) {
         constexpr int kItems = decltype(items)::value;
         constexpr bool kRms = decltype(rms_tag)::value;
         constexpr int kGrads = decltype(grads_tag)::value;
@@ -305,12 +327,19 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
       };
       using std::integral_constant;
       const int grads = need_weight_grad ? (has_bias ? 2 : 1) : 0;
-      if (rms && grads == 0) launch(std::true_type{}, integral_constant<int, 0>{});
-      else if (rms) launch(std::true_type{}, integral_constant<int, 1>{});
-      else if (grads == 0) launch(std::false_type{}, integral_constant<int, 0>{});
-      else if (grads == 1) launch(std::false_type{}, integral_constant<int, 1>{});
-      else launch(std::false_type{}, integral_constant<int, 2>{});
-    });
+      if (rms && grads == 0) run(std::true_type{}, integral_constant<int, 0>{});
+      else if (rms) run(std::true_type{}, integral_constant<int, 1>{});
+      else if (grads == 0) run(std::false_type{}, integral_constant<int, 0>{});
+      else if (grads == 1) run(std::false_type{}, integral_constant<int, 1>{});
+      else run(std::false_type{}, integral_constant<int, 2>{});
+    };
+    // Measured on an H200 (docs/benchmarks.md): the RMSNorm backward, one sum per column, ran
+    // 4-5% faster with 2 vectors a thread over twice the threads; the LayerNorm one, two sums per
+    // column in 128 registers, keeps 4 (so 4 blocks of 128 threads fit an SM at hidden 4096).
+    const int64_t vecs = hidden / vec_elems<T>();
+    const bool launched =
+        rms ? dispatch_row_layout<kMaxItems, 2>(vecs, launch) : dispatch_row_layout<kMaxItems, 4>(vecs, launch);
+    TORCH_CHECK(launched, "no launch layout for hidden ", text(hidden));
   });
   return {dx, dw, db};
 }

@@ -103,19 +103,23 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& weig
     using T = typename decltype(x_tag)::type;
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
-    const RowLayout layout = choose_row_layout(hidden / vec_elems<T>());
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for hidden ", text(hidden));
-    dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
-      auto launch = [&](auto kernel) {
+    auto launch = [&](const RowLayout& layout, auto items, auto warp_rows) {
+      auto run = [&](auto kernel) {
         kernel<<<row_grid(layout, rows), row_block(layout), 0, stream>>>(
             ptr<T>(x), ptr<W>(weight), has_bias ? ptr<W>(*bias) : nullptr, ptr<T>(y),
             rms ? nullptr : ptr<float>(mean), ptr<float>(rstd), rows, static_cast<int>(hidden),
             static_cast<float>(eps));
       };
-      if (rms) launch(norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, true>);
-      else launch(norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, false>);
+      if (rms) run(norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, true>);
+      else run(norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, false>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    // RMSNorm, one sum per row, spreads a block's row over 2 vectors a thread; LayerNorm keeps 4
+    // (measured on an H200, docs/benchmarks.md).
+    const int64_t vecs = hidden / vec_elems<T>();
+    const bool launched =
+        rms ? dispatch_row_layout<kMaxItems, 2>(vecs, launch) : dispatch_row_layout<kMaxItems, 4>(vecs, launch);
+    TORCH_CHECK(launched, "no launch layout for hidden ", text(hidden));
   });
   return {y, mean, rstd};
 }

@@ -11,19 +11,21 @@
 // gradients); the forward reads packed and writes split, the backward the other way. A thread
 // owns one 16-byte vector of a head's lower half and the matching vector of its upper half
 // (rotated heads: q heads, then k heads, which is also their order inside qkv), or one vector
-// of v (copied), in kRows consecutive rows that share one position: the b rows of a position
-// are adjacent in [s, b, ...], so when b is a multiple of 4 a thread takes 4 rows, reads the
-// cos/sin tables once and issues all 4 rows' loads before its first store. Otherwise it takes
-// one row. Measured on an H200 (forward, llama shapes): 4 rows are 7-8% faster than the
-// earlier one-row kernel where the batch allows; chunks that span positions, with a table
-// read per row, were 20-35% slower than one row per thread.
+// of v (copied), in 4 "units" that share one position and so one read of the cos/sin tables:
+// 4 adjacent rows of the position (the b rows of a position are adjacent in [s, b, ...]) when
+// the batch is a multiple of 4, else 2 rows x 2 adjacent heads, else 4 adjacent heads of one
+// row, whichever the batch and head counts divide; a thread issues all its units' loads before
+// its first store. Shapes none of these divide take one unit. Measured on an H200 (forward,
+// llama shapes, docs/benchmarks.md): 4 rows are 7-8% faster than one row per thread, and at
+// batches 1-3 the row x head splits 7-18% faster; chunks that span positions, with a table
+// read per row, were 20-35% slower than one row.
 #include "kernel_host.h"
 #include "trellis_kernels.h"
 
 namespace trellis {
 
 constexpr int kRopeThreads = 128;
-constexpr int kSharedRows = 4;  // rows per thread when the batch is a multiple of it
+constexpr int kRopeUnits = 4;  // units (rows x heads of one position) per thread where the shape allows
 
 struct RopeShape {
   int64_t rows = 0;  // s * b; row = position * b + batch index
@@ -80,13 +82,14 @@ struct RopeItem {
   int target = 0;
 };
 
-// Work item -> its place in row 0 of the grid's position; false past the row's end. Items are
-// the rotated (head, half-vector) pairs, then v's vectors.
-__device__ __forceinline__ bool rope_item(const RopeShape& shape, int vec, int index, RopeItem& out) {
+// Work item -> its place in row 0 of the grid's position, for a thread that takes `group`
+// adjacent heads; false past the row's end. Items are the rotated (head group, half-vector)
+// pairs, then v's (head group, vector) pairs. Heads are `d` elements apart in every tensor.
+__device__ __forceinline__ bool rope_item(const RopeShape& shape, int vec, int group, int index, RopeItem& out) {
   const int d = shape.head_dim, half_vectors = d / 2 / vec;
-  const int rotated_items = (shape.heads + shape.kv_heads) * half_vectors;
+  const int rotated_items = (shape.heads + shape.kv_heads) / group * half_vectors;
   if (index < rotated_items) {
-    const int head = index / half_vectors;
+    const int head = index / half_vectors * group;
     out.rotated = true;
     out.col = (index % half_vectors) * vec;
     out.packed = head * d + out.col;
@@ -94,12 +97,13 @@ __device__ __forceinline__ bool rope_item(const RopeShape& shape, int vec, int i
     out.split = (head < shape.heads ? head : head - shape.heads) * d + out.col;
     return true;
   }
-  const int v_col = (index - rotated_items) * vec;
-  if (v_col >= shape.kv_heads * d) return false;
-  out.col = v_col;
-  out.packed = (shape.heads + shape.kv_heads) * d + v_col;
+  const int v_index = index - rotated_items, head_vectors = d / vec;
+  const int v_head = v_index / head_vectors * group;
+  if (v_head >= shape.kv_heads) return false;
+  out.col = v_head * d + (v_index % head_vectors) * vec;
+  out.packed = (shape.heads + shape.kv_heads) * d + out.col;
   out.target = 2;
-  out.split = v_col;
+  out.split = out.col;
   return true;
 }
 
@@ -110,21 +114,23 @@ struct SplitTensors {
   T* v;
 };
 
-// Grid: x = chunk of kRows rows (one position), y = block of work items within a row. The
-// input side is only read (the pointers are non-const so one kernel serves both directions).
-template <typename T, bool kBackward, int kRows>
+// Grid: x = chunk of kRows rows (one position), y = block of work items within a row; a thread
+// takes kHeads adjacent heads in each of its rows. The input side is only read (the pointers
+// are non-const so one kernel serves both directions).
+template <typename T, bool kBackward, int kRows, int kHeads>
 __global__ void __launch_bounds__(kRopeThreads) qkv_rope_kernel(
     T* __restrict__ packed, SplitTensors<T> split, const float* __restrict__ cos, const float* __restrict__ sin,
     RopeShape shape) {
   constexpr int kVec = vec_elems<T>();
+  constexpr int kUnits = kRows * kHeads;
   RopeItem item;
-  if (!rope_item(shape, kVec, blockIdx.y * blockDim.x + threadIdx.x, item)) return;
+  if (!rope_item(shape, kVec, kHeads, blockIdx.y * blockDim.x + threadIdx.x, item)) return;
   const int d = shape.head_dim, half = item.rotated ? d / 2 : 0;
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRows;
-  // Always kRows (the grid is exact), but bounding the loops by it at run time changes how the
+  // Always kUnits (the grid is exact), but bounding the loops by it at run time changes how the
   // compiler schedules them: 83 registers instead of 102 in the four-row instance, 5 resident
   // blocks per SM instead of 4, and 11% faster.
-  const int rows = static_cast<int>(min(static_cast<int64_t>(kRows), shape.rows - first_row));
+  const int units = static_cast<int>(min(static_cast<int64_t>(kRows), shape.rows - first_row)) * kHeads;
   const int64_t split_width = static_cast<int64_t>(item.target == 0 ? shape.heads : shape.kv_heads) * d;
   T* split_base = item.target == 0 ? split.q : item.target == 1 ? split.k : split.v;
   T* packed_at = packed + first_row * shape.qkv_width() + item.packed;
@@ -133,30 +139,33 @@ __global__ void __launch_bounds__(kRopeThreads) qkv_rope_kernel(
   T* dst = kBackward ? packed_at : split_at;
   const int64_t src_stride = kBackward ? split_width : shape.qkv_width();
   const int64_t dst_stride = kBackward ? shape.qkv_width() : split_width;
+  // Unit u: row u / kHeads of the chunk, head u % kHeads of the thread's group.
+  auto src_at = [&](int u) { return src + u / kHeads * src_stride + u % kHeads * d; };
+  auto dst_at = [&](int u) { return dst + u / kHeads * dst_stride + u % kHeads * d; };
 
-  Pack<T, kVec> lo[kRows], hi[kRows];
+  Pack<T, kVec> lo[kUnits], hi[kUnits];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (r >= rows) break;
-    lo[r].load(src + r * src_stride);
-    if (item.rotated) hi[r].load(src + r * src_stride + half);
+  for (int u = 0; u < kUnits; ++u) {
+    if (u >= units) break;
+    lo[u].load(src_at(u));
+    if (item.rotated) hi[u].load(src_at(u) + half);
   }
   if (!item.rotated) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (r < rows) lo[r].store(dst + r * dst_stride);
+    for (int u = 0; u < kUnits; ++u) {
+      if (u < units) lo[u].store(dst_at(u));
     }
     return;
   }
   Rotation<T, kVec> rotation;
   rotation.template load<kBackward>(cos, sin, first_row / shape.batch * d + item.col, half);
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (r >= rows) break;
+  for (int u = 0; u < kUnits; ++u) {
+    if (u >= units) break;
     Pack<T, kVec> y_lo, y_hi;
-    rotation.apply(lo[r], hi[r], y_lo, y_hi);
-    y_lo.store(dst + r * dst_stride);
-    y_hi.store(dst + r * dst_stride + half);
+    rotation.apply(lo[u], hi[u], y_lo, y_hi);
+    y_lo.store(dst_at(u));
+    y_hi.store(dst_at(u) + half);
   }
 }
 
@@ -186,10 +195,23 @@ RopeShape rope_shape(int64_t seq, int64_t batch, int64_t heads, int64_t kv_heads
   return shape;
 }
 
-dim3 rope_grid(const RopeShape& shape, int vec, int rows_per_thread) {
-  const int64_t items = (shape.heads + shape.kv_heads) * (shape.head_dim / 2 / vec) +
-                        shape.kv_heads * (shape.head_dim / vec);
-  const int64_t chunks = shape.rows / rows_per_thread;  // exact: see launch_qkv_rope
+// How a thread's units are split between rows and heads: rows of one position first (the
+// measured 4-row case), then heads, so that both divide the shape.
+struct RopeUnits {
+  int rows = 1, heads = 1;
+};
+
+RopeUnits rope_units(const RopeShape& shape) {
+  for (const RopeUnits units : {RopeUnits{kRopeUnits, 1}, RopeUnits{2, 2}, RopeUnits{1, kRopeUnits}})
+    if (shape.batch % units.rows == 0 && shape.heads % units.heads == 0 && shape.kv_heads % units.heads == 0)
+      return units;
+  return {};
+}
+
+dim3 rope_grid(const RopeShape& shape, int vec, const RopeUnits& units) {
+  const int64_t items = (shape.heads + shape.kv_heads) / units.heads * (shape.head_dim / 2 / vec) +
+                        shape.kv_heads / units.heads * (shape.head_dim / vec);
+  const int64_t chunks = shape.rows / units.rows;  // exact: the batch is a multiple of units.rows
   return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>((items + kRopeThreads - 1) / kRopeThreads));
 }
 
@@ -198,10 +220,12 @@ void launch_qkv_rope(const at::Tensor& packed, const at::Tensor& q, const at::Te
                      const at::Tensor& cos, const at::Tensor& sin, const RopeShape& shape) {
   // The kernel only reads the side its direction takes as input.
   const SplitTensors<T> split{ptr<T>(q), ptr<T>(k), ptr<T>(v)};
-  const bool shared = shape.batch % kSharedRows == 0;  // then rows is a multiple of kSharedRows too
-  auto kernel = shared ? qkv_rope_kernel<T, kBackward, kSharedRows> : qkv_rope_kernel<T, kBackward, 1>;
-  kernel<<<rope_grid(shape, vec_elems<T>(), shared ? kSharedRows : 1), kRopeThreads, 0,
-           c10::cuda::getCurrentCUDAStream()>>>(
+  const RopeUnits units = rope_units(shape);
+  auto kernel = units.rows == kRopeUnits ? qkv_rope_kernel<T, kBackward, kRopeUnits, 1>
+                : units.rows == 2        ? qkv_rope_kernel<T, kBackward, 2, 2>
+                : units.heads == kRopeUnits ? qkv_rope_kernel<T, kBackward, 1, kRopeUnits>
+                                            : qkv_rope_kernel<T, kBackward, 1, 1>;
+  kernel<<<rope_grid(shape, vec_elems<T>(), units), kRopeThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       ptr<T>(packed), split, ptr<float>(cos), ptr<float>(sin), shape);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -183,18 +183,18 @@ at::Tensor softmax_forward(const at::Tensor& scores, const c10::optional<at::Ten
   dispatch_float_type(scores.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_softmax_keys());
-    // Two vectors a thread where a block owns a row: 2048 bf16 keys ran at 82% of copy over
-    // 128 threads against 75% over 64 (docs/benchmarks.md).
-    const RowLayout layout = choose_row_layout(sk / vec_elems<T>(), 2);
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for ", text(sk), " keys");
-    dispatch_row_layout<kMaxItems, 2>(layout, [&](auto items, auto warp_rows) {
+    auto launch = [&](const RowLayout& layout, auto items, auto warp_rows) {
       softmax_forward_kernel<T, decltype(items)::value, decltype(warp_rows)::value>
           <<<row_grid(layout, rows), row_block(layout), 0, stream>>>(
               ptr<T>(scores), has_mask ? ptr<uint8_t>(*mask) : nullptr, stride_b, stride_h, stride_q, ptr<T>(y),
               rows, static_cast<int>(h), static_cast<int>(sq), static_cast<int>(sk), static_cast<float>(scale),
               causal);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    // Two vectors a thread where a block owns a row: 2048 bf16 keys ran at 82% of copy over
+    // 128 threads against 75% over 64 (docs/benchmarks.md).
+    TORCH_CHECK((dispatch_row_layout<kMaxItems, 2>(sk / vec_elems<T>(), launch)), "no launch layout for ", text(sk),
+                " keys");
   });
   return y;
 }
@@ -212,15 +212,14 @@ at::Tensor softmax_backward(const at::Tensor& dy, const at::Tensor& y, double sc
   dispatch_float_type(y.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_softmax_keys());
-    const RowLayout layout = choose_row_layout(sk / vec_elems<T>());
-    TORCH_CHECK(layout.ok() && layout.items <= kMaxItems, "no launch layout for ", text(sk), " keys");
-    dispatch_row_layout<kMaxItems>(layout, [&](auto items, auto warp_rows) {
+    auto launch = [&](const RowLayout& layout, auto items, auto warp_rows) {
       softmax_backward_kernel<T, decltype(items)::value, decltype(warp_rows)::value>
           <<<row_grid(layout, rows), row_block(layout), 0, stream>>>(
               ptr<T>(dy), ptr<T>(y), ptr<T>(dx), rows, static_cast<int>(sq), static_cast<int>(sk),
               static_cast<float>(scale), causal);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    TORCH_CHECK(dispatch_row_layout<kMaxItems>(sk / vec_elems<T>(), launch), "no launch layout for ", text(sk), " keys");
   });
   return dx;
 }

@@ -15,10 +15,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # (704 vectors: three blocks, the last partly idle), 3-D rows.
 SWIGLU_SHAPES = [((5,), 8), ((33,), 1000), ((512,), 5632), ((2, 3, 7), 256)]
 # (s, b, heads, kv_heads, head_dim): MHA, GQA, the narrowest head for bf16 (16), d = 96, and
-# llama-1.3b's layout. Batches of 4 and 8 take the kernel's four-rows-per-thread instance, the
-# others its one-row instance.
+# llama-1.3b's layout. The kernel's instances, by how a thread's 4 units split into rows x heads:
+# 4 x 1 (batches of 4 and 8), 2 x 2 (batch 2, even head counts), 1 x 4 (head counts that 4
+# divides), and 1 x 1 for the rest (batch 3 with 2 kv heads, 3 heads, 2/1 heads).
 ROPE_SHAPES = [(16, 2, 4, 4, 64), (33, 3, 8, 2, 128), (7, 1, 2, 1, 16), (5, 2, 3, 1, 96), (256, 4, 16, 16, 128),
-               (9, 8, 4, 2, 64)]
+               (9, 8, 4, 2, 64), (10, 2, 8, 2, 128), (12, 1, 8, 4, 64), (5, 3, 4, 4, 16)]
 
 
 @pytest.fixture(scope="module")
