@@ -187,7 +187,7 @@ inline RowLayout choose_row_layout(int64_t vecs, int block_items = 4) {
   for (const int items : {block_items, 4, 8})
     if (items >= block_items && vecs <= static_cast<int64_t>(items) * kMaxRowThreads)
       return {items, false, round_up_warp((vecs + items - 1) / items), 1};
-  return layout;  // too long: callers fall back to the torch reference
+  return layout;  // too long (the Python side checks support first and uses the torch reference)
 }
 
 // Longest supported row, in elements of a type of `elem_size` bytes.

@@ -301,8 +301,10 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     using T = typename decltype(x_tag)::type;
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
-    auto launch = [&](const RowLayout& layout, auto items, auto warp_rows) {
-      auto run = [&](auto rms_tag, auto grads_tag) {
+    // The launcher for one kind (RMSNorm or LayerNorm) and gradient count, so each dispatch
+    // below instantiates that kind's kernels only.
+    auto launcher = [&](auto rms_tag, auto grads_tag) {
+      return [&, rms_tag, grads_tag](const RowLayout& layout, auto items, auto warp_rows) {
         constexpr int kItems = decltype(items)::value;
         constexpr bool kRms = decltype(rms_tag)::value;
         constexpr int kGrads = decltype(grads_tag)::value;
@@ -325,20 +327,19 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
           launch_column_sum<W>(ptr<float>(partial), kGrads, parts, static_cast<int>(hidden), ptr<W>(dw),
                                kGrads == 2 ? ptr<W>(db) : nullptr, stream);
       };
-      using std::integral_constant;
-      const int grads = need_weight_grad ? (has_bias ? 2 : 1) : 0;
-      if (rms && grads == 0) run(std::true_type{}, integral_constant<int, 0>{});
-      else if (rms) run(std::true_type{}, integral_constant<int, 1>{});
-      else if (grads == 0) run(std::false_type{}, integral_constant<int, 0>{});
-      else if (grads == 1) run(std::false_type{}, integral_constant<int, 1>{});
-      else run(std::false_type{}, integral_constant<int, 2>{});
     };
     // Measured on an H200 (docs/benchmarks.md): the RMSNorm backward, one sum per column, ran
     // 4-5% faster with 2 vectors a thread over twice the threads; the LayerNorm one, two sums per
     // column in 128 registers, keeps 4 (so 4 blocks of 128 threads fit an SM at hidden 4096).
+    using std::integral_constant;
     const int64_t vecs = hidden / vec_elems<T>();
-    const bool launched =
-        rms ? dispatch_row_layout<kMaxItems, 2>(vecs, launch) : dispatch_row_layout<kMaxItems, 4>(vecs, launch);
+    const int grads = need_weight_grad ? (has_bias ? 2 : 1) : 0;
+    bool launched;
+    if (rms && grads == 0) launched = dispatch_row_layout<kMaxItems, 2>(vecs, launcher(std::true_type{}, integral_constant<int, 0>{}));
+    else if (rms) launched = dispatch_row_layout<kMaxItems, 2>(vecs, launcher(std::true_type{}, integral_constant<int, 1>{}));
+    else if (grads == 0) launched = dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}, integral_constant<int, 0>{}));
+    else if (grads == 1) launched = dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}, integral_constant<int, 1>{}));
+    else launched = dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}, integral_constant<int, 2>{}));
     TORCH_CHECK(launched, "no launch layout for hidden ", text(hidden));
   });
   return {dx, dw, db};

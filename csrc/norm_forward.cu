@@ -103,22 +103,23 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& weig
     using T = typename decltype(x_tag)::type;
     using W = typename decltype(w_tag)::type;
     constexpr int kMaxItems = max_items_for<T>(max_norm_hidden());
-    auto launch = [&](const RowLayout& layout, auto items, auto warp_rows) {
-      auto run = [&](auto kernel) {
-        kernel<<<row_grid(layout, rows), row_block(layout), 0, stream>>>(
-            ptr<T>(x), ptr<W>(weight), has_bias ? ptr<W>(*bias) : nullptr, ptr<T>(y),
-            rms ? nullptr : ptr<float>(mean), ptr<float>(rstd), rows, static_cast<int>(hidden),
-            static_cast<float>(eps));
+    // The launcher for RMSNorm or LayerNorm, so each dispatch below instantiates one kind's kernels.
+    auto launcher = [&](auto rms_tag) {
+      return [&, rms_tag](const RowLayout& layout, auto items, auto warp_rows) {
+        constexpr bool kRms = decltype(rms_tag)::value;
+        norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, kRms>
+            <<<row_grid(layout, rows), row_block(layout), 0, stream>>>(
+                ptr<T>(x), ptr<W>(weight), has_bias ? ptr<W>(*bias) : nullptr, ptr<T>(y),
+                kRms ? nullptr : ptr<float>(mean), ptr<float>(rstd), rows, static_cast<int>(hidden),
+                static_cast<float>(eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (rms) run(norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, true>);
-      else run(norm_forward_kernel<T, W, decltype(items)::value, decltype(warp_rows)::value, false>);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     // RMSNorm, one sum per row, spreads a block's row over 2 vectors a thread; LayerNorm keeps 4
     // (measured on an H200, docs/benchmarks.md).
     const int64_t vecs = hidden / vec_elems<T>();
-    const bool launched =
-        rms ? dispatch_row_layout<kMaxItems, 2>(vecs, launch) : dispatch_row_layout<kMaxItems, 4>(vecs, launch);
+    const bool launched = rms ? dispatch_row_layout<kMaxItems, 2>(vecs, launcher(std::true_type{}))
+                              : dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}));
     TORCH_CHECK(launched, "no launch layout for hidden ", text(hidden));
   });
   return {y, mean, rstd};
