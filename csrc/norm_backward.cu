@@ -56,16 +56,21 @@ struct GradSums {
 
   float regs[kSlots][kInRegisters ? kItems : 1][kInRegisters ? kVec : 1];
   float* shared;        // shared-memory sums, all gradients and groups of the block
+  int hidden;
   int64_t grad_stride;  // floats from one gradient's rows to the next's
 
-  __device__ __forceinline__ GradSums(float* block_sums, int hidden)
-      : shared(block_sums), grad_stride(static_cast<int64_t>(blockDim.y) * hidden) {}
+  __device__ __forceinline__ GradSums(float* block_sums, int hidden_size)
+      : shared(block_sums), hidden(hidden_size), grad_stride(static_cast<int64_t>(blockDim.y) * hidden_size) {}
 
-  __device__ __forceinline__ float* shared_at(int g, int v, int hidden) const {
+  // The thread's vector i is column vector v = lane + i * width of the row (the kernel's rule).
+  __device__ __forceinline__ static int vector_of(int i) { return threadIdx.x + i * blockDim.x; }
+  __device__ __forceinline__ int vecs() const { return hidden / kVec; }
+
+  __device__ __forceinline__ float* shared_at(int g, int v) const {
     return shared + g * grad_stride + static_cast<int64_t>(threadIdx.y) * hidden + v * kVec;
   }
 
-  __device__ __forceinline__ void zero(int lane, int width, int vecs, int hidden) {
+  __device__ __forceinline__ void zero() {
     if constexpr (kGrads > 0 && kInRegisters) {
 #pragma unroll
       for (int g = 0; g < kSlots; ++g)
@@ -76,11 +81,11 @@ struct GradSums {
     } else if constexpr (kGrads > 0) {
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        const int v = lane + i * width;
-        if (v >= vecs) continue;
+        const int v = vector_of(i);
+        if (v >= vecs()) continue;
 #pragma unroll
         for (int g = 0; g < kGrads; ++g) {
-          float4* d = reinterpret_cast<float4*>(shared_at(g, v, hidden));
+          float4* d = reinterpret_cast<float4*>(shared_at(g, v));
 #pragma unroll
           for (int q = 0; q < kVec / 4; ++q) d[q] = make_float4(0.f, 0.f, 0.f, 0.f);
         }
@@ -89,7 +94,7 @@ struct GradSums {
   }
 
   // Adds one row's contributions to vector i (column vector v) of the thread.
-  __device__ __forceinline__ void add(int i, int v, int hidden, const float (&dw)[kVec], const float (&db)[kVec]) {
+  __device__ __forceinline__ void add(int i, int v, const float (&dw)[kVec], const float (&db)[kVec]) {
     if constexpr (kGrads > 0 && kInRegisters) {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
@@ -97,15 +102,15 @@ struct GradSums {
         if constexpr (kGrads == 2) regs[kSlots - 1][i][j] += db[j];
       }
     } else if constexpr (kGrads > 0) {
-      shared_add<kVec>(shared_at(0, v, hidden), dw);
-      if constexpr (kGrads == 2) shared_add<kVec>(shared_at(1, v, hidden), db);
+      shared_add<kVec>(shared_at(0, v), dw);
+      if constexpr (kGrads == 2) shared_add<kVec>(shared_at(1, v), db);
     }
   }
 
   // Writes the sums as partial rows of [kGrads, parts, hidden]: one row per row group from
   // registers (parts = groups of the grid), or one per block from shared memory, its groups
   // added in order (parts = blocks).
-  __device__ __forceinline__ void write(float* partial, int lane, int width, int vecs, int hidden) const {
+  __device__ __forceinline__ void write(float* partial) const {
     if constexpr (kGrads > 0 && kInRegisters) {
       const int64_t parts = static_cast<int64_t>(gridDim.x) * blockDim.y;
       const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -113,8 +118,8 @@ struct GradSums {
       for (int g = 0; g < kSlots; ++g)
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
-          const int v = lane + i * width;
-          if (v >= vecs) continue;
+          const int v = vector_of(i);
+          if (v >= vecs()) continue;
           float4* dst = reinterpret_cast<float4*>(partial + (g * parts + part) * hidden + v * kVec);
 #pragma unroll
           for (int q = 0; q < kVec / 4; ++q)
@@ -149,7 +154,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
   __shared__ float2 scratch[kWarpSize];
   const int lane = threadIdx.x, width = blockDim.x, vecs = hidden / kVec;
   GradSums<T, kItems, kGrads> sums(reinterpret_cast<float*>(accumulators), hidden);
-  sums.zero(lane, width, vecs, hidden);
+  sums.zero();
 
   const int64_t groups = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += groups) {
@@ -211,10 +216,10 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
         db[j] = d;
       }
       out.store(dx_row + v * kVec);
-      sums.add(i, v, hidden, dw, db);
+      sums.add(i, v, dw, db);
     }
   }
-  sums.write(partial, lane, width, vecs, hidden);
+  sums.write(partial);
 }
 
 // Column sums of a [grads, parts, hidden] partial buffer, both gradients in one launch:
@@ -331,15 +336,19 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     // Measured on an H200 (docs/benchmarks.md): the RMSNorm backward, one sum per column, ran
     // 4-5% faster with 2 vectors a thread over twice the threads; the LayerNorm one, two sums per
     // column in 128 registers, keeps 4 (so 4 blocks of 128 threads fit an SM at hidden 4096).
-    using std::integral_constant;
     const int64_t vecs = hidden / vec_elems<T>();
+    auto dispatch = [&](auto rms_tag, auto grads_tag) {
+      constexpr int kBlockItems = decltype(rms_tag)::value ? 2 : 4;
+      return dispatch_row_layout<kMaxItems, kBlockItems>(vecs, launcher(rms_tag, grads_tag));
+    };
+    using std::integral_constant;
     const int grads = need_weight_grad ? (has_bias ? 2 : 1) : 0;
     bool launched;
-    if (rms && grads == 0) launched = dispatch_row_layout<kMaxItems, 2>(vecs, launcher(std::true_type{}, integral_constant<int, 0>{}));
-    else if (rms) launched = dispatch_row_layout<kMaxItems, 2>(vecs, launcher(std::true_type{}, integral_constant<int, 1>{}));
-    else if (grads == 0) launched = dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}, integral_constant<int, 0>{}));
-    else if (grads == 1) launched = dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}, integral_constant<int, 1>{}));
-    else launched = dispatch_row_layout<kMaxItems, 4>(vecs, launcher(std::false_type{}, integral_constant<int, 2>{}));
+    if (rms && grads == 0) launched = dispatch(std::true_type{}, integral_constant<int, 0>{});
+    else if (rms) launched = dispatch(std::true_type{}, integral_constant<int, 1>{});
+    else if (grads == 0) launched = dispatch(std::false_type{}, integral_constant<int, 0>{});
+    else if (grads == 1) launched = dispatch(std::false_type{}, integral_constant<int, 1>{});
+    else launched = dispatch(std::false_type{}, integral_constant<int, 2>{});
     TORCH_CHECK(launched, "no launch layout for hidden ", text(hidden));
   });
   return {dx, dw, db};
