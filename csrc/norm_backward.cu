@@ -335,8 +335,9 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     };
     // Measured on an H200 (docs/benchmarks.md): with at most one sum per column (RMSNorm, or a
     // LayerNorm without bias or with frozen weights) 2 vectors a thread over twice the threads ran
-    // 3-8% faster; the LayerNorm backward with two sums per column in 128 registers keeps 4 (so 4
-    // blocks of 128 threads fit an SM at hidden 4096): with 2 it ran 17-22% slower.
+    // 2-10% faster in bf16 (level in fp32); the LayerNorm backward with two sums per column in
+    // 128 registers keeps 4 (so 4 blocks of 128 threads fit an SM at hidden 4096): with 2 it ran
+    // 3-22% slower.
     const int64_t vecs = hidden / vec_elems<T>();
     auto dispatch = [&](auto rms_tag, auto grads_tag) {
       constexpr int kBlockItems = decltype(rms_tag)::value || decltype(grads_tag)::value < 2 ? 2 : 4;
