@@ -51,6 +51,7 @@ constexpr int amax_unroll() { return sizeof(T) == 4 ? 1 : 4; }
 template <typename T>
 __global__ void amax_kernel(const T* __restrict__ x, int64_t n, float* __restrict__ amax) {
   constexpr int kVec = vec_elems<T>(), kAmaxUnroll = amax_unroll<T>();
+  allow_next_grid_to_start();  // the cast, which waits for this grid before it reads the amax
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t vectors = n / kVec;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -120,6 +121,8 @@ __global__ void __launch_bounds__(CastTile<T>::kThreads, 1024 / CastTile<T>::kTh
   __shared__ __align__(16) uint8_t tile[kTile * kTilePitch];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile, col0 = static_cast<int64_t>(blockIdx.y) * kTile;
 
+  // Everything below may depend on the kernel before (the amax; x too, whatever wrote it).
+  wait_for_previous_grid();
   const float clamped = *amax < 1e-12f ? 1e-12f : *amax;  // a NaN amax stays NaN
   // As torch evaluates the reference's `max / amax` (a Python number over a tensor): the
   // reciprocal, then the product, each rounded.
@@ -230,9 +233,11 @@ std::vector<at::Tensor> fp8_cast_transpose(const at::Tensor& x, const at::Tensor
     constexpr int kTile = CastTile<T>::kSize;
     const dim3 grid(static_cast<unsigned>((rows + kTile - 1) / kTile), static_cast<unsigned>((cols + kTile - 1) / kTile));
     TORCH_CHECK(grid.y <= 65535, "fp8_cast_transpose: too many columns (", text(cols), ")");
+    // On Hopper the launch overlaps the end of the kernel before it (usually the amax).
     auto launch = [&](auto kernel) {
-      kernel<<<grid, CastTile<T>::kThreads, 0, stream>>>(ptr<T>(x), rows, cols, amax_ptr, fp8_max, ptr<uint8_t>(out),
-                                                         ptr<uint8_t>(out_t), ptr<float>(inverse));
+      launch_kernel(can_overlap_previous(kernel, x.get_device()), grid, dim3(CastTile<T>::kThreads), 0, stream, kernel,
+                    ptr<T>(x), rows, cols, amax_ptr, fp8_max, ptr<uint8_t>(out), ptr<uint8_t>(out_t),
+                    ptr<float>(inverse));
     };
     if (e5m2) {
       launch(cast_transpose_kernel<T, __NV_E5M2>);
@@ -240,7 +245,6 @@ std::vector<at::Tensor> fp8_cast_transpose(const at::Tensor& x, const at::Tensor
       launch(cast_transpose_kernel<T, __NV_E4M3>);
     }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, out_t, inverse};
 }
 

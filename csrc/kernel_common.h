@@ -238,6 +238,24 @@ template <int kMaxItems, int kBlockItems = 4, typename F>
   return false;
 }
 
+// ---------------------------------------------------------------- programmatic dependent launch
+// A kernel launched to overlap the one before it (launch_kernel with overlap, kernel_host.h)
+// waits here for that grid to finish and its writes to be visible. A no-op below compute
+// capability 9.0, where such launches are never made.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the kernel after this one in the stream, if launched to overlap, start now: its blocks
+// take SMs as this grid's blocks leave, and wait in wait_for_previous_grid().
+__device__ __forceinline__ void allow_next_grid_to_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 template <typename T>
 struct TypeTag {
   using type = T;

@@ -10,8 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <initializer_list>
+#include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernel_common.h"
@@ -92,5 +94,44 @@ inline dim3 row_grid(const RowLayout& layout, int64_t rows) {
 }
 
 inline dim3 row_block(const RowLayout& layout) { return dim3(layout.threads, layout.rows_per_block); }
+
+// ---------------------------------------------------------------- programmatic dependent launch
+// Whether `kernel` may be launched to overlap the end of the kernel before it in the stream
+// (Hopper's programmatic dependent launch): the device is compute capability 9.0 or newer, and
+// the kernel was compiled for 9.0 or newer (its ptxVersion, also where the driver JIT-compiles
+// it), so its wait_for_previous_grid() is real. Read once per kernel and process.
+template <typename Kernel>
+bool can_overlap_previous(Kernel kernel, int device) {
+  if (device_props(device).major < 9) return false;
+  static std::mutex mutex;
+  static std::map<const void*, bool> compiled_for_it;
+  std::lock_guard<std::mutex> lock(mutex);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  auto found = compiled_for_it.find(key);
+  if (found == compiled_for_it.end()) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    found = compiled_for_it.emplace(key, attributes.ptxVersion >= 90).first;
+  }
+  return found->second;
+}
+
+// Launches `kernel`; with `overlap` it may start before the previous kernel in the stream has
+// finished, so it must call wait_for_previous_grid() before it reads anything that kernel wrote.
+template <typename... Params, typename... Args>
+void launch_kernel(bool overlap, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void (*kernel)(Params...),
+                   Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = overlap ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 }  // namespace trellis

@@ -150,11 +150,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, T* __restrict__ dx,
     float* __restrict__ partial, int64_t rows, int hidden) {
   constexpr int kVec = vec_elems<T>();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The column-sum launch that follows may start now: its blocks take SMs as this grid's leave,
-  // and wait for this grid's completion before they read (programmatic dependent launch).
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  allow_next_grid_to_start();  // the column sums, which wait for this grid before reading
   extern __shared__ float4 accumulators[];  // shared-memory sums (empty with register sums)
   __shared__ float2 scratch[kWarpSize];
   const int lane = threadIdx.x, width = blockDim.x, vecs = hidden / kVec;
@@ -236,9 +232,7 @@ constexpr int kSumRows = 16;
 template <typename W>
 __global__ void column_sum_kernel(const float* __restrict__ partial, int parts, int hidden, int columns,
                                   W* __restrict__ out_w, W* __restrict__ out_b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // the partial rows are complete and visible
-#endif
+  wait_for_previous_grid();  // the partial rows are complete and visible
   __shared__ float tile[kSumRows][kWarpSize + 1];
   const int c = blockIdx.x * kWarpSize + threadIdx.x;
   const int g = c < hidden ? 0 : 1, h = c - g * hidden;
@@ -257,37 +251,14 @@ __global__ void column_sum_kernel(const float* __restrict__ partial, int parts, 
   }
 }
 
-// Whether the column sums may launch programmatically: a Hopper (or newer) device, and a
-// kernel compiled for compute capability 9.0 or newer, so that it does wait (ptxVersion is the
-// virtual architecture it was compiled for, also where the driver JIT-compiles it).
 template <typename W>
-bool programmatic_column_sum(int device) {
-  if (device_props(device).major < 9) return false;
-  static const int ptx_version = [] {
-    cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, column_sum_kernel<W>));
-    return attributes.ptxVersion;
-  }();
-  return ptx_version >= 90;
-}
-
-template <typename W>
-void launch_column_sum(const float* partial, int grads, int parts, int hidden, W* out_w, W* out_b,
-                       bool programmatic, cudaStream_t stream) {
+void launch_column_sum(const float* partial, int grads, int parts, int hidden, W* out_w, W* out_b, int device,
+                       cudaStream_t stream) {
   const int columns = grads * hidden;
   const dim3 grid((columns + kWarpSize - 1) / kWarpSize), block(kWarpSize, kSumRows);
-  // On Hopper the launch is programmatic: it overlaps the end of the norm backward kernel that
-  // writes `partial` (the kernel waits for it before reading).
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = stream;
-  cudaLaunchAttribute overlap;
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &overlap;
-  config.numAttrs = programmatic ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, column_sum_kernel<W>, partial, parts, hidden, columns, out_w, out_b));
+  // On Hopper the launch overlaps the end of the norm backward kernel that writes `partial`.
+  launch_kernel(can_overlap_previous(column_sum_kernel<W>, device), grid, block, 0, stream, column_sum_kernel<W>,
+                partial, parts, hidden, columns, out_w, out_b);
 }
 
 // Blocks for the persistent grid: as many as fit on the device at once (so every SM stays
@@ -362,7 +333,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (kGrads > 0)
           launch_column_sum<W>(ptr<float>(partial), kGrads, parts, static_cast<int>(hidden), ptr<W>(dw),
-                               kGrads == 2 ? ptr<W>(db) : nullptr, programmatic_column_sum<W>(device), stream);
+                               kGrads == 2 ? ptr<W>(db) : nullptr, device, stream);
       };
     };
     // Measured on an H200 (docs/benchmarks.md): with at most one sum per column (RMSNorm, or a
