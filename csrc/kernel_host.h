@@ -118,9 +118,16 @@ bool can_overlap_previous(Kernel kernel, int device) {
 
 // Launches `kernel`; with `overlap` it may start before the previous kernel in the stream has
 // finished, so it must call wait_for_previous_grid() before it reads anything that kernel wrote.
+// A stream being captured into a CUDA graph gets a plain launch: capturing such launches needs
+// CUDA 12.3 or newer, and the overlapped launch has not been run inside our graphs.
 template <typename... Params, typename... Args>
 void launch_kernel(bool overlap, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void (*kernel)(Params...),
                    Args&&... args) {
+  if (overlap) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    overlap = capture == cudaStreamCaptureStatusNone;
+  }
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
