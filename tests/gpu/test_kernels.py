@@ -126,6 +126,22 @@ def test_norm_backward_any_partial_block_count(ext, blocks):
         assert_close_rel(got, want, torch.float32, f"blocks={blocks}")
 
 
+def test_back_to_back_backwards_wait_for_their_partial_sums(ext):
+    """On Hopper the column-sum launch overlaps the end of the kernel that writes the partial
+    sums, and must wait for them: backwards queued one after another with no synchronisation
+    each match the reference."""
+    queued = []
+    for seed in range(8):
+        x, w, b, dy = norm_inputs((2048,), 4096, torch.bfloat16, torch.bfloat16, True, seed=seed)
+        _, mean, rstd = ext.norm_forward(x, w, b, 1e-5, False)
+        queued.append(((x, w, b), dy, ext.norm_backward(dy, x, w, mean, rstd, True, False, True)))
+    for inputs, dy, (dx, dw, db) in queued:
+        _, (dx_ref, dw_ref, db_ref) = forward_backward(lambda x, w, b: loader.layer_norm_reference(x, w, b, 1e-5),
+                                                       inputs, dy)
+        for name, got, want in (("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref)):
+            assert_close_rel(got, want, torch.bfloat16, name)
+
+
 def test_dispatch_uses_fused_path_and_handles_odd_inputs(ext):
     x, w, b, _ = norm_inputs((8, 16), 2048, torch.bfloat16, torch.bfloat16, True)
     assert torch.equal(loader.rms_norm(x, w, 1e-6), fused_ops.rms_norm(x, w, 1e-6))
