@@ -93,9 +93,9 @@ def _norm_forward_impl(x, weight, bias, eps, rms):
                                None if bias is None else bias.contiguous(), eps, rms)
 
 
-def _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad):
+def _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual):
     return _ext().norm_backward(dy.contiguous(), x.contiguous(), weight.contiguous(), mean, rstd,
-                                has_bias, rms, need_weight_grad)
+                                has_bias, rms, need_weight_grad, None if dresidual is None else dresidual.contiguous())
 
 
 def _softmax_forward_impl(scores, mask, scale, causal):
@@ -106,12 +106,13 @@ def _softmax_backward_impl(dy, y, scale, causal):
     return _ext().softmax_backward(dy.contiguous(), y.contiguous(), scale, causal)
 
 
-def _norm_grads(backward, ctx, dy, x, weight, mean, rstd):
+def _norm_grads(backward, ctx, dy, x, weight, mean, rstd, dresidual=None):
     """(dx, dweight or None, dbias or None) from `backward` (the impl in eager mode, the
-    custom op when the graph may be traced), computing weight grads only when wanted."""
+    custom op when the graph may be traced), computing weight grads only when wanted;
+    dresidual (optional) is added into dx."""
     want_weight = ctx.needs_input_grad[1]
     want_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = backward(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, want_weight or want_bias)
+    dx, dw, db = backward(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, want_weight or want_bias, dresidual)
     return dx, dw if want_weight else None, db if want_bias else None
 
 
@@ -129,6 +130,26 @@ class _FusedNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return (*_norm_grads(_norm_backward_impl, ctx, dy, *ctx.saved_tensors), None, None)
+
+
+class _FusedNormWithResidual(torch.autograd.Function):
+    """(norm(x), x) for a pre-norm layer, whose x goes on past the norm as the residual stream.
+    Returning that x from here brings its gradient to this backward, which the kernel adds
+    into dx: autograd would otherwise sum the two gradients of x in a pass of its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, rms):
+        y, mean, rstd = _norm_forward_impl(x, weight, bias, eps, rms)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias, ctx.rms = bias is not None, rms
+        ctx.set_materialize_grads(False)
+        return y, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy, dresidual):
+        if dy is None:  # only the residual stream reached the loss
+            return dresidual, None, None, None, None
+        return (*_norm_grads(_norm_backward_impl, ctx, dy, *ctx.saved_tensors, dresidual), None, None)
 
 
 class _FusedSoftmax(torch.autograd.Function):
@@ -167,14 +188,15 @@ def _norm_fwd_fake(x, weight, bias, eps, rms):
 
 @torch.library.custom_op("trellis::norm_bwd", mutates_args=())
 def norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, has_bias: bool, rms: bool,
-             need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias); dweight/dbias are empty when not asked for."""
-    dx, dw, db = _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad)
+             need_weight_grad: bool, dresidual: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias); dweight/dbias are empty when not asked for; dresidual
+    (optional) is added into dx."""
+    dx, dw, db = _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual)
     return dx, dw, db
 
 
 @norm_bwd.register_fake
-def _norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad):
+def _norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual=None):
     def weight_like(wanted):
         return torch.empty(weight.shape if wanted else (0,), dtype=weight.dtype, device=weight.device)
 
@@ -249,6 +271,16 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) ->
     if torch.compiler.is_compiling():
         return norm_fwd(x, weight, bias, float(eps), False)[0]
     return _FusedNorm.apply(x, weight, bias, float(eps), False)
+
+
+def norm_with_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool):
+    """(fused RMSNorm or LayerNorm of x, x as the residual stream) (caller checked
+    norm_supported). Under torch.compile the custom op takes only the norm: a custom op may
+    not return its input, and Inductor fuses the gradient sum itself."""
+    weight, bias = _kernel_params(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return norm_fwd(x, weight, bias, float(eps), rms)[0], x
+    return _FusedNormWithResidual.apply(x, weight, bias, float(eps), rms)
 
 
 def scaled_masked_softmax(scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:

@@ -36,7 +36,7 @@ _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.
                    "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
-_GEMM_SOURCES = ("fp8_gemm.cu",)
+_GEMM_SOURCES = ("fp8_gemm.cu", "residual_gemm.cu", "gemm_bindings.cu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,7 +169,8 @@ def build_kernels(verbose: bool = False):
 
 
 def build_gemm(verbose: bool = False):
-    """The cuBLASLt FP8 GEMM extension (built like build_kernels, in a folder of its own)."""
+    """The cuBLASLt GEMM extension (FP8 into fp32, 16-bit with a residual add; built like
+    build_kernels, in a folder of its own)."""
     return _build_once(GEMM_EXTENSION_NAME, _GEMM_SOURCES, kernel_cache_dir() / GEMM_EXTENSION_NAME,
                        tuple(_cublaslt_link_flags()), verbose)
 
@@ -222,8 +223,8 @@ def _compile_extension(name: str, sources: tuple, build_dir: Path, ldflags: tupl
 def _built_or_none(name: str):
     """The built extension `name`, or None after one warning when its build or load failed."""
     build, fallback = {EXTENSION_NAME: (build_kernels, "trellis CUDA kernels unavailable, using torch reference ops"),
-                       GEMM_EXTENSION_NAME: (build_gemm, "trellis FP8 GEMM extension unavailable, "
-                                                         "using torch._scaled_mm and an add")}[name]
+                       GEMM_EXTENSION_NAME: (build_gemm, "trellis GEMM extension unavailable, using "
+                                                         "torch GEMMs and separate adds")}[name]
     try:
         return build()
     except Exception as error:  # any build or load failure: warn once, take the fallback
@@ -270,6 +271,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float) -> torch
         if fused_ops.norm_supported(x, weight, bias):
             return fused_ops.layer_norm(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
+
+
+def norm_with_residual(x: torch.Tensor, weight: torch.Tensor, bias, eps: float, rms: bool):
+    """(RMSNorm or LayerNorm of x, x) for a pre-norm layer, whose x goes on as the residual
+    stream. With the fused kernels, the residual stream's gradient is added into dx inside the
+    norm's backward kernel, not in a pass of its own."""
+    if x.is_cuda and fused_kernels_available() and fused_ops.norm_supported(x, weight, bias):
+        return fused_ops.norm_with_residual(x, weight, bias, eps, rms)
+    return (rms_norm_reference(x, weight, eps) if rms else layer_norm_reference(x, weight, bias, eps)), x
 
 
 def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0,
@@ -354,6 +364,26 @@ def fp8_gemm_accumulate(a: torch.Tensor, a_inverse_scale: torch.Tensor, b: torch
     b [n, k] (both row-major, so b is the second operand's transpose) and fp32 out [m, n]: one
     cuBLASLt GEMM with beta = 1 (caller checked fp8_gemm_accumulate_supported)."""
     gemm_extension().fp8_gemm_accumulate(a, a_inverse_scale, b, b_inverse_scale, out)
+
+
+def gemm_add_supported(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether gemm_add takes these: x [..., k] and residual [..., n] contiguous, weight [n, k],
+    all bf16 or all fp16 on one GPU with 16-byte aligned rows and addresses, outside
+    torch.compile, with the GEMM extension built."""
+    tensors = (x, weight, residual)
+    return (_eager_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)
+            and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() and t.data_ptr() % 16 == 0
+                    for t in tensors)
+            and weight.dim() == 2 and x.dim() >= 2 and residual.shape == (*x.shape[:-1], weight.shape[0])
+            and x.shape[-1] == weight.shape[1] and x.shape[-1] % 8 == 0 and weight.shape[0] % 8 == 0
+            and gemm_extension() is not None)
+
+
+def gemm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ weight^T as one cuBLASLt GEMM that reads the residual in its epilogue, in
+    fp32 and rounded once (caller checked gemm_add_supported)."""
+    out = gemm_extension().gemm_add(x.reshape(-1, x.shape[-1]), weight, residual.reshape(-1, residual.shape[-1]))
+    return out.view(residual.shape)
 
 
 # Imported last: fused_ops imports `kernels` from this module, which now exists. A module-level

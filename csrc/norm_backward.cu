@@ -13,6 +13,10 @@
 //   RMSNorm:   xhat = x * rstd;            dx = rstd * (g - xhat * mean(g * xhat))
 //   LayerNorm: xhat = (x - mean) * rstd;   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //   with g = dy * weight;  dweight = sum_rows(dy * xhat);  dbias = sum_rows(dy)
+//
+// dresidual (optional, x's shape) is added to dx before its one rounding: the gradient that
+// reaches x through the residual stream, which autograd would otherwise add in a separate pass
+// (read 2, write 1) after this kernel (models/transformer.py's pre-norm layers).
 #include "kernel_host.h"
 #include "trellis_kernels.h"
 
@@ -147,8 +151,8 @@ struct GradSums {
 template <typename T, typename W, int kItems, bool kWarpRows, bool kRms, int kGrads>
 __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
-    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, T* __restrict__ dx,
-    float* __restrict__ partial, int64_t rows, int hidden) {
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, const T* __restrict__ dresidual,
+    T* __restrict__ dx, float* __restrict__ partial, int64_t rows, int hidden) {
   constexpr int kVec = vec_elems<T>();
   allow_next_grid_to_start();  // the column sums, which wait for this grid before reading
   extern __shared__ float4 accumulators[];  // shared-memory sums (empty with register sums)
@@ -206,13 +210,15 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
       if (v >= vecs) continue;
       Pack<W, kVec> w;
       w.load(weight + v * kVec);  // second read of the same bytes: an L1 hit
-      Pack<T, kVec> out;
+      Pack<T, kVec> out, residual;
+      if (dresidual != nullptr) residual.load(dresidual + row * hidden + v * kVec);
       float dw[kVec], db[kVec];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float d = dys[i].get(j);
         const float xhat = (xs[i].get(j) - mu) * rs;
-        out.set(j, rs * (d * w.get(j) - xhat * mean_gx - mean_g));
+        const float grad = rs * (d * w.get(j) - xhat * mean_gx - mean_g);
+        out.set(j, dresidual != nullptr ? grad + residual.get(j) : grad);
         dw[j] = d * xhat;
         db[j] = d;
       }
@@ -276,12 +282,19 @@ int backward_blocks(Kernel kernel, const RowLayout& layout, size_t smem, int64_t
 
 std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
-                                      bool rms, bool need_weight_grad, int64_t blocks) {
+                                      bool rms, bool need_weight_grad, const c10::optional<at::Tensor>& dresidual,
+                                      int64_t blocks) {
   check_cuda_contiguous(dy, "dy");
   check_cuda_contiguous(x, "x");
   check_cuda_contiguous(weight, "weight");
   check_cuda_contiguous(rstd, "rstd");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x");
+  const bool adds_residual = dresidual.has_value() && dresidual->defined();
+  if (adds_residual) {
+    check_cuda_contiguous(*dresidual, "dresidual");
+    TORCH_CHECK(dresidual->sizes() == x.sizes() && dresidual->scalar_type() == x.scalar_type(),
+                "dresidual must match x");
+  }
   const int64_t hidden = x.size(-1);
   TORCH_CHECK(weight.numel() == hidden, "weight must have hidden (", text(hidden), ") elements");
   TORCH_CHECK(hidden % 8 == 0 && hidden <= max_norm_hidden(), "unsupported hidden size ", text(hidden));
@@ -328,7 +341,8 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
         at::Tensor partial;
         if (kGrads > 0) partial = at::empty({kGrads, parts, hidden}, x.options().dtype(at::kFloat));
         kernel<<<grid, row_block(layout), smem, stream>>>(
-            ptr<T>(dy), ptr<T>(x), ptr<W>(weight), kRms ? nullptr : ptr<float>(mean), ptr<float>(rstd), ptr<T>(dx),
+            ptr<T>(dy), ptr<T>(x), ptr<W>(weight), kRms ? nullptr : ptr<float>(mean), ptr<float>(rstd),
+            optional_ptr<T>(dresidual), ptr<T>(dx),
             kGrads > 0 ? ptr<float>(partial) : nullptr, rows, static_cast<int>(hidden));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (kGrads > 0)

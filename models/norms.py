@@ -29,3 +29,8 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             return loader.rms_norm(x, self.weight, self.eps)
         return loader.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def with_residual(self, x):
+        """(norm(x), x) for a pre-norm layer, whose x goes on as the residual stream: through the
+        fused kernels the stream's gradient is then added into dx by the norm's backward."""
+        return loader.norm_with_residual(x, self.weight, self.bias, self.eps, self.kind == "rmsnorm")

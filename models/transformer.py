@@ -47,14 +47,15 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, bias=bool(cfg.add_bias_linear),
                                       sequence_parallel=sequence_parallel, device=device, dtype=dtype)
 
-    def forward(self, x, rope=None, document_ids=None, kv_cache=None):
-        """kv_cache: this layer's slot of a models.kv_cache.KVCache (generation), or None."""
+    def forward(self, x, rope=None, document_ids=None, kv_cache=None, residual=None):
+        """kv_cache: this layer's slot of a models.kv_cache.KVCache (generation), or None;
+        residual: added to the output (see RowParallelLinear.forward)."""
         qkv = self.qkv(x)
         s, b = qkv.shape[0], qkv.shape[1]
         q, k, v = fused_split_qkv_rope(qkv, rope, self.local_heads, self.local_kv_heads, self.head_dim)
         out = kv_cache.attend(q, k, v) if kv_cache is not None else self._attend(q, k, v, document_ids)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
-        return self.proj(out)
+        return self.proj(out, residual)
 
     def _attend(self, q, k, v, document_ids):
         dropout = self.dropout if self.training else 0.0
@@ -75,13 +76,14 @@ class MLP(nn.Module):
         self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp_group, bias=bias,
                                      sequence_parallel=sequence_parallel, device=device, dtype=dtype)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """residual: added to the output (see RowParallelLinear.forward)."""
         h = self.fc1(x)
         if self.swiglu:
             h = fused_swiglu(h)
         else:
             h = F.gelu(h, approximate="tanh")
-        return self.fc2(h)
+        return self.fc2(h, residual)
 
 
 class TransformerLayer(nn.Module):
@@ -94,13 +96,20 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, tp_group, sequence_parallel, device, dtype)
 
     def forward(self, x, rope=None, document_ids=None, kv_cache=None):
-        x = x + self._dropout(self.attn(self.norm1(x), rope, document_ids, kv_cache))
-        return x + self._dropout(self.mlp(self.norm2(x)))
+        # Each norm hands x back as the residual stream (so the norm's backward kernel adds the
+        # stream's gradient into its dx), and each sublayer's output projection adds it.
+        normed, x = self.norm1.with_residual(x)
+        x = self._residual_add(x, lambda residual: self.attn(normed, rope, document_ids, kv_cache, residual))
+        normed, x = self.norm2.with_residual(x)
+        return self._residual_add(x, lambda residual: self.mlp(normed, residual))
 
-    def _dropout(self, x):
+    def _residual_add(self, x, sublayer):
+        """x + dropout(sublayer(None)). Without dropout the sublayer gets x itself: its output
+        projection adds it, in the GEMM's epilogue where it can."""
         if not self.training or self.dropout == 0:
-            return x
+            return sublayer(x)
+        out = sublayer(None)
         # Sequence-parallel slices differ per TP rank, so their masks must too.
         ctx = self.rng.fork() if self.sequence_parallel else contextlib.nullcontext()
         with ctx:
-            return F.dropout(x, self.dropout, training=True)
+            return x + F.dropout(out, self.dropout, training=True)

@@ -83,13 +83,20 @@ class RowParallelLinear(nn.Module):
                 mark_sequence_parallel(self.bias)
         self.linear_fn = main_grad_linear.linear
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """residual (optional, the output's shape): added to the output, as a pre-norm layer's
+        residual stream is. On one TP rank with the default matmul and no bias there is no
+        reduction between the GEMM and the add, so the GEMM may read it in its epilogue."""
+        if residual is not None and self.tp == 1 and self.bias is None and self.linear_fn is main_grad_linear.linear:
+            return main_grad_linear.linear(x, self.weight, None, residual)
         y = self.linear_fn(x, self.weight, None)
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, self.tp_group)
         else:
             y = reduce_from_tp(y, self.tp_group)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is not None:
+            y = y + self.bias
+        return y if residual is None else residual + y
 
 
 class VocabParallelEmbedding(nn.Module):

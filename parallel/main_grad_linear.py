@@ -8,6 +8,10 @@ with beta = 1 into main_grad itself (Megatron's gradient-accumulation fusion): c
 writes the fp32 accumulator in its epilogue, bf16 inputs with an fp32 output
 (`torch.addmm(..., out_dtype=torch.float32)`), or plain fp32 `addmm` for fp32 weights.
 
+With `residual` (the output projection of a pre-norm sublayer, h = x + proj(y)), the forward
+GEMM adds the residual stream in its epilogue (csrc/residual_gemm.cu), so the add is no pass of
+its own; the residual's gradient is the output's, passed on as it is.
+
 Autograd still needs a weight gradient so that the parameter's post-accumulate hook runs (it
 counts the gradients of a bucket and starts its reduction): the backward returns an
 uninitialised tensor and marks the parameter `main_grad_filled`, and the hook skips the add.
@@ -18,6 +22,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from csrc import loader
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,11 +85,13 @@ class _LinearIntoMainGrad(torch.autograd.Function):
     same tensors as the forward whatever autocast state it runs under."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compute_dtype):
+    def forward(ctx, x, weight, bias, compute_dtype, residual):
+        """residual: None, or a tensor of the output's shape that loader.gemm_add takes (the
+        caller checked it, and then bias is None)."""
         x_c, w_c = x.to(compute_dtype), weight.to(compute_dtype)
         b_c = bias.to(compute_dtype) if bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(x_c, w_c, b_c)
+            out = F.linear(x_c, w_c, b_c) if residual is None else loader.gemm_add(x_c, w_c, residual)
         ctx.save_for_backward(x_c, w_c)
         ctx.weight, ctx.has_bias = weight, bias is not None
         return out
@@ -100,15 +108,21 @@ class _LinearIntoMainGrad(torch.autograd.Function):
             grad_weight = filled_placeholder(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out_2d.sum(0)
-        return grad_x, grad_weight, grad_bias, None
+        grad_residual = grad_out if ctx.needs_input_grad[4] else None
+        return grad_x, grad_weight, grad_bias, None, grad_residual
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the weight gradient accumulated into weight.main_grad when it can be."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (+ residual), with the weight gradient accumulated into weight.main_grad when
+    it can be, and the residual added by the GEMM itself when loader.gemm_add takes it."""
     # A compiled layer traces its own backward: left to F.linear.
-    if not (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
+    trains = weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     dtype = compute_dtype(x.device.type, weight.dtype)
-    if not fuses_into_main_grad(weight, dtype):
-        return F.linear(x, weight, bias)
-    return _LinearIntoMainGrad.apply(x, weight, bias, dtype)
+    if not (trains and fuses_into_main_grad(weight, dtype)):
+        out = F.linear(x, weight, bias)
+    elif residual is not None and bias is None and x.dtype == dtype and loader.gemm_add_supported(x, weight, residual):
+        return _LinearIntoMainGrad.apply(x, weight, None, dtype, residual)
+    else:
+        out = _LinearIntoMainGrad.apply(x, weight, bias, dtype, None)
+    return out if residual is None else residual + out

@@ -216,7 +216,7 @@ class EmulatedExtension:
         return y.to(x.dtype).reshape(x.shape), mean_out, rstd.float()
 
     @staticmethod
-    def norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, blocks=0):
+    def norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual=None, blocks=0):
         hidden = x.shape[-1]
         xf, g0 = x.reshape(-1, hidden).double(), dy.reshape(-1, hidden).double()
         rs = rstd.double()[:, None]
@@ -224,6 +224,8 @@ class EmulatedExtension:
         g = g0 * weight.double()
         mean_g = 0.0 if rms else g.mean(-1, keepdim=True)
         dx = rs * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
+        if dresidual is not None:
+            dx = dx + dresidual.reshape(-1, hidden).double()
         dw = (g0 * xhat).sum(0).to(weight.dtype) if need_weight_grad else torch.empty(0, dtype=weight.dtype)
         db = g0.sum(0).to(weight.dtype) if need_weight_grad and has_bias else torch.empty(0, dtype=weight.dtype)
         return dx.to(x.dtype).reshape(x.shape), dw, db
@@ -313,6 +315,40 @@ def test_norm_grads_match_reference(emulated, door, bias):
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(torch.autograd.grad(fused, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rms", [True, False])
+def test_norm_with_residual_adds_the_stream_gradient_into_dx(emulated, monkeypatch, rms):
+    """The residual stream handed back by the norm brings its gradient to the norm's backward,
+    which passes it to the kernel (one call, no separate add); the gradients are those of
+    using x twice."""
+    calls = []
+    real = EmulatedExtension.norm_backward
+    monkeypatch.setattr(EmulatedExtension, "norm_backward",
+                        staticmethod(lambda *a, **k: calls.append(a[8] is not None) or real(*a, **k)))
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    b = None if rms else torch.randn(32, requires_grad=True)
+    grad_y, grad_stream = torch.randn(4, 7, 32), torch.randn(4, 7, 32)
+    leaves = [t for t in (x, w, b) if t is not None]
+    y, stream = emulated.norm_with_residual(x, w, b, 1e-5, rms)
+    got = torch.autograd.grad((y * grad_y).sum() + (stream * 2 * grad_stream).sum(), leaves)
+    ref_y = loader.rms_norm_reference(x, w, 1e-5) if rms else loader.layer_norm_reference(x, w, b, 1e-5)
+    want = torch.autograd.grad((ref_y * grad_y).sum() + (x * 2 * grad_stream).sum(), leaves)
+    assert calls == [True]
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    # Only the stream used: its gradient passes through, no kernel call.
+    y, stream = emulated.norm_with_residual(x, w, b, 1e-5, rms)
+    (dx,) = torch.autograd.grad((stream * grad_stream).sum(), x)
+    assert torch.equal(dx, grad_stream) and calls == [True]
+
+
+def test_norm_with_residual_dispatch_on_cpu():
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(16)
+    y, stream = loader.norm_with_residual(x, w, None, 1e-6, True)
+    assert stream is x and torch.equal(y, loader.rms_norm_reference(x, w, 1e-6))
 
 
 def test_norm_weight_grad_only_when_needed(emulated, monkeypatch):

@@ -62,3 +62,30 @@ def test_without_main_grad_or_grad_mode_it_is_plain_f_linear():
     weight.main_grad = torch.zeros(4, 3)
     with torch.no_grad():
         torch.testing.assert_close(main_grad_linear.linear(x, weight), x @ weight.t())
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_residual_is_added_and_gets_the_output_gradient(monkeypatch, folded):
+    """linear(x, w, residual=r) == r + x @ w^T with r's gradient the output's, whether the GEMM
+    folds the add (emulated here: the CUDA path's contract) or it runs after the product."""
+    from csrc import loader
+
+    calls = []
+    if folded:
+        monkeypatch.setattr(loader, "gemm_add_supported", lambda x, w, r: True)
+        monkeypatch.setattr(loader, "gemm_add", lambda x, w, r: calls.append(1) or r + x @ w.t())
+    torch.manual_seed(2)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    weight.main_grad = torch.zeros(4, 3)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    residual = torch.randn(5, 2, 4, requires_grad=True)
+    grad_out = torch.randn(5, 2, 4)
+    out = main_grad_linear.linear(x, weight, None, residual)
+    out.backward(grad_out)
+    assert calls == ([1] if folded else [])
+    torch.testing.assert_close(out, residual.detach() + x.detach() @ weight.detach().t())
+    torch.testing.assert_close(residual.grad, grad_out)
+    torch.testing.assert_close(weight.main_grad, grad_out.reshape(-1, 4).t() @ x.detach().reshape(-1, 3))
+    torch.testing.assert_close(x.grad, grad_out @ weight.detach())
+    with torch.no_grad():  # no training: the plain product and add
+        torch.testing.assert_close(main_grad_linear.linear(x, weight, None, residual), out)

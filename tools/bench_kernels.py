@@ -290,7 +290,7 @@ def sweep_norm_backward_blocks(ext, rows: int, hidden: int, dtype, warmup: int, 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = []
     for blocks in (0, sms, 2 * sms, 4 * sms, 8 * sms, 16 * sms):
-        timing = time_ms(lambda: ext.norm_backward(dy, x, w, mean, rstd, True, False, True, blocks), warmup, reps)
+        timing = time_ms(lambda: ext.norm_backward(dy, x, w, mean, rstd, True, False, True, blocks=blocks), warmup, reps)
         results.append({"shape": f"{rows}x{hidden}", "blocks": blocks or "auto", **timing,
                         "gb_per_s": moved / (timing["median_ms"] * 1e-3) / 1e9})
     return results

@@ -1,5 +1,6 @@
 """GPU checks of the layer's fused paths against plain torch: the weight gradient accumulated
-into fp32 main_grad by the GEMM (bf16 inputs), the fused QKV split + RoPE (the CUDA kernel, or
+into fp32 main_grad by the GEMM (bf16 inputs), the residual add in the output projection's GEMM
+and the stream's gradient in the norm's backward, the fused QKV split + RoPE (the CUDA kernel, or
 the compiled function for per-sample positions; forward and the backward that writes the qkv
 gradient), and the per-token losses whose backward
 recomputes the logits. Run on a CUDA machine:
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from csrc import fused_ops, loader
 from models.fused_elementwise import fused_split_qkv_rope, split_qkv_rope
 from models.rope import rope_cache
 from parallel import main_grad_linear
@@ -39,6 +41,90 @@ def test_bf16_weight_grad_accumulates_into_fp32_main_grad(shape, with_autocast):
     F.linear(x_ref, weight.detach()).backward(grad_out)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(y, F.linear(x.detach(), weight.detach()))
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(512, 2, 1024, 3072), (64, 1, 640, 1920), (8, 3, 2048, 2048)])
+def test_residual_gemm_matches_product_and_add(shape, dtype):
+    """residual + x @ w^T in one cuBLASLt GEMM: at least as close to the fp32 result as the
+    product and add it replaces (which rounds twice)."""
+    s, b, fan_in, fan_out = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(s, b, fan_in, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(fan_out, fan_in, device="cuda", generator=gen) * 0.02).to(dtype)
+    residual = torch.randn(s, b, fan_out, device="cuda", generator=gen).to(dtype)
+    assert loader.gemm_add_supported(x, weight, residual)
+    got = loader.gemm_add(x, weight, residual)
+    exact = residual.double() + x.double() @ weight.double().t()
+    plain = residual + F.linear(x, weight)
+    assert got.shape == residual.shape and got.dtype == dtype
+    assert rel_err(got, exact) <= rel_err(plain, exact) * 1.01 + 1e-6 and rel_err(got, exact) < 1e-2
+    # What it does not take: a residual view off the 16-byte grid, fp32, a shape mismatch.
+    offset = torch.empty(residual.numel() + 1, device="cuda", dtype=dtype)[1:].view(residual.shape)
+    assert not loader.gemm_add_supported(x, weight, offset)
+    assert not loader.gemm_add_supported(x.float(), weight.float(), residual.float())
+    assert not loader.gemm_add_supported(x, weight, residual[..., :8])
+
+
+def test_layer_folds_its_residual_adds(monkeypatch):
+    """A bf16 llama-style layer on one GPU: each output projection's GEMM adds the residual
+    stream and each norm's backward adds the stream's gradient into dx; output and gradients
+    match the same layer with the two adds done separately (its earlier form)."""
+    from models.config import ModelConfig, resolve_preset
+    from models.gpt import GPTModel
+    from parallel.random import RNGTracker
+
+    calls = {"gemm": 0, "norm": 0}
+    gemm_add, norm_backward = loader.gemm_add, fused_ops._norm_backward_impl
+
+    def counted_gemm(*args):
+        calls["gemm"] += 1
+        return gemm_add(*args)
+
+    def counted_norm(*args):
+        calls["norm"] += args[-1] is not None
+        return norm_backward(*args)
+
+    monkeypatch.setattr(loader, "gemm_add", counted_gemm)
+    monkeypatch.setattr(fused_ops, "_norm_backward_impl", counted_norm)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = resolve_preset(ModelConfig(preset="tiny", hidden_size=512, num_heads=4, num_kv_heads=2,
+                                         ffn_hidden_size=1408, seq_length=256))
+        model = GPTModel(cfg, torch.distributed.group.WORLD, RNGTracker("cuda"), device="cuda", dtype=torch.bfloat16)
+        model.init_weights(0)
+        layer = model.layers["0"].train()
+        params = [p for p in layer.parameters() if p.requires_grad]
+        s, b = cfg.seq_length, 2
+        rope = rope_cache(s, cfg.head_dim(), cfg.rope_theta, "cuda")
+        x = torch.randn(s, b, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        grad_out = torch.randn_like(x)
+
+        def run(forward):
+            for p in params:  # the linears' weight gradients land in main_grad, the norms' in grad
+                p.main_grad, p.grad, p.main_grad_filled = torch.zeros(p.shape, device="cuda"), None, False
+            leaf = x.clone().requires_grad_(True)
+            out = forward(leaf)
+            out.backward(grad_out)
+            return [out.detach(), leaf.grad] + [p.main_grad if p.main_grad_filled else p.grad for p in params]
+
+        folded = run(lambda h: layer(h, rope))
+        assert calls == {"gemm": 2, "norm": 2}
+
+        def separate(h):
+            h = h + layer.attn(layer.norm1(h), rope)
+            return h + layer.mlp(layer.norm2(h))
+
+        reference = run(separate)
+        assert calls == {"gemm": 2, "norm": 2}
+        for got, want in zip(folded, reference):
+            assert rel_err(got, want) < 1e-2
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("heads,kv_heads,packed", [(16, 16, False), (8, 2, False), (8, 4, True)])

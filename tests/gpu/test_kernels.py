@@ -119,7 +119,7 @@ def test_norm_backward_any_partial_block_count(ext, blocks):
     """The partial-sum grid size (a tuning knob) changes only the summation order."""
     x, w, b, dy = norm_inputs((999,), 2048, torch.float32, torch.float32, True)
     y, mean, rstd = ext.norm_forward(x, w, b, 1e-5, False)
-    dx, dw, db = ext.norm_backward(dy, x, w, mean, rstd, True, False, True, blocks)
+    dx, dw, db = ext.norm_backward(dy, x, w, mean, rstd, True, False, True, blocks=blocks)
     _, (dx_ref, dw_ref, db_ref) = forward_backward(lambda x, w, b: loader.layer_norm_reference(x, w, b, 1e-5),
                                                    (x, w, b), dy)
     for got, want in ((dx, dx_ref), (dw, dw_ref), (db, db_ref)):
@@ -140,6 +140,30 @@ def test_back_to_back_backwards_wait_for_their_partial_sums(ext):
                                                        inputs, dy)
         for name, got, want in (("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref)):
             assert_close_rel(got, want, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("rows_shape,hidden", [((33,), 256), ((3, 7), 1024), ((2048,), 4096), ((16,), 16384)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rms", "layer_bias"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_norm_with_residual_adds_the_stream_gradient(ext, rows_shape, hidden, dtype, kind, frozen):
+    """The residual stream's gradient, added into dx by the backward kernel, against the
+    reference norm's gradients plus that gradient (frozen weights: the dx-only kernels)."""
+    x, w, b, dy = norm_inputs(rows_shape, hidden, dtype, dtype, kind == "layer_bias")
+    d_stream = torch.randn_like(dy)
+    rms = kind == "rms"
+    _, ref_fn = NORM_KINDS[kind]
+    params = [t.clone().requires_grad_(not frozen) if t is not None else None for t in (w, b)]
+    leaf = x.detach().clone().requires_grad_(True)
+    y, stream = fused_ops.norm_with_residual(leaf, *params, 1e-6 if rms else 1e-5, rms)
+    torch.autograd.backward([y, stream], [dy, d_stream])
+    ref_params = [t.clone().requires_grad_(not frozen) if t is not None else None for t in (w, b)]
+    ref_leaf = x.detach().clone().requires_grad_(True)
+    ref_fn(ref_leaf, *ref_params).backward(dy)
+    assert_close_rel(leaf.grad, (ref_leaf.grad.float() + d_stream.float()).to(dtype), dtype, "dx")
+    for got, want in zip(params, ref_params):
+        if want is not None and not frozen:
+            assert_close_rel(got.grad, want.grad, dtype, "weight grads")
 
 
 def test_dispatch_uses_fused_path_and_handles_odd_inputs(ext):
