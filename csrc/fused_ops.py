@@ -275,11 +275,15 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) ->
 
 def norm_with_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool):
     """(fused RMSNorm or LayerNorm of x, x as the residual stream) (caller checked
-    norm_supported). Under torch.compile the custom op takes only the norm: a custom op may
-    not return its input, and Inductor fuses the gradient sum itself."""
+    norm_supported). Only an x that needs a gradient has two gradients to sum; otherwise (a
+    frozen embedding below) x is returned as it is, so no gradient is made for it. Under
+    torch.compile the custom op takes only the norm: a custom op may not return its input, and
+    Inductor fuses the gradient sum itself."""
     weight, bias = _kernel_params(x, weight, bias)
     if torch.compiler.is_compiling():
         return norm_fwd(x, weight, bias, float(eps), rms)[0], x
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _FusedNorm.apply(x, weight, bias, float(eps), rms), x
     return _FusedNormWithResidual.apply(x, weight, bias, float(eps), rms)
 
 

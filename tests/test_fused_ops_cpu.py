@@ -343,6 +343,17 @@ def test_norm_with_residual_adds_the_stream_gradient_into_dx(emulated, monkeypat
     y, stream = emulated.norm_with_residual(x, w, b, 1e-5, rms)
     (dx,) = torch.autograd.grad((stream * grad_stream).sum(), x)
     assert torch.equal(dx, grad_stream) and calls == [True]
+    # An x that needs no gradient (a frozen embedding below) goes on as it is, and only the
+    # weights' gradients are made.
+    frozen_x = x.detach()
+    y, stream = emulated.norm_with_residual(frozen_x, w, b, 1e-5, rms)
+    assert stream is frozen_x
+    got = torch.autograd.grad((y * grad_y).sum(), leaves[1:])
+    ref_y = (loader.rms_norm_reference(frozen_x, w, 1e-5) if rms
+             else loader.layer_norm_reference(frozen_x, w, b, 1e-5))
+    for g, r in zip(got, torch.autograd.grad((ref_y * grad_y).sum(), leaves[1:])):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert calls == [True, False]
 
 
 def test_norm_with_residual_dispatch_on_cpu():
