@@ -8,8 +8,9 @@ the kernels against.
 The CUDA kernels (csrc/*.cu) form one extension, `trellis_kernels`, compiled just in time by
 `torch.utils.cpp_extension.load` on first use (or ahead of time by `build_kernels()` /
 `python -m csrc.loader --build`) into `$TRELLIS_KERNEL_CACHE` (default
-`~/.cache/trellis_kernels`). The FP8 GEMM that accumulates into fp32 (csrc/fp8_gemm.cu) is a
-second one, `trellis_gemm`, since it links cuBLASLt. A failed build logs one warning and the
+`~/.cache/trellis_kernels`). The cuBLASLt GEMMs (csrc/fp8_gemm.cu: FP8 accumulating into fp32;
+csrc/residual_gemm.cu: 16-bit with the residual add) are a second one, `trellis_gemm`, since
+it links cuBLASLt. A failed build logs one warning and the
 process keeps using the references; `TRELLIS_DISABLE_KERNELS=1` forces the references.
 """
 from __future__ import annotations
@@ -409,7 +410,8 @@ def _main(argv=None) -> int:
         except Exception as error:
             print(f"build of {name} failed: {error}", file=sys.stderr)
             # Only the main extension decides the exit status: without trellis_gemm the FP8
-            # weight gradient takes torch._scaled_mm and an add, everything else is unchanged.
+            # weight gradient takes torch._scaled_mm and an add, and the residual adds run
+            # after torch's GEMMs; everything else is unchanged.
             failed = failed or name == EXTENSION_NAME
             continue
         print(f"built {name} in {time.perf_counter() - started:.1f}s: {module.__file__}")

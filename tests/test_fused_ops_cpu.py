@@ -55,7 +55,7 @@ def test_cache_dir_and_arch_flags(monkeypatch, tmp_path):
 
 
 def test_cublaslt_link_flags(monkeypatch, tmp_path):
-    """The FP8 GEMM extension links the toolkit's cuBLASLt, else the one pip put beside torch."""
+    """The GEMM extension links the toolkit's cuBLASLt, else the one pip put beside torch."""
     from torch.utils import cpp_extension
 
     toolkit, site_dir = tmp_path / "cuda", tmp_path / "site"
