@@ -16,7 +16,7 @@ __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-
 
 // Forward grid: one dimension, in memory order (block b takes row b / blocks_per_row); the
 // backward's: x = row, y = block of 16-byte column vectors within the row. On an H200 the
-// forward ran 0.3-2.3% faster in memory order, the backward 12-15% slower (docs/benchmarks.md).
+// forward ran 0.3-2.3% faster in memory order, the backward 13-16% slower (docs/benchmarks.md).
 template <typename T>
 __global__ void __launch_bounds__(kSwigluThreads) swiglu_forward_kernel(
     const T* __restrict__ h, T* __restrict__ y, int64_t f, int64_t blocks_per_row) {
