@@ -106,6 +106,15 @@ def _softmax_backward_impl(dy, y, scale, causal):
     return _ext().softmax_backward(dy.contiguous(), y.contiguous(), scale, causal)
 
 
+def _norm_setup_context(ctx, inputs, output):
+    """What every norm door keeps for the backward: inputs (x, weight, bias, eps, rms) and the
+    forward's output (y, mean, rstd)."""
+    x, weight, bias, _eps, rms = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias, ctx.rms = bias is not None, rms
+
+
 def _norm_grads(backward, ctx, dy, x, weight, mean, rstd, dresidual=None):
     """(dx, dweight or None, dbias or None) from `backward` (the impl in eager mode, the
     custom op when the graph may be traced), computing weight grads only when wanted;
@@ -122,10 +131,9 @@ def _norm_grads(backward, ctx, dy, x, weight, mean, rstd, dresidual=None):
 class _FusedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms):
-        y, mean, rstd = _norm_forward_impl(x, weight, bias, eps, rms)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias, ctx.rms = bias is not None, rms
-        return y
+        output = _norm_forward_impl(x, weight, bias, eps, rms)
+        _norm_setup_context(ctx, (x, weight, bias, eps, rms), output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, dy):
@@ -139,11 +147,10 @@ class _FusedNormWithResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms):
-        y, mean, rstd = _norm_forward_impl(x, weight, bias, eps, rms)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias, ctx.rms = bias is not None, rms
+        output = _norm_forward_impl(x, weight, bias, eps, rms)
+        _norm_setup_context(ctx, (x, weight, bias, eps, rms), output)
         ctx.set_materialize_grads(False)
-        return y, x.view_as(x)
+        return output[0], x.view_as(x)
 
     @staticmethod
     def backward(ctx, dy, dresidual):
@@ -202,13 +209,6 @@ def _norm_bwd_fake(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, d
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return dx, weight_like(need_weight_grad), weight_like(need_weight_grad and has_bias)
-
-
-def _norm_setup_context(ctx, inputs, output):
-    x, weight, bias, _eps, rms = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias, ctx.rms = bias is not None, rms
 
 
 def _norm_op_backward(ctx, dy, _grad_mean, _grad_rstd):
