@@ -118,8 +118,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     it can be, and the residual added by the GEMM itself when loader.gemm_add takes it."""
     # A compiled layer traces its own backward: left to F.linear.
     trains = weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    dtype = compute_dtype(x.device.type, weight.dtype)
-    if not (trains and fuses_into_main_grad(weight, dtype)):
+    dtype = compute_dtype(x.device.type, weight.dtype) if trains else None  # inference skips the lookup
+    if dtype is None or not fuses_into_main_grad(weight, dtype):
         out = F.linear(x, weight, bias)
     elif residual is not None and bias is None and x.dtype == dtype and loader.gemm_add_supported(x, weight, residual):
         return _LinearIntoMainGrad.apply(x, weight, None, dtype, residual)
