@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -86,6 +87,39 @@ inline cublasLtMatmulAlgo_t choose_algo(const AlgoKey& key, cublasLtHandle_t han
 // A workspace for one GEMM from torch's caching allocator (stream-ordered, capturable).
 inline at::Tensor workspace(const at::Tensor& like) {
   return at::empty({kWorkspaceBytes}, like.options().dtype(at::kByte));
+}
+
+// d [m, n] = (a_scale a [m, k]) @ (b_scale b [n, k])^T + beta c [m, n], all row-major, fp32
+// accumulation; beta is 1 with c (which may be d itself) and 0 without. The scales are device
+// floats (FP8 operands) or null. cuBLAS is column-major: d^T [n, m] = b @ a^T, so its first
+// operand is b ([n, k] row-major = [k, n] column-major, transposed) and its second a.
+inline void gemm_tn(const at::Tensor& a, cudaDataType_t a_type, const void* a_scale, const at::Tensor& b,
+                    cudaDataType_t b_type, const void* b_scale, const at::Tensor* c, const at::Tensor& d,
+                    cudaDataType_t d_type, const char* what) {
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  MatmulDesc desc;
+  check(cublasLtMatmulDescCreate(&desc.handle, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc create");
+  set(desc.handle, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
+  set(desc.handle, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+  if (b_scale != nullptr) set(desc.handle, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, b_scale);
+  if (a_scale != nullptr) set(desc.handle, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, a_scale);
+  Layout first, second, result;
+  check(cublasLtMatrixLayoutCreate(&first.handle, b_type, k, n, k), "layout create");
+  check(cublasLtMatrixLayoutCreate(&second.handle, a_type, k, m, k), "layout create");
+  check(cublasLtMatrixLayoutCreate(&result.handle, d_type, n, m, n), "layout create");
+
+  const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const uint32_t out_alignment = c != nullptr ? std::min(alignment(*c), alignment(d)) : alignment(d);
+  const AlgoKey key{static_cast<int>(d.get_device()), m, n, k, static_cast<int>(a_type), static_cast<int>(b_type),
+                    static_cast<int>(d_type), alignment(b), alignment(a), out_alignment};
+  const cublasLtMatmulAlgo_t algo = choose_algo(key, handle, desc.handle, first.handle, second.handle, result.handle, what);
+  const at::Tensor space = workspace(d);
+  const float alpha = 1.f, beta = c != nullptr ? 1.f : 0.f;
+  const void* c_data = c != nullptr ? c->data_ptr() : d.data_ptr();
+  check(cublasLtMatmul(handle, desc.handle, &alpha, b.data_ptr(), first.handle, a.data_ptr(), second.handle, &beta,
+                       c_data, result.handle, d.data_ptr(), result.handle, &algo, space.data_ptr(), kWorkspaceBytes,
+                       at::cuda::getCurrentCUDAStream()),
+        "matmul");
 }
 
 }  // namespace lt

@@ -61,30 +61,8 @@ void fp8_gemm_accumulate(const at::Tensor& a, const at::Tensor& a_scale, const a
     return;
   }
 
-  // cuBLAS is column-major: out row-major [m, n] is out^T column-major [n, m] = b @ a^T, so its
-  // first operand is b ([n, k] row-major = [k, n] column-major, transposed) and its second a.
-  lt::MatmulDesc desc;
-  lt::check(cublasLtMatmulDescCreate(&desc.handle, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc create");
-  lt::set(desc.handle, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
-  lt::set(desc.handle, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
-  lt::set(desc.handle, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, b_scale.data_ptr());
-  lt::set(desc.handle, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, a_scale.data_ptr());
-  lt::Layout first, second, result;
-  lt::check(cublasLtMatrixLayoutCreate(&first.handle, b_type, k, n, k), "layout create");
-  lt::check(cublasLtMatrixLayoutCreate(&second.handle, a_type, k, m, k), "layout create");
-  lt::check(cublasLtMatrixLayoutCreate(&result.handle, CUDA_R_32F, n, m, n), "layout create");
-
-  const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const lt::AlgoKey key{static_cast<int>(out.get_device()), m, n, k, static_cast<int>(a_type), static_cast<int>(b_type),
-                        static_cast<int>(CUDA_R_32F), lt::alignment(b), lt::alignment(a), lt::alignment(out)};
-  const cublasLtMatmulAlgo_t algo =
-      lt::choose_algo(key, handle, desc.handle, first.handle, second.handle, result.handle, "FP8 GEMM");
-  const at::Tensor workspace = lt::workspace(out);
-  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-  lt::check(cublasLtMatmul(handle, desc.handle, &alpha, b.data_ptr(), first.handle, a.data_ptr(), second.handle, &beta,
-                           out.data_ptr(), result.handle, out.data_ptr(), result.handle, &algo, workspace.data_ptr(),
-                           lt::kWorkspaceBytes, at::cuda::getCurrentCUDAStream()),
-            "matmul");
+  lt::gemm_tn(a, a_type, a_scale.data_ptr(), b, b_type, b_scale.data_ptr(), accumulate ? &out : nullptr, out,
+              CUDA_R_32F, "FP8 GEMM");
 }
 
 }  // namespace trellis

@@ -13,8 +13,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
-
 #include "cublaslt.h"
 #include "kernel_host.h"
 #include "trellis_gemm.h"
@@ -39,29 +37,8 @@ at::Tensor gemm_add(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   if (m == 0 || n == 0) return d;
   if (k == 0) return d.copy_(c);  // an empty product
 
-  // Column-major view, as in fp8_gemm.cu: d^T [n, m] = b [k, n]^T @ a^T [k, m] + c^T.
   const cudaDataType_t type = c.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
-  lt::MatmulDesc desc;
-  lt::check(cublasLtMatmulDescCreate(&desc.handle, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc create");
-  lt::set(desc.handle, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
-  lt::set(desc.handle, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
-  lt::Layout first, second, result;
-  lt::check(cublasLtMatrixLayoutCreate(&first.handle, type, k, n, k), "layout create");
-  lt::check(cublasLtMatrixLayoutCreate(&second.handle, type, k, m, k), "layout create");
-  lt::check(cublasLtMatrixLayoutCreate(&result.handle, type, n, m, n), "layout create");
-
-  const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const uint32_t out_alignment = std::min(lt::alignment(c), lt::alignment(d));
-  const lt::AlgoKey key{static_cast<int>(c.get_device()), m, n, k, static_cast<int>(type), static_cast<int>(type),
-                        static_cast<int>(type), lt::alignment(b), lt::alignment(a), out_alignment};
-  const cublasLtMatmulAlgo_t algo =
-      lt::choose_algo(key, handle, desc.handle, first.handle, second.handle, result.handle, "16-bit GEMM");
-  const at::Tensor workspace = lt::workspace(c);
-  const float alpha = 1.f, beta = 1.f;
-  lt::check(cublasLtMatmul(handle, desc.handle, &alpha, b.data_ptr(), first.handle, a.data_ptr(), second.handle, &beta,
-                           c.data_ptr(), result.handle, d.data_ptr(), result.handle, &algo, workspace.data_ptr(),
-                           lt::kWorkspaceBytes, at::cuda::getCurrentCUDAStream()),
-            "matmul");
+  lt::gemm_tn(a, type, nullptr, b, type, nullptr, &c, d, type, "16-bit GEMM");
   return d;
 }
 
