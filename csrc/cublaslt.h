@@ -1,6 +1,6 @@
 // cuBLASLt glue shared by the GEMMs of the trellis_gemm extension (fp8_gemm.cu,
-// residual_gemm.cu): status checks, owned descriptors, operand alignment, and one cached
-// heuristic choice per GEMM shape.
+// residual_gemm.cu): status checks, owned descriptors, operand alignment, one cached
+// heuristic choice per GEMM shape, and the one "TN" GEMM call both make (gemm_tn).
 #pragma once
 
 #include <ATen/ATen.h>
