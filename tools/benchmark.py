@@ -10,7 +10,8 @@ torch.compile) and Hugging Face LlamaForCausalLM, and reports Trellis's ratio to
 `--global-batch` larger than the micro-batch, every stack accumulates gradients over the same
 number of micro-batches per optimizer step, as a training run does.
 Extra `--section.key value` arguments go to the Trellis configuration unchanged.
-`--profile FILE` writes torch.profiler's kernel table of 2 more steps; `--idle FILE` writes
+`--profile FILE` writes the device time of 2 more steps by kind of kernel (tools/kernel_breakdown.py)
+and torch.profiler's kernel table of them; `--idle FILE` writes
 where the GPU waits during 1 more step (tools/gpu_idle.py), for finding host-side stalls.
 """
 from __future__ import annotations
@@ -123,12 +124,15 @@ def profile_steps(trainer, path: str, steps: int = PROFILED_STEPS) -> None:
     """Kernel-level time of a few training steps, sorted by device time (where it goes)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from tools.kernel_breakdown import breakdown, device_kernels, format_breakdown
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             trainer.train_step()
     sort_key = "cuda_time_total" if trainer.device.type == "cuda" else "cpu_time_total"
     with open(path, "w") as handle:
+        handle.write(format_breakdown(breakdown(device_kernels(prof)), steps) + "\n")
         handle.write(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90))
 
 
