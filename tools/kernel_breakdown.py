@@ -21,11 +21,11 @@ KINDS = (
     ("torch.compile (Triton)", r"^triton_"),
 )
 OTHER = "other (torch elementwise, reductions, indexing)"
-_COMPILED = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS]
+_PATTERNS = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS]
 
 
 def kind_of(kernel_name: str) -> str:
-    return next((kind for kind, pattern in _COMPILED if pattern.search(kernel_name)), OTHER)
+    return next((kind for kind, pattern in _PATTERNS if pattern.search(kernel_name)), OTHER)
 
 
 def device_kernels(prof) -> list:
@@ -42,8 +42,9 @@ def breakdown(kernels) -> list:
     """[(kind, µs, calls)] summed over `kernels` (name, µs, calls), largest first."""
     totals: dict = {}
     for name, micros, calls in kernels:
-        time, count = totals.get(kind_of(name), (0.0, 0))
-        totals[kind_of(name)] = (time + micros, count + calls)
+        kind = kind_of(name)
+        time, count = totals.get(kind, (0.0, 0))
+        totals[kind] = (time + micros, count + calls)
     return sorted(((kind, time, count) for kind, (time, count) in totals.items()), key=lambda row: -row[1])
 
 
