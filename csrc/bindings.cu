@@ -5,7 +5,7 @@
 #include "trellis_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE and FP8 cast CUDA kernels";
+  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast and embedding-gradient CUDA kernels";
   m.def("norm_forward", &trellis::norm_forward, "RMSNorm/LayerNorm forward -> [y, mean, rstd]",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
@@ -24,6 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("kv_heads"));
   m.def("qkv_rope_backward", &trellis::qkv_rope_backward, "QKV split + RoPE backward -> d qkv", py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("cos"), py::arg("sin"));
+  m.def("embedding_grad_accumulate", &trellis::embedding_grad_accumulate,
+        "table[ids] += grad rows, from sorted ids (deterministic)", py::arg("table"), py::arg("sorted_ids"),
+        py::arg("order"), py::arg("grad"));
   m.attr("max_norm_hidden") = trellis::max_norm_hidden();
   m.attr("max_softmax_keys") = trellis::max_softmax_keys();
 }

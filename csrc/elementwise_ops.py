@@ -1,4 +1,5 @@
-"""Autograd functions around the SwiGLU and QKV-split + RoPE kernels of trellis_kernels.
+"""Autograd functions around the SwiGLU and QKV-split + RoPE kernels of trellis_kernels, and
+the call of its embedding-gradient kernel.
 
 Eager only: under torch.compile the callers keep the torch code, which Inductor fuses itself.
 Use the dispatchers in csrc/loader.py (swiglu, split_qkv_rope); they come here only for CUDA
@@ -89,3 +90,18 @@ def split_qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: 
     """Dense q [s, b, heads, d], k and v [s, b, kv_heads, d] with RoPE on q and k (caller
     checked qkv_rope_supported)."""
     return _SplitQKVRope.apply(qkv, cos, sin, heads, kv_heads)
+
+
+def embedding_grad_supported(table: Tensor, grad_dtype: torch.dtype) -> bool:
+    """A dense, 16-byte aligned fp32 table whose rows are whole 16-byte vectors of the gradient's
+    (a kernel) dtype."""
+    return (grad_dtype in fused_ops.KERNEL_DTYPES and table.dtype == torch.float32 and table.dim() == 2
+            and table.shape[1] % _vector_elems(grad_dtype) == 0 and table.is_contiguous()
+            and table.data_ptr() % VECTOR_BYTES == 0)
+
+
+def add_embedding_grad(table: Tensor, ids: Tensor, grad: Tensor) -> None:
+    """table[ids[i]] += grad[i] on the GPU (caller checked embedding_grad_supported): the ids
+    sorted, then csrc/embedding_backward.cu over the touched rows; ids < 0 are skipped."""
+    sorted_ids, order = ids.sort(stable=True)
+    fused_ops._ext().embedding_grad_accumulate(table, sorted_ids, order, _dense(grad))

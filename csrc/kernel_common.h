@@ -46,6 +46,22 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 template <typename T>
 constexpr int vec_elems() { return 16 / static_cast<int>(sizeof(T)); }
 
+// dst[0:N] += add[0:N], 16 bytes at a time (dst 16-byte aligned, in shared or global memory).
+template <int N>
+__device__ __forceinline__ void add_float4s(float* dst, const float (&add)[N]) {
+  static_assert(N % 4 == 0, "whole 16-byte vectors only");
+  float4* d = reinterpret_cast<float4*>(dst);
+#pragma unroll
+  for (int q = 0; q < N / 4; ++q) {
+    float4 v = d[q];
+    v.x += add[4 * q];
+    v.y += add[4 * q + 1];
+    v.z += add[4 * q + 2];
+    v.w += add[4 * q + 3];
+    d[q] = v;
+  }
+}
+
 // ---------------------------------------------------------------- packed vectors
 // N elements of T held as raw 16-byte chunks, so that 16-bit data costs half a register
 // per element while it waits in registers, and every global access is a 128-bit one.

@@ -34,7 +34,7 @@ CACHE_ENV = "TRELLIS_KERNEL_CACHE"
 EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
 _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.cu", "qkv_rope.cu", "fp8_cast.cu",
-                   "bindings.cu")
+                   "embedding_backward.cu", "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
 _GEMM_SOURCES = ("fp8_gemm.cu", "residual_gemm.cu", "gemm_bindings.cu")
@@ -311,6 +311,27 @@ def swiglu_supported(h: torch.Tensor) -> bool:
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in one kernel each way (caller checked swiglu_supported)."""
     return elementwise_ops.swiglu(h)
+
+
+def embedding_grad_supported(table: torch.Tensor, grad_dtype: torch.dtype) -> bool:
+    """Whether add_embedding_grad takes gradients of `grad_dtype` into `table` with no host sync
+    and no slow path: on the CPU, or on a GPU through trellis_kernels (torch's CUDA index_put_
+    serialises the rows of a repeated id, so without the kernel the caller keeps F.embedding's
+    own backward)."""
+    if not table.is_cuda:
+        return True
+    return _eager_cuda_kernels(table) and elementwise_ops.embedding_grad_supported(table, grad_dtype)
+
+
+def add_embedding_grad(table: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> None:
+    """table[ids[i]] += grad[i] for fp32 `table` [v, h], `ids` [n] and `grad` [n, h]; ids < 0 are
+    skipped. Each id's rows are summed in one fixed order, so the bits are the same on every run."""
+    ids, grad = ids.reshape(-1).long(), grad.reshape(-1, grad.shape[-1])
+    if table.is_cuda:
+        elementwise_ops.add_embedding_grad(table, ids, grad)
+    else:  # the CPU's index_put_ accumulates serially, in the ids' order
+        keep = ids >= 0
+        table.index_put_((ids[keep],), grad[keep].to(torch.float32), accumulate=True)
 
 
 def split_qkv_rope_supported(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -22,21 +22,6 @@
 
 namespace trellis {
 
-// dst[0:N] += add[0:N] in shared memory, 16 bytes at a time (dst is 16-byte aligned).
-template <int N>
-__device__ __forceinline__ void shared_add(float* dst, const float (&add)[N]) {
-  float4* d = reinterpret_cast<float4*>(dst);
-#pragma unroll
-  for (int q = 0; q < N / 4; ++q) {
-    float4 v = d[q];
-    v.x += add[4 * q];
-    v.y += add[4 * q + 1];
-    v.z += add[4 * q + 2];
-    v.w += add[4 * q + 3];
-    d[q] = v;
-  }
-}
-
 // Whether a thread keeps its weight-gradient sums in registers: up to 4 vectors of the row
 // (dy and x, 4 registers per 16-byte vector each) and up to 64 sums (one per column and
 // gradient), which stays under the 128 registers that 512-thread blocks allow without
@@ -106,8 +91,8 @@ struct GradSums {
         if constexpr (kGrads == 2) regs[kSlots - 1][i][j] += db[j];
       }
     } else if constexpr (kGrads > 0) {
-      shared_add<kVec>(shared_at(0, v), dw);
-      if constexpr (kGrads == 2) shared_add<kVec>(shared_at(1, v), db);
+      add_float4s<kVec>(shared_at(0, v), dw);
+      if constexpr (kGrads == 2) add_float4s<kVec>(shared_at(1, v), db);
     }
   }
 

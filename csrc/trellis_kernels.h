@@ -55,4 +55,10 @@ std::vector<at::Tensor> qkv_rope_forward(const at::Tensor& qkv, const at::Tensor
 at::Tensor qkv_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cos,
                              const at::Tensor& sin);
 
+// table [v, hidden] (float32, a weight's gradient buffer) += grad [n, hidden] rows at their
+// ids, given sorted (stable) int64 ids and the sort's order; ids < 0 are skipped. Each id's rows
+// are summed in sorted order in fp32 and added once, so the result is the same on every run.
+void embedding_grad_accumulate(const at::Tensor& table, const at::Tensor& sorted_ids, const at::Tensor& order,
+                               const at::Tensor& grad);
+
 }  // namespace trellis

@@ -42,8 +42,10 @@ class GPTModel(nn.Module):
         self.layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
         factory = dict(device=device, dtype=dtype)
         if pre_process:
+            # Tied on a stage that also has the output layer, the table gets two gradients.
             self.embedding = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, tp_group,
-                                                    sequence_parallel=self.sequence_parallel, **factory)
+                                                    sequence_parallel=self.sequence_parallel,
+                                                    sole_use=not (cfg.tie_embeddings and post_process), **factory)
             if cfg.position_embedding == "learned":
                 shape = (cfg.max_position_embeddings, cfg.hidden_size)
                 self.position_embedding = attach(nn.Parameter(torch.empty(shape, **factory)), ShardSpec(shape))

@@ -8,10 +8,9 @@ without the model code changing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from parallel import comm, main_grad_linear
+from parallel import comm, main_grad_embedding, main_grad_linear
 from parallel.mappings import (
     copy_to_tp,
     gather_from_sp,
@@ -103,25 +102,28 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; each rank looks up the ids it owns and the
     partial results are summed (or reduce-scattered along the sequence)."""
 
-    def __init__(self, num_embeddings, dim, tp_group, sequence_parallel=False, device=None, dtype=None):
+    def __init__(self, num_embeddings, dim, tp_group, sequence_parallel=False, sole_use=True, device=None,
+                 dtype=None):
+        """sole_use: the weight gets no other gradient (not tied to an output layer on this stage),
+        so the lookup's backward may add its gradient straight into main_grad."""
         super().__init__()
         self.tp_group, self.tp = tp_group, comm.group_size(tp_group)
         check_divisible((num_embeddings,), self.tp, "vocabulary")
         rank = torch.distributed.get_rank(tp_group) if self.tp > 1 else 0
         self.per_rank = num_embeddings // self.tp
         self.vocab_start = rank * self.per_rank
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.sole_use = sequence_parallel, sole_use
         spec = ShardSpec((num_embeddings, dim), 0, (), rank, self.tp)
         self.weight = _param(spec.local_shape(), spec, device, dtype)
 
     def forward(self, ids):
         """ids: [s, b] -> [s, b, dim] (or [s/tp, b, dim] under sequence parallelism)."""
         if self.tp == 1:
-            out = F.embedding(ids, self.weight)
+            out = main_grad_embedding.embedding(ids, self.weight, self.sole_use)
         else:
             local = ids - self.vocab_start
             outside = (local < 0) | (local >= self.per_rank)
-            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out = main_grad_embedding.embedding(local.masked_fill(outside, 0), self.weight, self.sole_use, outside)
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_to_sp(out, self.tp_group)

@@ -54,7 +54,9 @@ def train_around_bad_step(overrides: dict, bad_step: int, mode: str) -> dict:
     import torch
 
     trainer = build_trainer(overrides)
-    records, weight = [], trainer.model.embedding.weight
+    # A norm's weight: its gradient arrives in .grad, where a hook can replace it (the linears'
+    # and the embedding's go straight into main_grad in their backward).
+    records, weight = [], trainer.model.final_norm.weight
     for _ in range(trainer.cfg.train.iters):
         if trainer.step == bad_step and mode == "omit":
             trainer.step += 1

@@ -2,7 +2,6 @@
 gradient buffer's hook must then count it without adding it a second time."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel import main_grad_linear
@@ -15,15 +14,6 @@ def _reference_grads(x_batches, weight, bias):
     for x in x_batches:
         F.linear(x, w, b).pow(2).sum().backward()
     return w.grad, b.grad
-
-
-@pytest.fixture
-def one_process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_weight_grad_goes_into_main_grad_and_the_bucket_counts_it(one_process_group):
