@@ -5,7 +5,7 @@
 #include "trellis_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast and embedding-gradient CUDA kernels";
+  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast, embedding-gradient and AdamW CUDA kernels";
   m.def("norm_forward", &trellis::norm_forward, "RMSNorm/LayerNorm forward -> [y, mean, rstd]",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
@@ -27,6 +27,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embedding_grad_accumulate", &trellis::embedding_grad_accumulate,
         "table[ids] += grad rows, from sorted ids (deterministic)", py::arg("table"), py::arg("sorted_ids"),
         py::arg("order"), py::arg("grad"));
+  m.def("adamw_step", &trellis::adamw_step,
+        "AdamW step in place over flat float32 master/grad/moments, optionally writing the 16-bit weights",
+        py::arg("master"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("model_out"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
+        py::arg("grad_scale") = py::none());
   m.attr("max_norm_hidden") = trellis::max_norm_hidden();
   m.attr("max_softmax_keys") = trellis::max_softmax_keys();
 }

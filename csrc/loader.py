@@ -34,7 +34,7 @@ CACHE_ENV = "TRELLIS_KERNEL_CACHE"
 EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
 _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.cu", "qkv_rope.cu", "fp8_cast.cu",
-                   "embedding_backward.cu", "bindings.cu")
+                   "embedding_backward.cu", "adamw.cu", "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
 _GEMM_SOURCES = ("fp8_gemm.cu", "residual_gemm.cu", "gemm_bindings.cu")

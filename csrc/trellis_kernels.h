@@ -61,4 +61,14 @@ at::Tensor qkv_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const a
 void embedding_grad_accumulate(const at::Tensor& table, const at::Tensor& sorted_ids, const at::Tensor& order,
                                const at::Tensor& grad);
 
+// One AdamW step (torch.optim.AdamW's math, decoupled weight decay) over flat float32 tensors
+// of one length, in place: master, exp_avg and exp_avg_sq are updated from grad x grad_scale
+// (grad_scale: optional one-element float32 on the device, read there, so no host sync), and
+// model_out (optional, bfloat16 or float16) receives the new master rounded to its dtype.
+// `step` counts this update (1 for the first). All tensors contiguous and 16-byte aligned.
+void adamw_step(const at::Tensor& master, const at::Tensor& grad, const at::Tensor& exp_avg,
+                const at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& model_out, double lr, double beta1,
+                double beta2, double eps, double weight_decay, int64_t step,
+                const c10::optional<at::Tensor>& grad_scale);
+
 }  // namespace trellis
