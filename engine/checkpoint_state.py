@@ -143,6 +143,9 @@ def optimizer_load_targets(chunks, stored_shapes: dict) -> dict:
             candidates = [base] + [base + suffix for suffix, _ in local_blocks(name, param.detach(), param)]
             for tensor_key in candidates:
                 for state_name, is_scalar in states_by_key.get(tensor_key, {}).items():
-                    empty = torch.zeros((), dtype=torch.float32) if is_scalar else torch.zeros_like(param.detach())
+                    # fp32 whatever the weight's dtype: masters and moments are saved in fp32, and a
+                    # bf16 target would round them on load (a resume would not be bit for bit).
+                    empty = torch.zeros((), dtype=torch.float32) if is_scalar else torch.zeros_like(
+                        param.detach(), dtype=torch.float32)
                     targets.setdefault(name, {})[state_name] = empty
     return targets
