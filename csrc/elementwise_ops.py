@@ -1,5 +1,5 @@
 """Autograd functions around the SwiGLU and QKV-split + RoPE kernels of trellis_kernels, and
-the call of its embedding-gradient kernel.
+the calls of its embedding-gradient and AdamW kernels.
 
 Eager only: under torch.compile the callers keep the torch code, which Inductor fuses itself.
 Use the dispatchers in csrc/loader.py (swiglu, split_qkv_rope); they come here only for CUDA
@@ -105,3 +105,15 @@ def add_embedding_grad(table: Tensor, ids: Tensor, grad: Tensor) -> None:
     sorted, then csrc/embedding_backward.cu over the touched rows; ids < 0 are skipped."""
     sorted_ids, order = ids.sort(stable=True)
     fused_ops._ext().embedding_grad_accumulate(table, sorted_ids, order, _dense(grad))
+
+
+def adamw_supported(master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, model_out) -> bool:
+    """Dense, 16-byte aligned fp32 state of one length on one device, and a bf16/fp16 model_out
+    like it (or None): what csrc/adamw.cu reads as 16-byte vectors."""
+    states = (master, grad, exp_avg, exp_avg_sq)
+    if model_out is not None and model_out.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    tensors = states + (() if model_out is None else (model_out,))
+    return (all(t.dtype == torch.float32 for t in states)
+            and all(t.device == master.device and t.numel() == master.numel() and t.is_contiguous()
+                    and t.data_ptr() % VECTOR_BYTES == 0 for t in tensors))

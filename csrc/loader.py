@@ -334,6 +334,37 @@ def add_embedding_grad(table: torch.Tensor, ids: torch.Tensor, grad: torch.Tenso
         table.index_put_((ids[keep],), grad[keep].to(torch.float32), accumulate=True)
 
 
+def adamw_step_reference(master, grad, exp_avg, exp_avg_sq, model_out, *, lr: float, beta1: float, beta2: float,
+                         eps: float, weight_decay: float, step: int, grad_scale=None) -> None:
+    """One AdamW update in place, in torch.optim.AdamW's own ops and order (its foreach path), so
+    the results are the same bits: decoupled decay, lerp for exp_avg, bias corrections in double.
+    `grad` is read, never written (it is multiplied by `grad_scale` into a temporary)."""
+    g = grad if grad_scale is None else grad * grad_scale
+    if weight_decay != 0:
+        master.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+    denom = exp_avg_sq.sqrt().div_(bias_correction2 ** 0.5).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+    if model_out is not None:
+        model_out.copy_(master)
+
+
+def adamw_step(master, grad, exp_avg, exp_avg_sq, model_out, *, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float, step: int, grad_scale=None) -> None:
+    """AdamW on flat fp32 `master`, `exp_avg`, `exp_avg_sq` from fp32 `grad` x `grad_scale` (a
+    0-d fp32 tensor or None), in place, writing the new master into `model_out` (bf16/fp16, or
+    None) too; `step` counts this update. On a GPU one kernel pass (csrc/adamw.cu) where it takes
+    the tensors, else adamw_step_reference."""
+    options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                   grad_scale=grad_scale)
+    if _eager_cuda_kernels(master) and elementwise_ops.adamw_supported(master, grad, exp_avg, exp_avg_sq, model_out):
+        kernels().adamw_step(master, grad, exp_avg, exp_avg_sq, model_out, **options)
+    else:
+        adamw_step_reference(master, grad, exp_avg, exp_avg_sq, model_out, **options)
+
+
 def split_qkv_rope_supported(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the QKV split + RoPE kernel takes these (fp32 [s, d] cos/sin tables only)."""
     return (cos is not None and _eager_cuda_kernels(qkv)

@@ -128,6 +128,7 @@ class OptimConfig:
     galore_update_interval: int = 200  # steps between projection refreshes (SVD of the gradient)
     galore_scale: float = 0.25  # factor on the projected-back update (the paper's alpha)
     galore_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["layers.*"])  # 2-D weights projected
+    flat_adamw: str = "auto"  # auto (on for adamw with bf16/fp16 weights on a GPU) | true | false: engine/flat_adamw.py
 
 
 FINETUNE_METHODS = ("none", "lora", "qlora")
@@ -524,6 +525,11 @@ def validate_optim(o: OptimConfig) -> None:
     _require(o.galore_update_interval >= 1, "optim.galore_update_interval",
              f"must be at least 1, got {o.galore_update_interval}")
     _require(o.galore_scale > 0, "optim.galore_scale", f"must be positive, got {o.galore_scale}")
+    o.flat_adamw = str(o.flat_adamw).lower()  # a YAML true arrives as "True"
+    _require(o.flat_adamw in ("auto", "true", "false"), "optim.flat_adamw",
+             f"must be auto, true or false; got {o.flat_adamw!r}")
+    _require(o.flat_adamw != "true" or o.name == "adamw", "optim.flat_adamw",
+             f"true needs optim.name adamw (it is an AdamW step), got {o.name!r}; use auto or false")
 
 
 def describe_keys() -> str:

@@ -14,6 +14,7 @@ import math
 import torch
 
 from engine.config import OptimConfig
+from engine.flat_adamw import FlatAdamW, use_flat_adamw
 from engine.galore import GaLoreAdamW, galore_options
 from engine.lion import Lion
 from engine.loss_scaler import DynamicLossScaler
@@ -86,6 +87,10 @@ class TrainingOptimizer:
         options_of = galore_options(optim_cfg) if optim_cfg.name == "galore_adamw" else None
         groups = param_groups(self.pieces, train_cfg.weight_decay, options_of)
         self.inner = build_torch_optimizer(groups, train_cfg, optim_cfg, device)
+        # One pass per run of pieces that also writes the 16-bit weights (engine/flat_adamw.py);
+        # the torch AdamW then only holds the param groups and the state the checkpoints read.
+        use_flat = use_flat_adamw(optim_cfg.flat_adamw, optim_cfg.name, device, self.pieces)
+        self.flat = FlatAdamW(self.inner, self.master_shards) if use_flat else None
         self.scaler = None
         if self.precision == "fp16":
             o = optim_cfg
@@ -143,7 +148,8 @@ class TrainingOptimizer:
         stats["clipped"] = coef is not None
         self.apply_update(grads, coef)
         self.steps_taken += 1
-        copy_masters_to_model(self.master_shards)
+        if self.flat is None:  # the flat AdamW wrote the model weights in its pass
+            copy_masters_to_model(self.master_shards)
         for buffer in self.buffers:
             buffer.launch_param_gather()
         if not self.optim_cfg.overlap_param_gather:
@@ -151,11 +157,14 @@ class TrainingOptimizer:
         return stats
 
     def apply_update(self, grads, clip_coef) -> None:
-        """The inner step on gradients scaled by clip_coef (None: unscaled). torch's fused
-        Adam/AdamW divides each gradient by `grad_scale` inside its kernel, which saves a pass
-        over all fp32 gradients; other optimizers get the scaling as its own pass."""
+        """The inner step on gradients scaled by clip_coef (None: unscaled). The flat AdamW and
+        torch's fused Adam/AdamW scale each gradient inside their kernels (torch's divides by
+        `grad_scale`), which saves a pass over all fp32 gradients; other optimizers get the
+        scaling as its own pass."""
         fused_adam = isinstance(self.inner, (torch.optim.Adam, torch.optim.AdamW)) and self.inner.defaults.get("fused")
-        if clip_coef is None:
+        if self.flat is not None:
+            self.flat.step(clip_coef)
+        elif clip_coef is None:
             self.inner.step()
         elif fused_adam:
             self.inner.grad_scale = clip_coef.reciprocal()
@@ -235,6 +244,7 @@ class TrainingOptimizer:
         by_name = {k: v for k, v in state.items() if not k.startswith("__")}
         for named, pieces in zip(self.named_by_chunk, self.pieces_by_buffer):
             load_state_by_name(self.layout_free(named, pieces)[1], self.inner.state, by_name, step_state)
+        self.adopt_loaded_state()
 
     # ---- state that belongs to one TP shard (GaLore's projections) --------------------------
     def piece_names(self) -> dict:
@@ -273,6 +283,12 @@ class TrainingOptimizer:
         self.steps_taken = int(state["steps_taken"])
         if self.scaler and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
+        self.adopt_loaded_state()
+
+    def adopt_loaded_state(self) -> None:
+        """A load replaced the inner optimizer's state tensors: the flat AdamW takes them back."""
+        if self.flat is not None:
+            self.flat.adopt_state()
 
 
 def build_optimizer(model_chunks, grid, train_cfg, device, optim_cfg: OptimConfig | None = None) -> TrainingOptimizer:

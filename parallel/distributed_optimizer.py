@@ -41,10 +41,15 @@ class Piece:
 
 @dataclasses.dataclass
 class MasterShard:
-    """A bucket's shard of the model weights (bf16/fp16) and its fp32 master, both flat, so the
-    post-step copy is one kernel a bucket instead of one a parameter."""
+    """A bucket's shard of the model weights (bf16/fp16), its fp32 master and its main_grad, all
+    flat and of one layout, so the post-step copy (or a flat optimizer, engine/flat_adamw.py) is
+    one kernel a bucket instead of one a parameter."""
     model: torch.Tensor
     master: torch.Tensor
+    grad: torch.Tensor
+    # (piece, lo, hi): where each piece's master lies in `master`, in buffer order. Padding
+    # between parameters (a parameter starts at a multiple of 64 elements) separates the spans.
+    spans: list = dataclasses.field(default_factory=list)
 
 
 def owned_pieces(buffer) -> tuple:
@@ -56,7 +61,7 @@ def owned_pieces(buffer) -> tuple:
         model_flat = buffer.param_data[shard_start:shard_end]
         shard = None
         if model_flat.dtype != torch.float32:
-            shard = MasterShard(model_flat, model_flat.detach().float())
+            shard = MasterShard(model_flat, model_flat.detach().float(), buffer.grad_data[shard_start:shard_end])
             shards.append(shard)
         for param in bucket.params:
             p_start, p_end = buffer.param_range(param)
@@ -68,6 +73,8 @@ def owned_pieces(buffer) -> tuple:
                 piece.main = view if shard is None else shard.master[lo - shard_start:hi - shard_start].view(view.shape)
                 piece.main.grad = piece.grad_view()
                 pieces.append(piece)
+                if shard is not None:
+                    shard.spans.append((piece, lo - shard_start, hi - shard_start))
     return pieces, shards
 
 

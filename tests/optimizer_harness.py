@@ -73,3 +73,86 @@ def train_around_bad_step(overrides: dict, bad_step: int, mode: str) -> dict:
             hook.remove()
         records.append(record)
     return finish(trainer, records)
+
+
+# ---- optimizer steps on given gradients (the flat AdamW tests) -----------------------------
+def _set_gradients(optimizer, step: int) -> None:
+    """Seeded gradients in every main_grad, the same on every rank: large on even steps (the
+    0.5 clip triggers), small on odd ones (it does not); the LR warms up then decays."""
+    import torch
+
+    optimizer.zero_grad()
+    generator = torch.Generator().manual_seed(1000 + step)
+    scale = 1.0 if step % 2 == 0 else 1e-4
+    for buffer in optimizer.buffers:
+        for param in sorted(buffer.names, key=buffer.names.get):
+            param.main_grad.copy_(torch.randn(param.shape, generator=generator) * scale)
+    lr = 3e-3 * min(1.0, (step + 1) / 2) * 0.8 ** step
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def _optimizer_snapshot(optimizer, trainer) -> dict:
+    """The gathered masters and moments (param_state_by_name) and the model weights."""
+    state = optimizer.param_state_by_name()
+    weights = {name: p.detach().float().clone() for name, p in trainer.model.named_parameters()}
+    return {"state": state, "weights": weights}
+
+
+def _restore(trainer, saved, mode: str) -> None:
+    """Load what `saved` holds back into the live trainer: its weights, then its optimizer state
+    through param_state_by_name's structure or through state_dict (serialised, as a file is)."""
+    import io
+
+    import torch
+
+    optimizer = trainer.optimizer
+    for buffer, data in zip(optimizer.buffers, saved["param_data"]):
+        buffer.param_data.copy_(data)
+    if mode == "by_name":
+        optimizer.load_param_state_by_name(saved["optimizer"])
+    else:
+        optimizer.load_state_dict(torch.load(io.BytesIO(saved["optimizer"]), weights_only=True))
+
+
+def _save(trainer, mode: str) -> dict:
+    import copy
+    import io
+
+    import torch
+
+    optimizer = trainer.optimizer
+    if mode == "by_name":
+        state = copy.deepcopy(optimizer.param_state_by_name())
+    else:
+        state = io.BytesIO()
+        torch.save(optimizer.state_dict(), state)
+        state = state.getvalue()
+    return {"param_data": [b.param_data.clone() for b in optimizer.buffers], "optimizer": state}
+
+
+def given_gradient_steps(overrides: dict, steps: int, resume_mode: str | None = None, resume_at: int = 3) -> dict:
+    """`steps` optimizer steps on _set_gradients' gradients; a snapshot after each. With
+    resume_mode ("by_name" or "state_dict") the state after `resume_at` steps is saved, the run
+    goes on to the end, then is put back to the saved state and runs the last steps again
+    ("again": those snapshots)."""
+    from engine.training import shutdown
+
+    trainer = build_trainer(overrides)
+    optimizer = trainer.optimizer
+    result = {"flat": optimizer.flat is not None, "clipped": [], "snapshots": [], "again": []}
+    saved = None
+    for step in range(steps):
+        if step == resume_at and resume_mode:
+            saved = _save(trainer, resume_mode)
+        _set_gradients(optimizer, step)
+        result["clipped"].append(optimizer.step()["clipped"])
+        result["snapshots"].append(_optimizer_snapshot(optimizer, trainer))
+    if saved is not None:
+        _restore(trainer, saved, resume_mode)
+        for step in range(resume_at, steps):
+            _set_gradients(optimizer, step)
+            optimizer.step()
+            result["again"].append(_optimizer_snapshot(optimizer, trainer))
+    shutdown()
+    return result
