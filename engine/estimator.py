@@ -40,8 +40,8 @@ FP8_OVER_BF16 = 1.275
 DEFAULT_TFLOPS = {"bf16": BF16_TFLOPS, "fp16": 383.0, "fp8": BF16_TFLOPS * FP8_OVER_BF16, "bf16-autocast": 300.0,
                   "fp32": 50.0}
 COMPILE_TFLOPS_GAIN = 0.98  # bf16 + model.compile against bf16 eager on llama-1.3b (46129 / 47119)
-OPTIMIZER_BYTES_PER_PARAM = 34  # fused AdamW: read/write masters and moments, read grads, write weights
-HBM_BYTES_PER_S = 3.4e12  # achieved by the fused AdamW on an H200 (13.6 ms for 1.36B params, the same fit)
+OPTIMIZER_BYTES_PER_PARAM = 34  # flat AdamW: read/write masters and moments, read grads, write weights
+HBM_BYTES_PER_S = 4.4e12  # the flat AdamW pass alone on an H200 (csrc/adamw.cu: 10.46 ms for 1.36B params)
 CE_CHUNK_TOKENS = 2048  # parallel/linear_cross_entropy.py keeps logits for this many tokens at a time
 # Sequence parallelism's extra collectives and copies lengthen the host's per-layer time
 # (6.2 against 5.3 ms per layer and micro-batch, TP=2 with and without SP on 4 H200s).
