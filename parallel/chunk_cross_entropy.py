@@ -1,13 +1,15 @@
-"""Loss and logit gradient of one chunk of fp32 logits in three passes, for the chunked output
+"""Loss and logit gradient of one chunk of fp32 logits in two passes, for the chunked output
 layer (parallel/linear_cross_entropy.py).
 
 Done op by op (parallel/cross_entropy.py: max, subtract, exp, sum, divide, one-hot, weight,
 cast) that is about nine passes over the chunk's fp32 logits (256 MiB for 2048 tokens of a
 32k vocabulary), a few percent of a llama-1.3b step on an H100. Here each pass is one
-function that torch.compile fuses into one kernel on CUDA: the row max; the sum of
-exponentials with the target's logit; and the gradient, written straight in the compute
-dtype. The TP all-reduces of the max, the sum and the target logit sit between the passes.
-On CPU the same functions run eagerly.
+function that torch.compile fuses into one kernel on CUDA: the row statistics (max, sum of
+exponentials, target logit) in one read of the logits, and the gradient, written straight in
+the compute dtype. Under tensor parallelism each rank's sum is taken against its own max and
+rescaled to the global max after the max's all-reduce, so the statistics still take one read;
+the all-reduces of the max, the sum and the target logit sit between the two passes. On CPU
+the same functions run eagerly.
 """
 from __future__ import annotations
 
@@ -26,15 +28,20 @@ def _masked(logits, valid: int):
     return logits.masked_fill(columns >= valid, float("-inf"))
 
 
-def _row_max(logits, valid: int):
-    return _masked(logits, valid).amax(dim=-1)
+def _row_stats(logits, valid: int, index, outside):
+    """(row max, sum of exp(logit - row max), target logit or 0 where the target is on another
+    rank), from one read of the logits."""
+    masked = _masked(logits, valid)
+    row_max = masked.amax(dim=-1)
+    sum_exp = (masked - row_max.unsqueeze(-1)).exp().sum(dim=-1)
+    target = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+    return row_max, sum_exp, target
 
 
-def _row_sums(logits, valid: int, row_max, index, outside):
-    """(sum of exp(logit - max), target logit - max, 0 where the target is on another rank)."""
-    shifted = _masked(logits, valid) - row_max.unsqueeze(-1)
-    target = shifted.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-    return shifted.exp().sum(dim=-1), target
+def _rescaled_sums(sum_exp, local_max, global_max):
+    """Each rank's sum of exponentials against the global max; 0 for a row whose columns on this
+    rank are all vocabulary padding (its local max is -inf and its sum NaN)."""
+    return torch.where(local_max == float("-inf"), 0.0, sum_exp * (local_max - global_max).exp())
 
 
 def _logit_grad(logits, valid: int, row_max, sum_exp, index, outside, token_weights, dtype: torch.dtype):
@@ -55,12 +62,14 @@ class ChunkSoftmax:
     def __init__(self, logits, target, group, vocab_start: int, vocab_size: int):
         self.logits, self.valid = logits, valid_columns(vocab_size, vocab_start, logits.shape[-1])
         self.index, self.outside = local_targets(target, vocab_start, logits.shape[-1])
-        self.row_max = _run(_row_max, logits, self.valid)
-        comm.all_reduce(self.row_max, group, op=torch.distributed.ReduceOp.MAX)
-        self.sum_exp, target_logit = _run(_row_sums, logits, self.valid, self.row_max, self.index, self.outside)
-        comm.all_reduce(self.sum_exp, group)
-        comm.all_reduce(target_logit, group)
-        self.loss = self.sum_exp.log() - target_logit  # per token, fp32
+        self.row_max, self.sum_exp, target_logit = _run(_row_stats, logits, self.valid, self.index, self.outside)
+        if comm.group_size(group) > 1:
+            local_max = self.row_max.clone()
+            comm.all_reduce(self.row_max, group, op=torch.distributed.ReduceOp.MAX)
+            self.sum_exp = _rescaled_sums(self.sum_exp, local_max, self.row_max)
+            comm.all_reduce(self.sum_exp, group)
+            comm.all_reduce(target_logit, group)
+        self.loss = self.sum_exp.log() - (target_logit - self.row_max)  # per token, fp32
 
     def logit_grad(self, token_weights, dtype: torch.dtype):
         """d(sum of weight x loss) / d(local logits), in `dtype`."""

@@ -11,7 +11,7 @@ def _reference(hidden, weight, labels, token_weights, vocab_size):
     return (loss * token_weights).sum(), loss
 
 
-def _check(tp):
+def _check(tp, vocab=21):
     import torch.distributed as dist
 
     from parallel.grid import build_grid, init_distributed
@@ -21,7 +21,7 @@ def _check(tp):
     init_distributed("cpu")
     grid = build_grid(tp=tp)
     torch.manual_seed(0)
-    tokens, dim, padded, vocab = 37, 16, 24, 21  # 3 padding rows, odd chunking
+    tokens, dim, padded = 37, 16, 24  # padding rows from `vocab` on, odd chunking
     hidden = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(padded, dim, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,))
@@ -50,6 +50,12 @@ def test_matches_plain_cross_entropy_serial():
 
 def test_matches_plain_cross_entropy_vocab_parallel():
     assert run_distributed(_check, 2, 2) == [True, True]
+
+
+def test_vocab_parallel_with_a_rank_of_padding_only():
+    """At vocab 17 of 24 rows over 4 ranks, rank 3 holds only padding: its local softmax sums
+    are empty and must add nothing (not NaN) to the others'."""
+    assert run_distributed(_check, 4, 4, 17) == [True] * 4
 
 
 def _check_token_losses(tp, sole_use):
