@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from csrc.build_lock import exclusive_build_dir
+
 logger = logging.getLogger("trellis.kernels")
 
 DISABLE_ENV = "TRELLIS_DISABLE_KERNELS"
@@ -163,8 +165,9 @@ _built_modules: dict = {}
 def build_kernels(verbose: bool = False):
     """Compile (or load from the cache) the CUDA extension and return it. Raises on failure.
 
-    Builds at most once per process. Safe to call from several processes at once: torch's
-    loader takes a file lock in the build directory, so one compiles and the others wait.
+    Builds at most once per process. Safe to call from several processes at once: one
+    compiles and the others wait (csrc/build_lock.py), and a build killed midway does not
+    leave the later ones waiting forever.
     """
     return _build_once(EXTENSION_NAME, _KERNEL_SOURCES, kernel_cache_dir(), (), verbose)
 
@@ -203,19 +206,19 @@ def _compile_extension(name: str, sources: tuple, build_dir: Path, ldflags: tupl
 
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to the CUDA toolkit")
-    build_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(_CSRC_DIR / source) for source in sources],
-        extra_include_paths=[str(_CSRC_DIR)],
-        extra_cflags=["-O3"],
-        # -lineinfo maps SASS back to source in profilers and costs nothing at run time.
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *cuda_arch_flags()],
-        extra_ldflags=list(ldflags),
-        build_directory=str(build_dir),
-        verbose=verbose,
-    )
+    with exclusive_build_dir(build_dir):  # a killed build's lock file would hang torch's load
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(_CSRC_DIR / source) for source in sources],
+            extra_include_paths=[str(_CSRC_DIR)],
+            extra_cflags=["-O3"],
+            # -lineinfo maps SASS back to source in profilers and costs nothing at run time.
+            extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *cuda_arch_flags()],
+            extra_ldflags=list(ldflags),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
     logger.info("%s ready in %.1fs (%s)", name, time.perf_counter() - started, build_dir)
     return module
 
