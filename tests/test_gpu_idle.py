@@ -66,3 +66,19 @@ def test_benchmark_idle_needs_cuda(tmp_path):
     assert extra_steps(parse_cli([])[0]) == 0
     with pytest.raises(SystemExit, match="--idle needs a CUDA device"):
         write_idle_report(types.SimpleNamespace(device=torch.device("cpu")), str(tmp_path / "idle.txt"))
+
+
+def test_idle_before_each_kind_of_device_op():
+    # Two memsets before GEMMs: each one's run and the spacing before it are charged to memsets.
+    events = [kernel("nvjet_sm90_gemm", 0, 100, 1), kernel("Memset (Device)", 110, 2, 2, cat="gpu_memset"),
+              kernel("nvjet_sm90_gemm", 115, 100, 3), kernel("Memset (Device)", 225, 2, 4, cat="gpu_memset"),
+              kernel("void trellis::norm_forward_kernel", 230, 20, 5)]
+    rows = {row["kind"]: row for row in gpu_idle.idle_report(events)["by_kind"]}
+    assert rows["GEMM"]["ops"] == 2 and rows["GEMM"]["device_ms"] == pytest.approx(0.2)
+    assert rows["GEMM"]["idle_before_ms"] == pytest.approx(0.003)
+    memsets = rows["memset and memcpy"]
+    assert (memsets["ops"], memsets["device_ms"], memsets["idle_before_ms"]) == (2, pytest.approx(0.004),
+                                                                                  pytest.approx(0.020))
+    assert rows["Trellis kernels"]["idle_before_ms"] == pytest.approx(0.003)
+    text = gpu_idle.format_report(gpu_idle.idle_report(events))
+    assert "| memset and memcpy | 2 | 0.00 | 0.02 |" in text

@@ -4,6 +4,9 @@ A gap is time with no kernel, memcpy or memset running on the GPU. Each gap is c
 device operation that ends it and to the host ops around that operation's launch (innermost
 first): a gap before `aten::mm < aten::linear` means the host issued that GEMM late, after the
 GPU had run out of work. Gaps shorter than SMALL_GAP_US are counted together as launch spacing.
+A second table sums, by kind of device op (tools/kernel_breakdown.py's kinds), the ops, their
+device time and the idle time just before them: many short ops of one kind (cuBLAS's memsets,
+say) cost their spacing as well as their run time.
 
     python3 tools/benchmark.py --preset llama-1.3b --global-batch 32 --steps 3 --warmup 2 --idle idle.txt
     python3 tools/gpu_idle.py TRACE.json            (a trace exported by torch.profiler)
@@ -16,6 +19,12 @@ import argparse
 import bisect
 import collections
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.kernel_breakdown import kind_of  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATEGORIES = ("cpu_op", "python_function", "user_annotation")
@@ -73,7 +82,8 @@ class HostOps:
 def idle_report(events: list, top: int = 15, analysed_gaps: int = 400) -> dict:
     """Busy and idle time of the trace, and the idle time by (next device op, launching host ops)
     for the `analysed_gaps` longest gaps of at least SMALL_GAP_US."""
-    busy, span, gaps = find_gaps(device_events(events))
+    device = device_events(events)
+    busy, span, gaps = find_gaps(device)
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
     host = HostOps(events)
@@ -86,12 +96,26 @@ def idle_report(events: list, top: int = 15, analysed_gaps: int = 400) -> dict:
         by_cause[cause] += gap
         counts[cause] += 1
     return {
+        "by_kind": by_kind(device, gaps),
         "span_ms": span / 1000, "busy_ms": busy / 1000, "idle_ms": (span - busy) / 1000,
         "small_gaps_ms": sum(g for g, _ in gaps if g < SMALL_GAP_US) / 1000,
         "small_gaps": sum(1 for g, _ in gaps if g < SMALL_GAP_US),
         "causes": [{"idle_ms": ms / 1000, "gaps": counts[cause], "next_device_op": cause[0], "launched_in": cause[1]}
                    for cause, ms in by_cause.most_common(top)],
     }
+
+
+def by_kind(device: list, gaps: list) -> list:
+    """[{kind, ops, device_ms, idle_before_ms}] for every kind of device op, most costly first."""
+    rows = collections.defaultdict(lambda: {"ops": 0, "device_ms": 0.0, "idle_before_ms": 0.0})
+    for event in device:
+        row = rows[kind_of(event["name"])]
+        row["ops"] += 1
+        row["device_ms"] += event["dur"] / 1000
+    for gap, event in gaps:
+        rows[kind_of(event["name"])]["idle_before_ms"] += gap / 1000
+    return sorted(({"kind": kind, **row} for kind, row in rows.items()),
+                  key=lambda row: -(row["device_ms"] + row["idle_before_ms"]))
 
 
 def format_report(report: dict) -> str:
@@ -104,6 +128,8 @@ def format_report(report: dict) -> str:
              "", "| idle ms | gaps | next device op | launched inside (innermost first) |", "|---:|---:|---|---|"]
     lines += [f"| {c['idle_ms']:.2f} | {c['gaps']} | {c['next_device_op']} | {c['launched_in']} |"
               for c in report["causes"]]
+    lines += ["", "| kind of device op | ops | device ms | idle before them ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['kind']} | {r['ops']} | {r['device_ms']:.2f} | {r['idle_before_ms']:.2f} |" for r in report["by_kind"]]
     return "\n".join(lines) + "\n"
 
 
