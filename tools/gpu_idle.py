@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.kernel_breakdown import kind_of  # noqa: E402
+from tools.kernel_breakdown import breakdown, kind_of  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATEGORIES = ("cpu_op", "python_function", "user_annotation")
@@ -106,16 +106,14 @@ def idle_report(events: list, top: int = 15, analysed_gaps: int = 400) -> dict:
 
 
 def by_kind(device: list, gaps: list) -> list:
-    """[{kind, ops, device_ms, idle_before_ms}] for every kind of device op, most costly first."""
-    rows = collections.defaultdict(lambda: {"ops": 0, "device_ms": 0.0, "idle_before_ms": 0.0})
-    for event in device:
-        row = rows[kind_of(event["name"])]
-        row["ops"] += 1
-        row["device_ms"] += event["dur"] / 1000
+    """[{kind, ops, device_ms, idle_before_ms}] for every kind of device op, most costly first:
+    kernel_breakdown's sums by kind, with the idle time before each kind's ops beside them."""
+    idle = collections.Counter()
     for gap, event in gaps:
-        rows[kind_of(event["name"])]["idle_before_ms"] += gap / 1000
-    return sorted(({"kind": kind, **row} for kind, row in rows.items()),
-                  key=lambda row: -(row["device_ms"] + row["idle_before_ms"]))
+        idle[kind_of(event["name"])] += gap
+    rows = [{"kind": kind, "ops": calls, "device_ms": micros / 1000, "idle_before_ms": idle[kind] / 1000}
+            for kind, micros, calls in breakdown([(event["name"], event["dur"], 1) for event in device])]
+    return sorted(rows, key=lambda row: -(row["device_ms"] + row["idle_before_ms"]))
 
 
 def format_report(report: dict) -> str:
