@@ -123,6 +123,11 @@ class TrainingOptimizer:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scaler.scale if self.scaler else loss
 
+    @property
+    def loss_grad(self) -> float:
+        """The gradient the backward of `scale_loss(loss)` gives the loss."""
+        return self.scaler.scale if self.scaler else 1.0
+
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> dict:
         """Reduce, unscale, check, clip and apply the gradients; returns what the log reports."""

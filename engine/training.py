@@ -284,7 +284,8 @@ class Trainer:
                     output = model(batch["tokens"] if model.pre_process else None, hidden=input_tensor, **packing)
                     return output.to(self.pipeline_comm.dtype)  # what the next stage expects to receive
                 return model(batch["tokens"] if model.pre_process else None, hidden=input_tensor,
-                             labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens, **packing)
+                             labels=batch["labels"], loss_weights=batch["loss_mask"] / total_tokens,
+                             loss_grad=self.optimizer.loss_grad, **packing)
         return forward_step
 
     def run_pipeline(self, batches, forward_only: bool) -> torch.Tensor:

@@ -89,14 +89,16 @@ class GPTModel(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def forward(self, tokens=None, hidden=None, labels=None, position_ids=None, document_ids=None,
-                loss_weights=None, kv_cache=None, return_hidden=False):
+                loss_weights=None, kv_cache=None, return_hidden=False, loss_grad=None):
         # document_ids [b, s]: packed sequences; attention never crosses a document boundary.
         """tokens/labels/loss_weights: [b, s]. On the last stage: with labels, the per-token loss
         [b, s], or with loss_weights as well the scalar sum of weight x token loss (both through
         chunked paths that keep no logits, with model.fused_cross_entropy); without labels,
         local logits [s, b, v/tp]; with return_hidden, the final-normed hidden state (see `output_logits`, models/value_head.py).
         Other stages return the hidden state for the next stage. kv_cache: a
-        models.kv_cache.KVCache that this forward appends to (generation)."""
+        models.kv_cache.KVCache that this forward appends to (generation). loss_grad: the
+        gradient the caller's backward gives the scalar loss, when known (the loss scale): the
+        chunked output layer then finishes its gradients in the forward."""
         if self.pre_process:
             hidden = self.embed(tokens, position_ids)
         seq_len = hidden.shape[0] * (self.tp if self.sequence_parallel else 1)
@@ -108,7 +110,7 @@ class GPTModel(nn.Module):
             return hidden
         if return_hidden:
             return self.final_norm(hidden)
-        return self.head(hidden, labels, loss_weights)
+        return self.head(hidden, labels, loss_weights, loss_grad)
 
     def embed(self, tokens, position_ids=None):
         hidden = self.embedding(tokens.t())
@@ -142,14 +144,15 @@ class GPTModel(nn.Module):
         """Local logits [s, b, v/tp] from `forward(..., return_hidden=True)`'s output."""
         return nn.functional.linear(self.vocab_parallel_input(normed), self.output_layer_weight())
 
-    def head(self, hidden, labels=None, loss_weights=None):
+    def head(self, hidden, labels=None, loss_weights=None, loss_grad=None):
         hidden = self.vocab_parallel_input(self.final_norm(hidden))
         weight, vocab_start = self.output_layer_weight(), self.vocab_start
         if labels is not None and loss_weights is not None and self.cfg.fused_cross_entropy and torch.is_grad_enabled():
             s, b, h = hidden.shape
             total, _ = linear_cross_entropy(hidden.reshape(s * b, h), weight, labels.t().reshape(-1),
                                             loss_weights.t().reshape(-1), self.tp_group, vocab_start,
-                                            self.cfg.vocab_size, sole_use=hasattr(self, "output_weight"))
+                                            self.cfg.vocab_size, sole_use=hasattr(self, "output_weight"),
+                                            loss_grad=loss_grad)
             return total
         if labels is not None and loss_weights is None and self.cfg.fused_cross_entropy:
             s, b, h = hidden.shape  # per-token losses for sequence scores: no logits kept for backward

@@ -31,31 +31,47 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk, sole_use):
+    def forward(ctx, hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk, sole_use,
+                loss_grad):
         dtype = compute_dtype(hidden.device.type, hidden.dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
+        ctx.weight = weight if sole_use and weight.requires_grad and fuses_into_main_grad(weight, dtype) else None
+        ctx.loss_grad, ctx.dtypes = loss_grad, (hidden.dtype, weight.dtype)
+        # With the backward's incoming gradient known, the gradients come out final here: the
+        # weight's straight into main_grad, so the backward has no fp32 buffer to scale and add.
+        grad_token_weights = token_weights if loss_grad is None else token_weights * loss_grad
+        final_in_main_grad = ctx.weight is not None and loss_grad is not None
+        grad_weight = weight.main_grad if final_in_main_grad else torch.zeros(
+            weight.shape, dtype=torch.float32, device=weight.device)
         grad_hidden = torch.empty_like(h)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for rows in _chunks(h.shape[0], chunk):
-                token_loss[rows] = _chunk_backward(h, w, labels, token_weights, rows, grad_hidden, grad_weight,
+                token_loss[rows] = _chunk_backward(h, w, labels, grad_token_weights, rows, grad_hidden, grad_weight,
                                                    group, vocab_start, vocab_size)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.weight = weight if sole_use and fuses_into_main_grad(weight, dtype) else None
+        ctx.save_for_backward(grad_hidden, None if final_in_main_grad else grad_weight)
         return (token_loss * token_weights).sum(), token_loss
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_token_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
+        scale = grad_sum
+        if ctx.loss_grad is not None:  # the forward's gradients assumed this incoming one
+            torch._assert_async(grad_sum == ctx.loss_grad, _LOSS_GRAD_MISMATCH)
+            scale = None
         if ctx.weight is not None:
-            ctx.weight.main_grad.addcmul_(grad_weight, grad_sum)
+            if grad_weight is not None:  # summed in the forward's own buffer, still unscaled
+                ctx.weight.main_grad.addcmul_(grad_weight, scale)
             grad_weight = filled_placeholder(ctx.weight)
         else:
-            grad_weight = (grad_weight * grad_sum).to(weight_dtype)
-        return (grad_hidden * grad_sum).to(hidden_dtype), grad_weight, None, None, None, None, None, None, None
+            grad_weight = (grad_weight if scale is None else grad_weight * scale).to(weight_dtype)
+        grad_hidden = (grad_hidden if scale is None else grad_hidden * scale).to(hidden_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+_LOSS_GRAD_MISMATCH = ("linear_cross_entropy: the backward's incoming gradient differs from the loss_grad its "
+                       "forward was given (the gradients were already scaled by loss_grad)")
 
 
 class _LinearTokenLosses(torch.autograd.Function):
@@ -105,14 +121,17 @@ def _chunk_backward(h, w, labels, token_weights, rows, grad_hidden, grad_weight,
 
 
 def linear_cross_entropy(hidden, weight, labels, token_weights, group, vocab_start: int, vocab_size: int,
-                         chunk: int = DEFAULT_CHUNK_TOKENS, sole_use: bool = False):
+                         chunk: int = DEFAULT_CHUNK_TOKENS, sole_use: bool = False, loss_grad: float | None = None):
     """(sum over tokens of weight x loss, per-token losses) for hidden [T, h], weight [v/tp, h],
     labels and token_weights [T]; `hidden` must already be the TP-replicated input (its
     gradient is this rank's partial sum, reduced by the caller's copy-to-TP mapping).
     sole_use: the weight gets no other gradient in this backward (not a tied embedding), so
-    its gradient may go straight into its main_grad."""
+    its gradient may go straight into its main_grad.
+    loss_grad: the gradient the caller's backward will give the summed loss (its loss scale),
+    when known now; the forward then finishes the gradients (a sole-use weight's in its
+    main_grad already), and the backward checks that it is given exactly that."""
     return _LinearCrossEntropy.apply(hidden, weight, labels, token_weights, group, vocab_start, vocab_size, chunk,
-                                     sole_use)
+                                     sole_use, loss_grad)
 
 
 def linear_token_losses(hidden, weight, labels, group, vocab_start: int, vocab_size: int,

@@ -11,7 +11,10 @@ def _reference(hidden, weight, labels, token_weights, vocab_size):
     return (loss * token_weights).sum(), loss
 
 
-def _check(tp, vocab=21):
+def _check(tp, vocab=21, loss_grad=None, into_main_grad=False):
+    """Loss and gradients against the plain path, under a backward that scales the loss by 0.5:
+    given as the incoming gradient (loss_grad None) or told to the forward (loss_grad 0.5); with
+    into_main_grad the weight is sole-use and its gradient adds to its main_grad."""
     import torch.distributed as dist
 
     from parallel.grid import build_grid, init_distributed
@@ -32,14 +35,22 @@ def _check(tp, vocab=21):
     per_rank = padded // tp
     rows = slice(grid.tp_rank * per_rank, (grid.tp_rank + 1) * per_rank)
     h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach()[rows].clone().requires_grad_(True)
-    total, token_loss = linear_cross_entropy(copy_to_tp(h, grid.tp_group), w, labels, token_weights,
-                                             grid.tp_group, rows.start, vocab, chunk=8)
+    dtype, tol = (torch.float32, 1e-5) if into_main_grad else (torch.float64, 1e-6)  # main_grad is fp32
+    w = weight.detach()[rows].clone().to(dtype).requires_grad_(True)
+    if into_main_grad:
+        w.main_grad = torch.full(w.shape, 0.25)  # gradients add to what is there
+    total, token_loss = linear_cross_entropy(copy_to_tp(h.to(dtype), grid.tp_group), w, labels, token_weights,
+                                             grid.tp_group, rows.start, vocab, chunk=8, sole_use=into_main_grad,
+                                             loss_grad=loss_grad)
+    if loss_grad is not None and into_main_grad:  # the forward finished the weight's gradient
+        torch.testing.assert_close(w.main_grad - 0.25, weight.grad[rows].float(), rtol=tol, atol=tol)
     (total * 0.5).backward()
-    torch.testing.assert_close(total, expected_sum.to(total.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total, expected_sum.to(total.dtype), rtol=tol, atol=tol)
     torch.testing.assert_close(token_loss, expected_loss.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.grad, hidden.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(w.grad, weight.grad[rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, hidden.grad, rtol=tol, atol=tol)
+    weight_grad = w.main_grad - 0.25 if into_main_grad else w.grad
+    torch.testing.assert_close(weight_grad.to(weight.dtype), weight.grad[rows], rtol=tol, atol=tol)
+    assert not into_main_grad or w.main_grad_filled
     dist.barrier()
     return True
 
@@ -56,6 +67,32 @@ def test_vocab_parallel_with_a_rank_of_padding_only():
     """At vocab 17 of 24 rows over 4 ranks, rank 3 holds only padding: its local softmax sums
     are empty and must add nothing (not NaN) to the others'."""
     assert run_distributed(_check, 4, 4, 17) == [True] * 4
+
+
+def test_loss_grad_known_in_forward_serial():
+    assert run_distributed(_check, 1, 1, 21, 0.5) == [True]
+
+
+def test_loss_grad_known_in_forward_into_main_grad_vocab_parallel():
+    assert run_distributed(_check, 2, 2, 21, 0.5, True) == [True, True]
+
+
+def test_loss_grad_unknown_into_main_grad_serial():
+    assert run_distributed(_check, 1, 1, 21, None, True) == [True]
+
+
+def test_backward_refuses_a_gradient_other_than_the_announced_loss_grad(one_process_group):
+    """The forward scaled the gradients by loss_grad; a backward with another incoming gradient
+    would give wrong gradients silently, so it is refused."""
+    import pytest
+
+    from parallel.linear_cross_entropy import linear_cross_entropy
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(6, 4, requires_grad=True)
+    total, _ = linear_cross_entropy(hidden, weight, torch.randint(0, 6, (5,)), torch.ones(5), one_process_group, 0, 6,
+                                    loss_grad=2.0)
+    with pytest.raises(RuntimeError, match="differs from the loss_grad"):
+        (total * 3.0).backward()
 
 
 def _check_token_losses(tp, sole_use):
