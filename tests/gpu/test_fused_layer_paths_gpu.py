@@ -185,3 +185,38 @@ def test_bf16_token_losses_match_plain_logits_path(sole_use):
     # target's gradient (up to ~3 here, a step of 1.6e-2) times |hidden| (~0.5) can separate
     # the two, which bounds the absolute error of the few rows with a target.
     torch.testing.assert_close(weight_grad, weight_ref_grad, rtol=2e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("sole_use,loss_grad", [(False, None), (True, None), (False, 1024.0), (True, 1.0),
+                                                (True, 1024.0)])
+def test_bf16_chunked_cross_entropy_with_loss_grad(sole_use, loss_grad):
+    """linear_cross_entropy against bf16 logits + fp32 cross-entropy under a backward scaled by
+    1024: told to the forward (loss_grad, the gradients finished there, a sole-use weight's in
+    main_grad) or not."""
+    from parallel.grid import build_grid, init_distributed
+    from parallel.linear_cross_entropy import linear_cross_entropy
+
+    init_distributed("cuda")
+    group = build_grid(tp=1).tp_group
+    tokens, dim, vocab, scale = 3000, 1024, 32000, loss_grad or 1024.0
+    torch.manual_seed(3)
+    hidden = (torch.randn(tokens, dim, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+    weight = torch.nn.Parameter((torch.randn(vocab, dim, device="cuda") * 0.02).to(torch.bfloat16))
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    token_weights = torch.rand(tokens, device="cuda") / tokens
+    logits = torch.mm(hidden.detach().float(), weight.detach().float().t()).requires_grad_()
+    expected = (F.cross_entropy(logits, labels, reduction="none") * token_weights).sum()
+    (expected * scale).backward()
+    hidden_ref_grad = logits.grad @ weight.detach().float()
+    weight_ref_grad = logits.grad.t() @ hidden.detach().float()
+    if sole_use:
+        weight.main_grad = torch.zeros(vocab, dim, device="cuda")
+    total, _ = linear_cross_entropy(hidden, weight, labels, token_weights, group, 0, vocab, sole_use=sole_use,
+                                    loss_grad=loss_grad)
+    (total * scale).backward()
+    torch.testing.assert_close(total, expected.detach(), rtol=2e-3, atol=2e-3)
+    # Relative to the largest entry: the gradients scale with `scale` and the token weights.
+    for got, want in ((hidden.grad.float(), hidden_ref_grad),
+                      (weight.main_grad if sole_use else weight.grad.float(), weight_ref_grad)):
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert weight.main_grad_filled if sole_use else weight.grad is not None
