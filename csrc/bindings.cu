@@ -10,8 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("has_bias"),
-        py::arg("rms"), py::arg("need_weight_grad"), py::arg("dresidual") = py::none(),
-        py::arg("main_grad_w") = py::none(), py::arg("main_grad_b") = py::none(), py::arg("blocks") = 0);
+        py::arg("rms"), py::arg("need_weight_grad"), py::arg("dresidual") = py::none(), py::arg("blocks") = 0);
   m.def("softmax_forward", &trellis::softmax_forward, "scale + mask + softmax forward", py::arg("scores"),
         py::arg("mask"), py::arg("scale"), py::arg("causal"));
   m.def("softmax_backward", &trellis::softmax_backward, "scale + mask + softmax backward", py::arg("dy"),

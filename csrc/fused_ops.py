@@ -93,11 +93,9 @@ def _norm_forward_impl(x, weight, bias, eps, rms):
                                None if bias is None else bias.contiguous(), eps, rms)
 
 
-def _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual, main_grads=(None, None)):
-    """main_grads: (weight's, bias's) fp32 main_grad to add the weight gradients into, or Nones."""
+def _norm_backward_impl(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual):
     return _ext().norm_backward(dy.contiguous(), x.contiguous(), weight.contiguous(), mean, rstd,
-                                has_bias, rms, need_weight_grad, None if dresidual is None else dresidual.contiguous(),
-                                *main_grads)
+                                has_bias, rms, need_weight_grad, None if dresidual is None else dresidual.contiguous())
 
 
 def _softmax_forward_impl(scores, mask, scale, causal):
@@ -117,40 +115,12 @@ def _norm_setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.rms = bias is not None, rms
 
 
-def _main_grad_params(weight: Tensor, bias: Optional[Tensor]):
-    """The norm's parameters when the backward may add their gradients straight into their fp32
-    `main_grad` (the training engine's gradient buffer, parallel/grad_buffer.py): each one
-    trainable and with such a buffer. Else None."""
-    params = (weight,) if bias is None else (weight, bias)
-    for param in params:
-        main_grad = getattr(param, "main_grad", None)
-        if not param.requires_grad or main_grad is None or main_grad.dtype != torch.float32:
-            return None
-    return params
-
-
-def _filled_placeholder(param: Tensor) -> Tensor:
-    """The gradient to hand autograd for a parameter whose gradient the kernel added into its
-    main_grad: uninitialised; the flag tells the buffer's hook not to add it (the same contract
-    as parallel/main_grad_linear.py's weight-gradient GEMMs)."""
-    param.main_grad_filled = True
-    return torch.empty_like(param)
-
-
 def _norm_grads(backward, ctx, dy, x, weight, mean, rstd, dresidual=None):
     """(dx, dweight or None, dbias or None) from `backward` (the impl in eager mode, the
     custom op when the graph may be traced), computing weight grads only when wanted;
-    dresidual (optional) is added into dx. In eager mode, parameters with an fp32 main_grad
-    get their gradients added there by the kernel's column sums (no weight-dtype gradient and
-    no add of it into main_grad by autograd's hook, per norm and micro-batch)."""
+    dresidual (optional) is added into dx."""
     want_weight = ctx.needs_input_grad[1]
     want_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    params = getattr(ctx, "main_grad_params", None)
-    if params is not None:  # set only when every norm parameter is trainable and has one
-        main_grads = tuple(p.main_grad for p in params) + (None,) * (2 - len(params))
-        dx, _, _ = _norm_backward_impl(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, True, dresidual, main_grads)
-        filled = [_filled_placeholder(p) for p in params]
-        return dx, filled[0], filled[1] if ctx.has_bias else None
     dx, dw, db = backward(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, want_weight or want_bias, dresidual)
     return dx, dw if want_weight else None, db if want_bias else None
 
@@ -163,7 +133,6 @@ class _FusedNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, rms):
         output = _norm_forward_impl(x, weight, bias, eps, rms)
         _norm_setup_context(ctx, (x, weight, bias, eps, rms), output)
-        ctx.main_grad_params = _main_grad_params(weight, bias)
         return output[0]
 
     @staticmethod
@@ -180,7 +149,6 @@ class _FusedNormWithResidual(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, rms):
         output = _norm_forward_impl(x, weight, bias, eps, rms)
         _norm_setup_context(ctx, (x, weight, bias, eps, rms), output)
-        ctx.main_grad_params = _main_grad_params(weight, bias)
         ctx.set_materialize_grads(False)
         return output[0], x.view_as(x)
 

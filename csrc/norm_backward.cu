@@ -220,11 +220,9 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_backward_kernel(
 // 32 neighbouring columns (coalesced), the y threads split the parts.
 constexpr int kSumRows = 16;
 
-// kAccumulate: out_w/out_b are fp32 main_grads and the sums are added into them (the
-// parameter's gradient-accumulation buffer), else they are the weight-dtype gradients.
-template <typename O, bool kAccumulate>
+template <typename W>
 __global__ void column_sum_kernel(const float* __restrict__ partial, int parts, int hidden, int columns,
-                                  O* __restrict__ out_w, O* __restrict__ out_b) {
+                                  W* __restrict__ out_w, W* __restrict__ out_b) {
   wait_for_previous_grid();  // the partial rows are complete and visible
   __shared__ float tile[kSumRows][kWarpSize + 1];
   const int c = blockIdx.x * kWarpSize + threadIdx.x;
@@ -240,32 +238,18 @@ __global__ void column_sum_kernel(const float* __restrict__ partial, int parts, 
     float total = 0.f;
 #pragma unroll
     for (int k = 0; k < kSumRows; ++k) total += tile[k][threadIdx.x];
-    O* out = g == 0 ? out_w : out_b;
-    if constexpr (kAccumulate) out[h] += total;
-    else out[h] = from_float<O>(total);
+    (g == 0 ? out_w : out_b)[h] = from_float<W>(total);
   }
 }
 
-template <typename O, bool kAccumulate>
-void launch_column_sum(const float* partial, int grads, int parts, int hidden, O* out_w, O* out_b, int device,
+template <typename W>
+void launch_column_sum(const float* partial, int grads, int parts, int hidden, W* out_w, W* out_b, int device,
                        cudaStream_t stream) {
   const int columns = grads * hidden;
   const dim3 grid((columns + kWarpSize - 1) / kWarpSize), block(kWarpSize, kSumRows);
-  auto kernel = column_sum_kernel<O, kAccumulate>;
   // On Hopper the launch overlaps the end of the norm backward kernel that writes `partial`.
-  launch_kernel(can_overlap_previous(kernel, device), grid, block, 0, stream, kernel, partial, parts, hidden, columns,
-                out_w, out_b);
-}
-
-// Whether a main_grad to add a weight gradient into was given; if so it must be fp32,
-// contiguous, and the weight's size on the weight's device.
-bool check_main_grad(const c10::optional<at::Tensor>& main_grad, const at::Tensor& weight, const char* name) {
-  if (!main_grad.has_value() || !main_grad->defined()) return false;
-  check_cuda_contiguous(*main_grad, name);
-  TORCH_CHECK(main_grad->scalar_type() == at::kFloat, name, " must be float32");
-  TORCH_CHECK(main_grad->numel() == weight.numel() && main_grad->get_device() == weight.get_device(), name,
-              " must have the weight's size and device");
-  return true;
+  launch_kernel(can_overlap_previous(column_sum_kernel<W>, device), grid, block, 0, stream, column_sum_kernel<W>,
+                partial, parts, hidden, columns, out_w, out_b);
 }
 
 // Blocks for the persistent grid: as many as fit on the device at once (so every SM stays
@@ -284,8 +268,7 @@ int backward_blocks(Kernel kernel, const RowLayout& layout, size_t smem, int64_t
 std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
                                       bool rms, bool need_weight_grad, const c10::optional<at::Tensor>& dresidual,
-                                      const c10::optional<at::Tensor>& main_grad_w,
-                                      const c10::optional<at::Tensor>& main_grad_b, int64_t blocks) {
+                                      int64_t blocks) {
   check_cuda_contiguous(dy, "dy");
   check_cuda_contiguous(x, "x");
   check_cuda_contiguous(weight, "weight");
@@ -307,20 +290,13 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
     TORCH_CHECK(mean.numel() == rows && mean.scalar_type() == at::kFloat, "mean must be fp32 [rows]");
   }
   TORCH_CHECK(!rms || !has_bias, "RMSNorm takes no bias");
-  const bool into_main_grad = check_main_grad(main_grad_w, weight, "main_grad_w");
-  const bool bias_into_main_grad = check_main_grad(main_grad_b, weight, "main_grad_b");
-  TORCH_CHECK(!into_main_grad || need_weight_grad, "main_grad_w is given but no weight gradient is asked for");
-  TORCH_CHECK(bias_into_main_grad == (into_main_grad && has_bias),
-              "main_grad_b comes with main_grad_w when there is a bias, and not otherwise");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   at::Tensor dx = at::empty_like(x);
-  // Into main grads the sums are added there, and dweight/dbias come back empty.
-  const bool returns_weight_grads = need_weight_grad && !into_main_grad;
-  at::Tensor dw = returns_weight_grads ? at::empty_like(weight) : at::empty({0}, weight.options());
-  at::Tensor db = returns_weight_grads && has_bias ? at::empty_like(weight) : at::empty({0}, weight.options());
-  if (rows == 0) {  // nothing to add into main grads; zero gradients otherwise
+  at::Tensor dw = need_weight_grad ? at::empty_like(weight) : at::empty({0}, weight.options());
+  at::Tensor db = need_weight_grad && has_bias ? at::empty_like(weight) : at::empty({0}, weight.options());
+  if (rows == 0) {
     dw.zero_();
     db.zero_();
     return {dx, dw, db};
@@ -354,13 +330,9 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x,
             optional_ptr<T>(dresidual), ptr<T>(dx),
             kGrads > 0 ? ptr<float>(partial) : nullptr, rows, static_cast<int>(hidden));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (kGrads > 0 && into_main_grad)
-          launch_column_sum<float, true>(ptr<float>(partial), kGrads, parts, static_cast<int>(hidden),
-                                         ptr<float>(*main_grad_w), kGrads == 2 ? ptr<float>(*main_grad_b) : nullptr,
-                                         device, stream);
-        else if (kGrads > 0)
-          launch_column_sum<W, false>(ptr<float>(partial), kGrads, parts, static_cast<int>(hidden), ptr<W>(dw),
-                                      kGrads == 2 ? ptr<W>(db) : nullptr, device, stream);
+        if (kGrads > 0)
+          launch_column_sum<W>(ptr<float>(partial), kGrads, parts, static_cast<int>(hidden), ptr<W>(dw),
+                               kGrads == 2 ? ptr<W>(db) : nullptr, device, stream);
       };
     };
     // Measured on an H200 (docs/benchmarks.md): with at most one sum per column (RMSNorm, or a

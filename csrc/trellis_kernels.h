@@ -19,15 +19,12 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& weig
                                      const c10::optional<at::Tensor>& bias, double eps, bool rms);
 
 // Returns {dx, dweight, dbias}: dweight/dbias are empty when not asked for (need_weight_grad
-// false, or no bias). dresidual (optional, x's shape and dtype) is added into dx. main_grad_w
-// (and main_grad_b with a bias; optional, fp32, the weight's size): the weight gradients are
-// added into them instead, and come back empty. `blocks` > 0 overrides the number of
-// partial-sum blocks (tuning only).
+// false, or no bias). dresidual (optional, x's shape and dtype) is added into dx. `blocks` > 0
+// overrides the number of partial-sum blocks (tuning only).
 std::vector<at::Tensor> norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& mean, const at::Tensor& rstd, bool has_bias,
                                       bool rms, bool need_weight_grad, const c10::optional<at::Tensor>& dresidual,
-                                      const c10::optional<at::Tensor>& main_grad_w,
-                                      const c10::optional<at::Tensor>& main_grad_b, int64_t blocks);
+                                      int64_t blocks);
 
 // y = softmax(scale * scores with masked entries removed) over the last dim of [b, h, sq, sk].
 // mask (optional): bool, True = masked out, a [b, h, sq, sk] view whose strides may be 0.

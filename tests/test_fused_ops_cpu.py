@@ -216,8 +216,7 @@ class EmulatedExtension:
         return y.to(x.dtype).reshape(x.shape), mean_out, rstd.float()
 
     @staticmethod
-    def norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual=None, main_grad_w=None,
-                      main_grad_b=None, blocks=0):
+    def norm_backward(dy, x, weight, mean, rstd, has_bias, rms, need_weight_grad, dresidual=None, blocks=0):
         hidden = x.shape[-1]
         xf, g0 = x.reshape(-1, hidden).double(), dy.reshape(-1, hidden).double()
         rs = rstd.double()[:, None]
@@ -227,16 +226,8 @@ class EmulatedExtension:
         dx = rs * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
         if dresidual is not None:
             dx = dx + dresidual.reshape(-1, hidden).double()
-        assert (main_grad_b is not None) == (main_grad_w is not None and has_bias)
-        empty = torch.empty(0, dtype=weight.dtype)
-        if main_grad_w is not None:  # the column sums are added into the fp32 main grads
-            assert need_weight_grad and main_grad_w.dtype == torch.float32
-            main_grad_w += (g0 * xhat).sum(0).float()
-            if has_bias:
-                main_grad_b += g0.sum(0).float()
-            return dx.to(x.dtype).reshape(x.shape), empty, empty
-        dw = (g0 * xhat).sum(0).to(weight.dtype) if need_weight_grad else empty
-        db = g0.sum(0).to(weight.dtype) if need_weight_grad and has_bias else empty
+        dw = (g0 * xhat).sum(0).to(weight.dtype) if need_weight_grad else torch.empty(0, dtype=weight.dtype)
+        db = g0.sum(0).to(weight.dtype) if need_weight_grad and has_bias else torch.empty(0, dtype=weight.dtype)
         return dx.to(x.dtype).reshape(x.shape), dw, db
 
     @staticmethod
@@ -381,79 +372,6 @@ def test_norm_weight_grad_only_when_needed(emulated, monkeypatch):
     w = torch.randn(16)  # frozen weight
     emulated.rms_norm(x, w, 1e-6).sum().backward()
     assert x.grad is not None and w.grad is None and seen == [False]
-
-
-def _with_main_grad(param: torch.Tensor) -> torch.Tensor:
-    """A parameter in a gradient buffer, as the training engine sets it up: an fp32 main_grad
-    and a hook that adds each fresh grad into it unless the backward already did (flag)."""
-    param.main_grad = torch.full(param.shape, 0.5)  # not zero: the kernel must add, not overwrite
-
-    def hook(p):
-        if getattr(p, "main_grad_filled", False):
-            p.main_grad_filled = False
-        else:
-            p.main_grad.add_(p.grad)
-        p.grad = None
-
-    param.register_post_accumulate_grad_hook(hook)
-    return param
-
-
-@pytest.mark.parametrize("rms", [True, False])
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_norm_weight_grads_go_into_main_grad(emulated, monkeypatch, rms, with_residual):
-    """In eager mode the kernel adds the weight (and bias) gradients into main_grad itself, over
-    two backward passes, and no gradient reaches autograd's add; the values are the reference's."""
-    calls = []
-    real = EmulatedExtension.norm_backward
-    monkeypatch.setattr(EmulatedExtension, "norm_backward",
-                        staticmethod(lambda *a, **k: calls.append(a[9] is not None) or real(*a, **k)))
-    torch.manual_seed(0)
-    w = _with_main_grad(torch.randn(32, requires_grad=True))
-    b = None if rms else _with_main_grad(torch.randn(32, requires_grad=True))
-    ref_w, ref_b = w.detach().clone().requires_grad_(), None if rms else b.detach().clone().requires_grad_()
-    for _ in range(2):  # two micro-batches accumulate
-        x = torch.randn(4, 7, 32, requires_grad=True)
-        grad = torch.randn(4, 7, 32)
-        if with_residual:
-            y, _stream = emulated.norm_with_residual(x, w, b, 1e-5, rms)
-        else:
-            y = emulated.rms_norm(x, w, 1e-5) if rms else emulated.layer_norm(x, w, b, 1e-5)
-        (y * grad).sum().backward()
-        ref = loader.rms_norm_reference(x, ref_w, 1e-5) if rms else loader.layer_norm_reference(x, ref_w, ref_b, 1e-5)
-        (ref * grad).sum().backward()
-    assert calls == [True, True]
-    assert w.grad is None and not w.main_grad_filled
-    torch.testing.assert_close(w.main_grad, 0.5 + ref_w.grad, rtol=1e-5, atol=1e-5)
-    if not rms:
-        torch.testing.assert_close(b.main_grad, 0.5 + ref_b.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_norm_weight_grads_stay_out_of_main_grad_when_they_cannot_all_go(emulated, monkeypatch):
-    """A frozen bias beside a trainable weight, a parameter without a main_grad, or one whose
-    main_grad is not fp32 keeps the plain path: the gradient comes back through autograd."""
-    calls = []
-    real = EmulatedExtension.norm_backward
-    monkeypatch.setattr(EmulatedExtension, "norm_backward",
-                        staticmethod(lambda *a, **k: calls.append(a[9] is not None) or real(*a, **k)))
-    torch.manual_seed(0)
-    x = torch.randn(3, 16)
-    w = _with_main_grad(torch.randn(16, requires_grad=True))
-    frozen_bias = torch.randn(16)
-    emulated.layer_norm(x, w, frozen_bias, 1e-5).sum().backward()
-    ref_w = w.detach().clone().requires_grad_()
-    loader.layer_norm_reference(x, ref_w, frozen_bias, 1e-5).sum().backward()
-    torch.testing.assert_close(w.main_grad, 0.5 + ref_w.grad, rtol=1e-5, atol=1e-5)  # added by the hook
-    plain = torch.randn(16, requires_grad=True)
-    emulated.rms_norm(x, plain, 1e-6).sum().backward()
-    ref_plain = plain.detach().clone().requires_grad_()
-    loader.rms_norm_reference(x, ref_plain, 1e-6).sum().backward()
-    torch.testing.assert_close(plain.grad, ref_plain.grad, rtol=1e-5, atol=1e-5)
-    half = torch.randn(16, requires_grad=True)
-    half.main_grad = torch.zeros(16, dtype=torch.bfloat16)
-    emulated.rms_norm(x, half, 1e-6).sum().backward()
-    assert half.grad is not None and not half.main_grad.any()
-    assert calls == [False, False, False]
 
 
 def test_norm_casts_odd_weight_dtype(emulated):

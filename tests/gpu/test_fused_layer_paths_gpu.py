@@ -86,7 +86,7 @@ def test_layer_folds_its_residual_adds(monkeypatch):
         return gemm_add(*args)
 
     def counted_norm(*args):
-        calls["norm"] += args[8] is not None  # dresidual
+        calls["norm"] += args[-1] is not None
         return norm_backward(*args)
 
     monkeypatch.setattr(loader, "gemm_add", counted_gemm)
@@ -105,13 +105,12 @@ def test_layer_folds_its_residual_adds(monkeypatch):
         grad_out = torch.randn_like(x)
 
         def run(forward):
-            for p in params:  # the weight gradients land in main_grad (flagged) by the GEMMs and norm kernels
+            for p in params:  # the linears' weight gradients land in main_grad, the norms' in grad
                 p.main_grad, p.grad, p.main_grad_filled = torch.zeros(p.shape, device="cuda"), None, False
             leaf = x.clone().requires_grad_(True)
             out = forward(leaf)
             out.backward(grad_out)
-            assert all(p.main_grad_filled for p in params)
-            return [out.detach(), leaf.grad] + [p.main_grad for p in params]
+            return [out.detach(), leaf.grad] + [p.main_grad if p.main_grad_filled else p.grad for p in params]
 
         folded = run(lambda h: layer(h, rope))
         assert calls == {"gemm": 2, "norm": 2}

@@ -126,43 +126,6 @@ def test_norm_backward_any_partial_block_count(ext, blocks):
         assert_close_rel(got, want, torch.float32, f"blocks={blocks}")
 
 
-@pytest.mark.parametrize("rows_shape,hidden", [((33,), 256), ((5,), 520), ((2048,), 4096), ((16,), 16384)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["rms", "layer_bias"])
-def test_norm_backward_adds_weight_grads_into_main_grad(ext, rows_shape, hidden, dtype, kind):
-    """With main grads given, the column sums are added into them in fp32 (kept values plus the
-    gradient), dweight/dbias come back empty, and dx is the same bits as without."""
-    rms = kind == "rms"
-    x, w, b, dy = norm_inputs(rows_shape, hidden, dtype, dtype, not rms)
-    _, mean, rstd = ext.norm_forward(x, w, b, 1e-6 if rms else 1e-5, rms)  # the eps of NORM_KINDS' references
-    dx_plain, _, _ = ext.norm_backward(dy, x, w, mean, rstd, not rms, rms, True)
-    kept = torch.randn(hidden, device="cuda")
-    main_w = kept.clone()
-    main_b = None if rms else -kept.clone()
-    dx, dw, db = ext.norm_backward(dy, x, w, mean, rstd, not rms, rms, True, main_grad_w=main_w, main_grad_b=main_b)
-    assert torch.equal(dx, dx_plain) and dw.numel() == 0 and db.numel() == 0
-    ref_fn = NORM_KINDS[kind][1]
-    _, (_, dw_ref, db_ref) = forward_backward(ref_fn, (x.double(), w.double(), None if rms else b.double()),
-                                              dy.double())
-    # The fp32 sums against the fp64 reference (no rounding to the weight's dtype on the way).
-    assert_close_rel(main_w - kept, dw_ref.float(), torch.float32, "main_grad_w")
-    if not rms:
-        assert_close_rel(main_b + kept, db_ref.float(), torch.float32, "main_grad_b")
-
-
-def test_norm_backward_main_grad_errors(ext):
-    x, w, b, dy = norm_inputs((8,), 256, torch.bfloat16, torch.bfloat16, True)
-    _, mean, rstd = ext.norm_forward(x, w, b, 1e-5, False)
-    fp32 = torch.zeros(256, device="cuda")
-    with pytest.raises(RuntimeError, match="main_grad_b comes with main_grad_w"):
-        ext.norm_backward(dy, x, w, mean, rstd, True, False, True, main_grad_w=fp32)
-    with pytest.raises(RuntimeError, match="must be float32"):
-        ext.norm_backward(dy, x, w, mean, rstd, True, False, True, main_grad_w=fp32.bfloat16(),
-                          main_grad_b=fp32.bfloat16())
-    with pytest.raises(RuntimeError, match="no weight gradient is asked for"):
-        ext.norm_backward(dy, x, w, mean, rstd, True, False, False, main_grad_w=fp32, main_grad_b=fp32.clone())
-
-
 def test_back_to_back_backwards_wait_for_their_partial_sums(ext):
     """On Hopper the column-sum launch overlaps the end of the kernel that writes the partial
     sums, and must wait for them: backwards queued one after another with no synchronisation
