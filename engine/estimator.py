@@ -182,11 +182,14 @@ def activation_bytes(m: ModelConfig, layout: Layout, in_flight: float | None = N
 
 def logits_bytes(m: ModelConfig, layout: Layout) -> float:
     """The output layer's transient: fp32 logits, their softmax and gradient for one chunk of
-    tokens (fused cross-entropy), or for the whole microbatch plus the bf16 logits otherwise."""
+    tokens (fused cross-entropy), or for the whole microbatch plus the bf16 logits otherwise.
+    A weight tied to the embedding on the same stage (pp 1) also holds its fp32 gradient from
+    forward to backward under the fused path; an untied one's goes straight into main_grad."""
     tokens = m.seq_length * layout.micro_batch
     vocab = m.padded_vocab_size(layout.tp) / layout.tp
     if m.fused_cross_entropy:
-        return min(tokens, CE_CHUNK_TOKENS) * vocab * 4 * 3
+        tied_gradient = vocab * m.hidden_size * 4 if m.tie_embeddings and layout.pp == 1 else 0
+        return min(tokens, CE_CHUNK_TOKENS) * vocab * 4 * 3 + tied_gradient
     return tokens * vocab * (2 + 4)  # bf16 logits and the fp32 softmax kept for backward
 
 

@@ -42,6 +42,16 @@ def test_bf16_memory_one_gpu(tiny):
     assert memory.total == pytest.approx(tensors * 1.03 + 0.5 * GIB)
 
 
+def test_tied_output_layer_holds_its_fp32_gradient_on_one_stage(tiny):
+    """A weight tied to the embedding keeps its fp32 gradient (512x64) from the fused output
+    layer's forward to its backward; an untied one's goes into main_grad, as does any under pp."""
+    tied = dataclasses.replace(tiny, tie_embeddings=True)
+    chunk = 128 * 512 * 4 * 3
+    assert est.logits_bytes(tied, est.Layout(micro_batch=2)) == chunk + 512 * 64 * 4
+    assert est.logits_bytes(tied, est.Layout(micro_batch=2, pp=2)) == chunk
+    assert est.logits_bytes(tiny, est.Layout(micro_batch=2)) == chunk
+
+
 def test_autocast_keeps_fp32_weights_and_residual_stream(tiny):
     memory = est.peak_memory(tiny, est.Layout(micro_batch=2, precision="bf16-autocast"))
     assert memory.weights == 4 * 250432 and memory.optimizer == 8 * 250432  # no master copy
