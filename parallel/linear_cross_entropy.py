@@ -41,8 +41,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # weight's straight into main_grad, so the backward has no fp32 buffer to scale and add.
         grad_token_weights = token_weights if loss_grad is None else token_weights * loss_grad
         final_in_main_grad = ctx.weight is not None and loss_grad is not None
-        grad_weight = weight.main_grad if final_in_main_grad else torch.zeros(
-            weight.shape, dtype=torch.float32, device=weight.device)
+        if final_in_main_grad:
+            grad_weight = weight.main_grad
+        elif ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        else:  # a frozen output layer (LoRA): no weight-gradient GEMM, no fp32 buffer
+            grad_weight = None
         grad_hidden = torch.empty_like(h)
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -64,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:  # summed in the forward's own buffer, still unscaled
                 ctx.weight.main_grad.addcmul_(grad_weight, scale)
             grad_weight = filled_placeholder(ctx.weight)
-        else:
+        elif grad_weight is not None:
             grad_weight = (grad_weight if scale is None else grad_weight * scale).to(weight_dtype)
         grad_hidden = (grad_hidden if scale is None else grad_hidden * scale).to(hidden_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
@@ -86,7 +90,7 @@ class _LinearTokenLosses(torch.autograd.Function):
                                                 vocab_size).loss
         ctx.save_for_backward(h, w, labels)
         ctx.options = (group, vocab_start, vocab_size, chunk, hidden.dtype, weight.dtype)
-        ctx.weight = weight if sole_use and fuses_into_main_grad(weight, dtype) else None
+        ctx.weight = weight if sole_use and weight.requires_grad and fuses_into_main_grad(weight, dtype) else None
         return token_loss
 
     @staticmethod
@@ -94,13 +98,19 @@ class _LinearTokenLosses(torch.autograd.Function):
         h, w, labels = ctx.saved_tensors
         group, vocab_start, vocab_size, chunk, hidden_dtype, weight_dtype = ctx.options
         grad_hidden = torch.empty_like(h)
-        grad_weight = ctx.weight.main_grad if ctx.weight is not None else torch.zeros(
-            w.shape, dtype=torch.float32, device=w.device)
+        grad_weight = None  # a frozen output layer (LoRA): no weight-gradient GEMM
+        if ctx.weight is not None:
+            grad_weight = ctx.weight.main_grad
+        elif ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         with torch.autocast(h.device.type, enabled=False):
             for rows in _chunks(h.shape[0], chunk):  # the upstream gradients weight the token losses
                 _chunk_backward(h, w, labels, grad_token_loss, rows, grad_hidden, grad_weight, group, vocab_start,
                                 vocab_size)
-        grad_weight = filled_placeholder(ctx.weight) if ctx.weight is not None else grad_weight.to(weight_dtype)
+        if ctx.weight is not None:
+            grad_weight = filled_placeholder(ctx.weight)
+        elif grad_weight is not None:
+            grad_weight = grad_weight.to(weight_dtype)
         return grad_hidden.to(hidden_dtype), grad_weight, None, None, None, None, None, None
 
 
@@ -110,13 +120,14 @@ def _chunks(tokens: int, chunk: int):
 
 def _chunk_backward(h, w, labels, token_weights, rows, grad_hidden, grad_weight, group, vocab_start, vocab_size):
     """For the tokens `rows`: the gradient of sum(weights x loss) written into grad_hidden[rows]
-    and added into grad_weight (fp32); returns their token losses (fp32)."""
+    and added into grad_weight (fp32; None: not asked for); returns their token losses (fp32)."""
     softmax = ChunkSoftmax(fp32_matmul(h[rows], w.t()), labels[rows], group, vocab_start, vocab_size)
     dlogits = softmax.logit_grad(token_weights[rows], h.dtype)
     grad_hidden[rows] = dlogits @ w
     # In the compute dtype (bf16 tensor cores, fp32 accumulation inside the matmul); an fp32
     # matmul here would cost more than the rest of the output layer.
-    accumulate_weight_grad(grad_weight, dlogits, h[rows])
+    if grad_weight is not None:
+        accumulate_weight_grad(grad_weight, dlogits, h[rows])
     return softmax.loss
 
 

@@ -139,3 +139,31 @@ def test_token_losses_match_plain_path_serial():
 
 def test_token_losses_match_plain_path_tp2_into_main_grad():
     assert run_distributed(_check_token_losses, 2, 2, True) == [True, True]
+
+
+def test_frozen_output_layer_gets_no_weight_gradient_work(one_process_group, monkeypatch):
+    """LoRA freezes the output layer: both chunked paths give the hidden state's gradient of
+    the plain path and run no weight-gradient GEMM."""
+    from parallel import linear_cross_entropy as lce
+
+    def no_weight_gemm(*_args):
+        raise AssertionError("weight-gradient GEMM for a frozen weight")
+
+    torch.manual_seed(3)
+    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 8, dtype=torch.float64)  # frozen
+    labels, token_weights = torch.randint(0, 10, (13,)), torch.rand(13, dtype=torch.float64)
+    expected_sum, expected_loss = _reference(hidden, weight, labels, token_weights, 10)
+    expected_sum.backward()
+    monkeypatch.setattr(lce, "accumulate_weight_grad", no_weight_gemm)
+    for loss_grad in (None, 1.0):
+        h = hidden.detach().clone().requires_grad_(True)
+        total, _ = lce.linear_cross_entropy(h, weight, labels, token_weights, one_process_group, 0, 10, chunk=4,
+                                            sole_use=True, loss_grad=loss_grad)
+        total.backward()
+        torch.testing.assert_close(h.grad, hidden.grad, rtol=1e-6, atol=1e-6)
+    h = hidden.detach().clone().requires_grad_(True)
+    token_loss = lce.linear_token_losses(h, weight, labels, one_process_group, 0, 10, chunk=4, sole_use=True)
+    (token_loss * token_weights).sum().backward()
+    torch.testing.assert_close(h.grad, hidden.grad, rtol=1e-6, atol=1e-6)
+    assert weight.grad is None
