@@ -6,7 +6,8 @@ tokens exist at a time: the loss and its gradient w.r.t. that chunk's logits are
 the forward pass and immediately turned into the gradients of the hidden states and the
 weight. That is possible because the loss is a weighted sum of token losses whose weights
 (loss mask / global token count) are known up front; backward only multiplies by the
-incoming scalar gradient.
+incoming scalar gradient, or not even that when the caller says in the forward what it will be
+(`loss_grad`, the trainer's loss scale).
 
 Per-token losses whose gradients are known only later (DPO's and the RL objectives' sequence
 log-probs) go through `linear_token_losses`: its forward keeps only the token losses, and its
@@ -15,8 +16,10 @@ the hidden states and the weight. One more output-layer GEMM per chunk buys the 
 the plain path keeps for the whole micro-batch (2 GiB for 8 sequences of 2048 at 32k vocab).
 
 The weight gradient of all chunks accumulates in fp32 inside the GEMMs; when the caller says
-the weight is used nowhere else (an untied output layer), the backward adds it straight into
-the weight's main_grad, as the tensor-parallel linears do (parallel/main_grad_linear.py).
+the weight is used nowhere else (an untied output layer), it lands in the weight's main_grad,
+as the tensor-parallel linears' do (parallel/main_grad_linear.py): straight from the GEMMs when
+loss_grad is known, else through an fp32 buffer that the backward scales and adds. A frozen
+weight (LoRA) gets no weight-gradient GEMM at all.
 """
 from __future__ import annotations
 
