@@ -48,12 +48,11 @@ def exclusive_build_dir(build_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def remove_stale_torch_lock(build_dir: Path) -> bool:
+def remove_stale_torch_lock(build_dir: Path) -> None:
     """Remove torch's lock file; only call with the folder's OS lock held (then it is stale)."""
     stale = build_dir / TORCH_LOCK_NAME
     try:
         stale.unlink()
     except FileNotFoundError:
-        return False
+        return
     logger.warning("removed %s, left by a kernel build that did not finish (the process was killed)", stale)
-    return True

@@ -38,18 +38,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss_grad):
         dtype = compute_dtype(hidden.device.type, hidden.dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
-        ctx.weight = weight if sole_use and weight.requires_grad and fuses_into_main_grad(weight, dtype) else None
+        ctx.weight = _main_grad_weight(weight, sole_use, dtype)
         ctx.loss_grad, ctx.dtypes = loss_grad, (hidden.dtype, weight.dtype)
         # With the backward's incoming gradient known, the gradients come out final here: the
         # weight's straight into main_grad, so the backward has no fp32 buffer to scale and add.
         grad_token_weights = token_weights if loss_grad is None else token_weights * loss_grad
         final_in_main_grad = ctx.weight is not None and loss_grad is not None
-        if final_in_main_grad:
-            grad_weight = weight.main_grad
-        elif ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        else:  # a frozen output layer (LoRA): no weight-gradient GEMM, no fp32 buffer
-            grad_weight = None
+        grad_weight = _weight_grad_sum(weight, final_in_main_grad, ctx.needs_input_grad[1])
         grad_hidden = torch.empty_like(h)
         token_loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -93,7 +88,7 @@ class _LinearTokenLosses(torch.autograd.Function):
                                                 vocab_size).loss
         ctx.save_for_backward(h, w, labels)
         ctx.options = (group, vocab_start, vocab_size, chunk, hidden.dtype, weight.dtype)
-        ctx.weight = weight if sole_use and weight.requires_grad and fuses_into_main_grad(weight, dtype) else None
+        ctx.weight = _main_grad_weight(weight, sole_use, dtype)
         return token_loss
 
     @staticmethod
@@ -101,11 +96,8 @@ class _LinearTokenLosses(torch.autograd.Function):
         h, w, labels = ctx.saved_tensors
         group, vocab_start, vocab_size, chunk, hidden_dtype, weight_dtype = ctx.options
         grad_hidden = torch.empty_like(h)
-        grad_weight = None  # a frozen output layer (LoRA): no weight-gradient GEMM
-        if ctx.weight is not None:
-            grad_weight = ctx.weight.main_grad
-        elif ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad_weight = _weight_grad_sum(ctx.weight if ctx.weight is not None else w, ctx.weight is not None,
+                                       ctx.needs_input_grad[1])
         with torch.autocast(h.device.type, enabled=False):
             for rows in _chunks(h.shape[0], chunk):  # the upstream gradients weight the token losses
                 _chunk_backward(h, w, labels, grad_token_loss, rows, grad_hidden, grad_weight, group, vocab_start,
@@ -115,6 +107,20 @@ class _LinearTokenLosses(torch.autograd.Function):
         elif grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
         return grad_hidden.to(hidden_dtype), grad_weight, None, None, None, None, None, None
+
+
+def _main_grad_weight(weight, sole_use: bool, dtype: torch.dtype):
+    """The weight if its gradient may go straight into its main_grad (used nowhere else, trained,
+    a main_grad the GEMM can write), else None."""
+    return weight if sole_use and weight.requires_grad and fuses_into_main_grad(weight, dtype) else None
+
+
+def _weight_grad_sum(weight, into_main_grad: bool, needed: bool):
+    """Where the chunks add the weight's gradient: its main_grad, a zeroed fp32 buffer, or None
+    for a frozen weight (LoRA), which then gets no weight-gradient GEMM."""
+    if into_main_grad:
+        return weight.main_grad
+    return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needed else None
 
 
 def _chunks(tokens: int, chunk: int):

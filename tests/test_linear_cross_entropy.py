@@ -1,4 +1,5 @@
 """The chunked output-projection + cross-entropy gives the plain path's loss and gradients."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -84,8 +85,6 @@ def test_loss_grad_unknown_into_main_grad_serial():
 def test_backward_refuses_a_gradient_other_than_the_announced_loss_grad(one_process_group):
     """The forward scaled the gradients by loss_grad; a backward with another incoming gradient
     would give wrong gradients silently, so it is refused."""
-    import pytest
-
     from parallel.linear_cross_entropy import linear_cross_entropy
     hidden = torch.randn(5, 4, requires_grad=True)
     weight = torch.randn(6, 4, requires_grad=True)
