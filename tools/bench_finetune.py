@@ -106,7 +106,7 @@ def bench_lora(args) -> list:
     tokens = torch.stack([torch.from_numpy(data[i]) for i in range(args.micro_batch)]).to(device)
     step = baseline_step_fn(model, device)
     times, mem = timed_steps(lambda: step(tokens[:, :-1], tokens[:, 1:]), args.warmup, args.steps, device)
-    hf_row = summarise("hf", times, args.micro_batch * args.seq, cfg.model.flops_per_token(), 1, None, mem)
+    hf_row = summarise("hf", times, args.micro_batch * args.seq, row["flops_per_token"], 1, None, mem)  # same work
     theirs = result("lora", "hf+peft", hf_row, cfg, args.micro_batch, targets=targets, rank=args.lora_rank)
     del model, step
     free_memory(device)

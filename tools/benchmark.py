@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from engine.config import parse_args, validate  # noqa: E402
+from engine.config import ADAPTER_METHODS, parse_args, validate  # noqa: E402
 from engine.metrics import device_peak_tflops  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def summarise(name, step_times, tokens_per_step, flops_per_token, world, peak, m
     tokens_per_s = tokens_per_step / seconds
     tflops = tokens_per_s * flops_per_token / world / 1e12
     return {"name": name, "step_s": seconds, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
-            "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_mem_gib": mem_gib}
+            "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_mem_gib": mem_gib,
+            "flops_per_token": flops_per_token}
 
 
 def timed_steps(step_fn, warmup, steps, device):
@@ -104,11 +106,27 @@ def run_trellis(args, extra):
         write_idle_report(trainer, args.idle)
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     peak = device_peak_tflops(trainer.device, cfg.log.peak_tflops)
-    row = summarise("trellis", times, tokens, cfg.model.flops_per_token(), trainer.grid.world_size, peak,
+    row = summarise("trellis", times, tokens, step_flops_per_token(cfg, trainer), trainer.grid.world_size, peak,
                     max_over_ranks(mem, trainer.device))
     row["optimizer_state_gib"] = max_over_ranks(trainer.optimizer.state_bytes() / 2**30, trainer.device)
     row["config"] = " ".join(argv)
     return cfg, trainer, row
+
+
+def step_flops_per_token(cfg, trainer) -> float:
+    """Model FLOPs per token of the work a step must do (recompute excluded, as MFU counts).
+    Full training: cfg.model.flops_per_token(), 6 per matmul weight. LoRA and QLoRA freeze
+    every base weight, whose matmuls then need the forward and the input gradient only (4 per
+    weight, no weight gradient); the adapters are trained matmuls (6 per parameter)."""
+    if cfg.finetune.method not in ADAPTER_METHODS:
+        return cfg.model.flops_per_token()
+    trained = sum(math.prod(p.shard_spec.full_shape) if hasattr(p, "shard_spec") else p.numel()
+                  for chunk in trainer.model_chunks for p in chunk.parameters() if p.requires_grad)
+    if torch.distributed.is_initialized() and cfg.parallel.pp > 1:  # each stage holds its own adapters
+        total = torch.tensor([float(trained)], dtype=torch.float64, device=trainer.device)
+        torch.distributed.all_reduce(total, group=trainer.grid.pp_group)
+        trained = total.item()
+    return cfg.model.flops_per_token() - 2.0 * cfg.model.matmul_params() + 6.0 * trained
 
 
 def max_over_ranks(value: float, device) -> float:

@@ -219,3 +219,35 @@ def test_bf16_chunked_cross_entropy_with_loss_grad(sole_use, loss_grad):
                       (weight.main_grad if sole_use else weight.grad.float(), weight_ref_grad)):
         assert (got - want).abs().max() <= 2e-2 * want.abs().max()
     assert weight.main_grad_filled if sole_use else weight.grad is not None
+
+
+@pytest.mark.parametrize("loss_grad", [None, 1.0])
+def test_bf16_chunked_cross_entropy_frozen_weight(loss_grad):
+    """A frozen output layer (LoRA, QLoRA): the hidden state's gradient of the plain path in
+    both chunked paths, and nothing written for the weight."""
+    from parallel.grid import build_grid, init_distributed
+    from parallel.linear_cross_entropy import linear_cross_entropy, linear_token_losses
+
+    init_distributed("cuda")
+    group = build_grid(tp=1).tp_group
+    tokens, dim, vocab = 3000, 1024, 32000
+    torch.manual_seed(4)
+    hidden = (torch.randn(tokens, dim, device="cuda") * 0.5).to(torch.bfloat16)
+    weight = (torch.randn(vocab, dim, device="cuda") * 0.02).to(torch.bfloat16)  # frozen: no grad
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    token_weights = torch.rand(tokens, device="cuda") / tokens
+    logits = torch.mm(hidden.float(), weight.float().t()).requires_grad_()
+    expected = (F.cross_entropy(logits, labels, reduction="none") * token_weights).sum()
+    expected.backward()
+    hidden_ref_grad = logits.grad @ weight.float()
+    for token_path in (False, True):
+        h = hidden.clone().requires_grad_()
+        if token_path:
+            total = (linear_token_losses(h, weight, labels, group, 0, vocab, sole_use=True) * token_weights).sum()
+        else:
+            total, _ = linear_cross_entropy(h, weight, labels, token_weights, group, 0, vocab, sole_use=True,
+                                            loss_grad=loss_grad)
+        total.backward()
+        torch.testing.assert_close(total, expected.detach(), rtol=2e-3, atol=2e-3)
+        assert (h.grad.float() - hidden_ref_grad).abs().max() <= 2e-2 * hidden_ref_grad.abs().max()
+    assert weight.grad is None and not hasattr(weight, "main_grad")
