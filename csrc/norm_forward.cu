@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_forward_kernel(
       }
     }
   }
-  const float rstd = rsqrtf(row_sum<kWarpRows>(sq_sum, scratch) / hidden + eps);
+  // The last reduction of the block's one row: no barrier after it.
+  const float rstd = rsqrtf(row_sum<kWarpRows, /*kScratchReused=*/false>(sq_sum, scratch) / hidden + eps);
   if (lane == 0) {
     rstd_out[row] = rstd;
     if constexpr (!kRms) mean_out[row] = mean;
@@ -65,10 +66,15 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_forward_kernel(
     if (v >= vecs) continue;
     Pack<W, kVec> w, b;
     w.load(weight + v * kVec);
-    if (bias != nullptr) b.load(bias + v * kVec); else b.zero();
     Pack<T, kVec> out;
+    if constexpr (kRms) {  // no bias, no mean: nothing to load or add per element
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) out.set(j, (xs[i].get(j) - mean) * rstd * w.get(j) + b.get(j));
+      for (int j = 0; j < kVec; ++j) out.set(j, xs[i].get(j) * rstd * w.get(j));
+    } else {
+      if (bias != nullptr) b.load(bias + v * kVec); else b.zero();
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) out.set(j, (xs[i].get(j) - mean) * rstd * w.get(j) + b.get(j));
+    }
     out.store(y_row + v * kVec);
   }
 }
