@@ -33,7 +33,7 @@ MATMUL_INPUT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "bf16-autocast": 2, "fp32"
 # micro-batch, and the rest of the one-micro-batch step is the optimizer's (docs/benchmarks.md,
 # "Estimator refit"). fp8 is bf16's rate times the measured fp8/bf16 forward-backward ratio of
 # the 8-layer llama3-8b cut (1.31x without the optimizer: 803.6 against 613.4 TFLOP/s, H200,
-# section "Fine-tuning with a frozen output layer; estimator check"). That cut's bf16 runs
+# section "Fine-tuning with a frozen output layer ...", fourteenth). That cut's bf16 runs
 # 5% above the 1.3b fit (wider GEMMs), so its estimates come out about 4.5% low.
 # compile, fp16 and bf16-autocast were fitted on an H100 to earlier engines; see that file's
 # "Estimator" section.
