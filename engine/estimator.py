@@ -183,15 +183,18 @@ def activation_bytes(m: ModelConfig, layout: Layout, in_flight: float | None = N
 
 
 def logits_bytes(m: ModelConfig, layout: Layout) -> float:
-    """The output layer's transient: fp32 logits, their softmax and gradient for one chunk of
-    tokens (fused cross-entropy), or for the whole microbatch plus the bf16 logits otherwise.
-    A weight tied to the embedding on the same stage (pp 1) also holds its fp32 gradient from
-    forward to backward under the fused path; an untied one's goes straight into main_grad."""
+    """The output layer's transient: for one chunk of tokens (fused cross-entropy) the fp32
+    logits and their gradient in the matmul dtype (the softmax statistics are read from the
+    logits in one compiled pass, parallel/chunk_cross_entropy.py); otherwise, for the whole
+    microbatch, the bf16 logits and the fp32 softmax. A weight tied to the embedding on the
+    same stage (pp 1) also holds its fp32 gradient from forward to backward under the fused
+    path; an untied one's goes straight into main_grad."""
     tokens = m.seq_length * layout.micro_batch
     vocab = m.padded_vocab_size(layout.tp) / layout.tp
     if m.fused_cross_entropy:
         tied_gradient = vocab * m.hidden_size * 4 if m.tie_embeddings and layout.pp == 1 else 0
-        return min(tokens, CE_CHUNK_TOKENS) * vocab * 4 * 3 + tied_gradient
+        per_element = 4 + MATMUL_INPUT_BYTES[layout.precision]
+        return min(tokens, CE_CHUNK_TOKENS) * vocab * per_element + tied_gradient
     return tokens * vocab * (2 + 4)  # bf16 logits and the fp32 softmax kept for backward
 
 
@@ -217,9 +220,13 @@ def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Mem
     p = layout.precision
     params = stage_params(m, layout, first, last)
     optimizer = params * ADAM_BYTES[p] / (layout.dp if layout.shard_optimizer else 1)
-    # The bf16 .grad of the largest parameter exists while it is added into main_grad.
-    largest = max(layer_params(m) / layout.tp / 3, m.padded_vocab_size(layout.tp) * m.hidden_size / layout.tp)
-    gradients = params * GRAD_BYTES[p] + (largest * 2 if WEIGHT_BYTES[p] == 2 else 0)
+    # The linears, the output layer and an untied embedding add their 16-bit weights' gradients
+    # straight into the fp32 main_grad; only an embedding tied to the output layer on the same
+    # stage takes the plain path, whose 16-bit .grad of the whole table lives until its hook
+    # adds it in (parallel/main_grad_embedding.py).
+    table = m.padded_vocab_size(layout.tp) * m.hidden_size / layout.tp
+    tied_table_grad = table * 2 if first and last and m.tie_embeddings and WEIGHT_BYTES[p] == 2 else 0
+    gradients = params * GRAD_BYTES[p] + tied_table_grad
     activations = activation_bytes(m, layout, None if first else 1.0)
     logits = logits_bytes(m, layout) if last else 0.0
     if layout.recompute == "full":

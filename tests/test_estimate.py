@@ -29,15 +29,15 @@ def test_bf16_memory_one_gpu(tiny):
     layout = est.Layout(micro_batch=2, precision="bf16")
     memory = est.peak_memory(tiny, layout)
     assert memory.weights == 2 * 250432  # bf16 weights
-    # fp32 main_grad 4 B/param + the bf16 .grad of the largest tensor (the 512x64 embedding)
-    assert memory.gradients == 4 * 250432 + 2 * 32768
+    # fp32 main_grad 4 B/param; every 16-bit gradient of the untied model goes straight into it
+    assert memory.gradients == 4 * 250432
     assert memory.optimizer == 12 * 250432  # fp32 master + two Adam moments
     # per layer, s*b = 64*2 = 128 tokens: norm inputs and QKV/fc1 inputs 128*64*(2+2+2+2) = 65536;
     # Q, K, V, attention output (= projection input) 128*(2*64+2*32)*2 = 49152;
     # SwiGLU gate and up, their product 128*176*3*2 = 135168 -> 249856 per layer, 4 layers
     assert memory.activations == 4 * 249856
-    assert memory.logits == 128 * 512 * 4 * 3  # one chunk (128 tokens < 2048) of fp32 logits, softmax, grad
-    tensors = 500864 + (1001728 + 65536) + 3005184 + 999424 + 786432
+    assert memory.logits == 128 * 512 * (4 + 2)  # one chunk (128 tokens < 2048): fp32 logits, bf16 gradient
+    tensors = 500864 + 1001728 + 3005184 + 999424 + 393216
     assert memory.allowance == pytest.approx(tensors * 0.03 + 0.5 * GIB)
     assert memory.total == pytest.approx(tensors * 1.03 + 0.5 * GIB)
 
@@ -46,10 +46,20 @@ def test_tied_output_layer_holds_its_fp32_gradient_on_one_stage(tiny):
     """A weight tied to the embedding keeps its fp32 gradient (512x64) from the fused output
     layer's forward to its backward; an untied one's goes into main_grad, as does any under pp."""
     tied = dataclasses.replace(tiny, tie_embeddings=True)
-    chunk = 128 * 512 * 4 * 3
+    chunk = 128 * 512 * (4 + 2)
     assert est.logits_bytes(tied, est.Layout(micro_batch=2)) == chunk + 512 * 64 * 4
     assert est.logits_bytes(tied, est.Layout(micro_batch=2, pp=2)) == chunk
     assert est.logits_bytes(tiny, est.Layout(micro_batch=2)) == chunk
+
+
+def test_tied_embedding_on_the_output_stage_holds_a_16_bit_gradient(tiny):
+    """Such a table takes the plain lookup path: its bf16 .grad (512x64) exists beside main_grad."""
+    tied = dataclasses.replace(tiny, tie_embeddings=True)
+    one_stage = est.stage_memory(tied, est.Layout(micro_batch=2), True, True)
+    assert one_stage.gradients == 4 * est.stage_params(tied, est.Layout(), True, True) + 2 * 512 * 64
+    for first, last in ((True, False), (False, True)):  # pp 2: each stage's copy goes into main_grad
+        layout = est.Layout(micro_batch=2, pp=2)
+        assert est.stage_memory(tied, layout, first, last).gradients == 4 * est.stage_params(tied, layout, first, last)
 
 
 def test_autocast_keeps_fp32_weights_and_residual_stream(tiny):
@@ -84,7 +94,7 @@ def test_pipeline_in_flight_and_recompute(tiny):
     assert est.stage_memory(tiny, layout, True, False).activations == 2 * 249856 * 2
     # the last stage's peak holds one microbatch of its layers, plus the output layer's logits
     last = est.stage_memory(tiny, layout, False, True)
-    assert last.activations == 2 * 249856 and last.logits == 128 * 512 * 4 * 3
+    assert last.activations == 2 * 249856 and last.logits == 128 * 512 * (4 + 2)
     # interleaved, vpp=2: pp * (1 + (pp-1)/(pp*vpp)) = 2.5 stage-equivalents
     interleaved = est.Layout(pp=2, vpp=2, micro_batch=2, global_batch=16)
     assert est.activation_bytes(tiny, interleaved) == 2 * 249856 * 2.5
@@ -92,10 +102,10 @@ def test_pipeline_in_flight_and_recompute(tiny):
     # plus one layer's activations while it is recomputed
     recompute = est.Layout(pp=2, micro_batch=2, global_batch=16, recompute="full")
     assert est.activation_bytes(tiny, recompute) == 2 * 16384 * 2 + 249856
-    # on the last stage the logits chunk (786432 B) and the recomputed layer (249856 B) are
+    # on the last stage the logits chunk (393216 B) and the recomputed layer (249856 B) are
     # never alive together: only the larger one counts
     last = est.stage_memory(tiny, recompute, False, True)
-    assert last.activations + last.logits == 2 * 16384 + 249856 + (786432 - 249856)
+    assert last.activations + last.logits == 2 * 16384 + 249856 + (393216 - 249856)
 
 
 def test_step_time_compute_and_bubble(tiny):
