@@ -128,8 +128,9 @@ __device__ __forceinline__ float warp_max(float v) {
 // per-warp totals. Every thread of the block must call it (it synchronises the block).
 // kScratchReused false: the block's last use of `scratch` (no later reduction, no next row),
 // which skips the second barrier, there only to keep a fast warp's next write from landing
-// before a slow warp has read this total (the RMSNorm forward at 8192x8192: 1.6% faster on
-// an H200, docs/benchmarks.md).
+// before a slow warp has read this total. Alone it did not change the RMSNorm forward's time
+// measurably; the forward was measured and kept with it (docs/benchmarks.md, fourteenth
+// H200 section).
 template <bool kWarpRows, bool kScratchReused = true>
 __device__ __forceinline__ float row_sum(float v, float* scratch) {
   v = warp_sum(v);

@@ -115,17 +115,21 @@ def stage_layer_params(m: ModelConfig, layout: Layout) -> float:
     return (m.num_layers // layout.pp) * layer_params(m) / layout.tp
 
 
+def table_params(m: ModelConfig, layout: Layout) -> float:
+    """One GPU's shard of the (padded) vocabulary table: the embedding or the output layer."""
+    return m.padded_vocab_size(layout.tp) * m.hidden_size / layout.tp
+
+
 def stage_params(m: ModelConfig, layout: Layout, first: bool, last: bool) -> int:
     """Parameters one GPU of a pipeline stage holds (its TP shard)."""
-    vocab = m.padded_vocab_size(layout.tp)
     params = stage_layer_params(m, layout)
     if first:
-        params += vocab * m.hidden_size / layout.tp
+        params += table_params(m, layout)
         params += m.max_position_embeddings * m.hidden_size if m.position_embedding == "learned" else 0
     if last:
         params += m.hidden_size  # final norm
         if not m.tie_embeddings or layout.pp > 1:  # untied, or the last stage's tied copy
-            params += vocab * m.hidden_size / layout.tp
+            params += table_params(m, layout)
     return int(params)
 
 
@@ -192,7 +196,7 @@ def logits_bytes(m: ModelConfig, layout: Layout) -> float:
     tokens = m.seq_length * layout.micro_batch
     vocab = m.padded_vocab_size(layout.tp) / layout.tp
     if m.fused_cross_entropy:
-        tied_gradient = vocab * m.hidden_size * 4 if m.tie_embeddings and layout.pp == 1 else 0
+        tied_gradient = table_params(m, layout) * 4 if m.tie_embeddings and layout.pp == 1 else 0
         per_element = 4 + MATMUL_INPUT_BYTES[layout.precision]
         return min(tokens, CE_CHUNK_TOKENS) * vocab * per_element + tied_gradient
     return tokens * vocab * (2 + 4)  # bf16 logits and the fp32 softmax kept for backward
@@ -224,8 +228,8 @@ def stage_memory(m: ModelConfig, layout: Layout, first: bool, last: bool) -> Mem
     # straight into the fp32 main_grad; only an embedding tied to the output layer on the same
     # stage takes the plain path, whose 16-bit .grad of the whole table lives until its hook
     # adds it in (parallel/main_grad_embedding.py).
-    table = m.padded_vocab_size(layout.tp) * m.hidden_size / layout.tp
-    tied_table_grad = table * 2 if first and last and m.tie_embeddings and WEIGHT_BYTES[p] == 2 else 0
+    plain_tied_table = first and last and m.tie_embeddings and WEIGHT_BYTES[p] == 2
+    tied_table_grad = table_params(m, layout) * 2 if plain_tied_table else 0
     gradients = params * GRAD_BYTES[p] + tied_table_grad
     activations = activation_bytes(m, layout, None if first else 1.0)
     logits = logits_bytes(m, layout) if last else 0.0
