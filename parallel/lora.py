@@ -53,12 +53,17 @@ class LoRALinearFn:
     def __call__(self, x, weight, bias=None):
         if not self.enabled:
             return self.base_fn(x, weight, bias)
-        return self.base_fn(x, weight, bias) + self.update(x)
-
-    def update(self, x):
-        module = self.module
-        low_rank = F.linear(self.drop(x), module.lora_A)
-        return expand_blocks(F.linear(low_rank, module.lora_B), module, self.blocks, dim=-1) * self.scale
+        base = self.base_fn(x, weight, bias)
+        low_rank = F.linear(self.drop(x), self.module.lora_A)
+        if self.blocks is not ALL_BLOCKS:
+            update = expand_blocks(F.linear(low_rank, self.module.lora_B), self.module, self.blocks, dim=-1)
+            return base + update * self.scale
+        # One GEMM adds scale * (low_rank B^T) into the base product in its epilogue: no
+        # [tokens, out] update tensor, no separate scale and add passes over it (forward), and
+        # the scale lands on the rank-r gradients, not on a [tokens, out] one (backward).
+        flat = torch.addmm(base.reshape(-1, base.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
+                           self.module.lora_B.t(), alpha=self.scale)
+        return flat.view(base.shape)
 
     def drop(self, x):
         if not (self.dropout > 0 and self.module.training):
