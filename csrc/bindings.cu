@@ -5,7 +5,7 @@
 #include "trellis_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast, embedding-gradient and AdamW CUDA kernels";
+  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast, embedding-gradient, AdamW and NF4-dequantise CUDA kernels";
   m.def("norm_forward", &trellis::norm_forward, "RMSNorm/LayerNorm forward -> [y, mean, rstd]",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
@@ -32,6 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("master"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("model_out"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
         py::arg("grad_scale") = py::none());
+  m.def("nf4_dequantize", &trellis::nf4_dequantize, "NF4 codes and block scales -> out (in place)", py::arg("out"),
+        py::arg("packed"), py::arg("code_values"), py::arg("absmax"), py::arg("absmax_codes"), py::arg("absmax_step"),
+        py::arg("absmax_mean"));
   m.attr("max_norm_hidden") = trellis::max_norm_hidden();
   m.attr("max_softmax_keys") = trellis::max_softmax_keys();
 }

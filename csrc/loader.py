@@ -36,7 +36,7 @@ CACHE_ENV = "TRELLIS_KERNEL_CACHE"
 EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
 _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.cu", "qkv_rope.cu", "fp8_cast.cu",
-                   "embedding_backward.cu", "adamw.cu", "bindings.cu")
+                   "embedding_backward.cu", "adamw.cu", "nf4_dequantize.cu", "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
 _GEMM_SOURCES = ("fp8_gemm.cu", "residual_gemm.cu", "gemm_bindings.cu")
@@ -366,6 +366,19 @@ def adamw_step(master, grad, exp_avg, exp_avg_sq, model_out, *, lr: float, beta1
         kernels().adamw_step(master, grad, exp_avg, exp_avg_sq, model_out, **options)
     else:
         adamw_step_reference(master, grad, exp_avg, exp_avg_sq, model_out, **options)
+
+
+def nf4_dequantize_supported(packed: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether csrc/nf4_dequantize.cu dequantises NF4 codes held in `packed` into `dtype`."""
+    return _eager_cuda_kernels(packed) and dtype in fused_ops.KERNEL_DTYPES
+
+
+def nf4_dequantize(out, packed, code_values, absmax=None, absmax_codes=None, absmax_step=None,
+                   absmax_mean=None) -> None:
+    """Fill `out` from NF4 codes and block scales in one launch (parallel/nf4.py's format: fp32
+    `absmax`, or double-quantised absmax_codes/absmax_step/absmax_mean); caller checked
+    nf4_dequantize_supported. Bit-identical to nf4.dequantize_torch."""
+    kernels().nf4_dequantize(out, packed, code_values, absmax, absmax_codes, absmax_step, absmax_mean)
 
 
 def split_qkv_rope_supported(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -55,6 +55,14 @@ std::vector<at::Tensor> qkv_rope_forward(const at::Tensor& qkv, const at::Tensor
 at::Tensor qkv_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cos,
                              const at::Tensor& sin);
 
+// out (a weight's shape; bf16, fp16 or fp32) = NF4 codes in `packed` (two a byte, low nibble
+// first, whole 64-blocks) times their block's scale: `absmax` (fp32, one per 64 weights), or
+// under double quantisation absmax_codes (int8) * absmax_step (fp32, one per 256 codes) +
+// absmax_mean. Bit-identical to parallel/nf4.py's torch reference.
+void nf4_dequantize(at::Tensor& out, const at::Tensor& packed, const at::Tensor& code_values,
+                    const c10::optional<at::Tensor>& absmax, const c10::optional<at::Tensor>& absmax_codes,
+                    const c10::optional<at::Tensor>& absmax_step, const c10::optional<at::Tensor>& absmax_mean);
+
 // table [v, hidden] (float32, a weight's gradient buffer) += grad [n, hidden] rows at their
 // ids, given sorted (stable) int64 ids and the sort's order; ids < 0 are skipped. Each id's rows
 // are summed in sorted order in fp32 and added once, so the result is the same on every run.

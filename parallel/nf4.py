@@ -15,8 +15,9 @@ Memory per weight: 0.5 byte of codes + 4/64 = 0.0625 byte of fp32 scales = 0.562
 double quantisation 0.5 + 1/64 + 4/(64*256) = 0.5159 byte (plus 4 bytes for the mean).
 
 Dequantisation: value = code[index] * absmax (one fp32 multiply, then a cast to the compute
-dtype). Scales are dequantised first in torch (1/64 of the elements), so the Triton kernel
-and the torch path do the very same fp32 multiply and agree bit for bit.
+dtype). On a GPU one kernel (csrc/nf4_dequantize.cu) does it all, the double-quantised scales
+included, with the same fp32 operations in the same order as the torch path here, so the two
+agree bit for bit.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import functools
 
 import torch
 from torch import nn
+
+from csrc import loader
 
 BLOCK_SIZE = 64           # weights per absmax scale
 SCALE_BLOCK_SIZE = 256    # absmax scales per second-level scale (double quantisation)
@@ -139,13 +142,20 @@ def dequantize_torch(holder: NF4Weight, dtype=None) -> torch.Tensor:
 
 
 def dequantize(holder: NF4Weight, dtype=None) -> torch.Tensor:
-    """Triton kernel on CUDA when triton imports, torch ops otherwise; bit-identical results."""
-    if holder.packed.is_cuda:
-        from parallel import nf4_triton
-        if nf4_triton.available():
-            return nf4_triton.dequantize(holder.packed, holder.block_absmax(), holder.shape,
-                                         dtype or holder.dtype)
-    return dequantize_torch(holder, dtype)
+    """One CUDA kernel launch where the compiled kernels run, torch ops otherwise; bit-identical.
+    It runs for every NF4 linear in the forward, the recomputed forward and the backward, so
+    at QLoRA's small micro-batches its host time counts as much as its device time."""
+    dtype = dtype or holder.dtype
+    if not loader.nf4_dequantize_supported(holder.packed, dtype):
+        return dequantize_torch(holder, dtype)
+    out = torch.empty(holder.shape, dtype=dtype, device=holder.packed.device)
+    if holder.double_quant:
+        scales = dict(absmax_codes=holder.absmax_codes, absmax_step=holder.absmax_step,
+                      absmax_mean=holder.absmax_mean)
+    else:
+        scales = dict(absmax=holder.absmax)
+    loader.nf4_dequantize(out, holder.packed, _code_book_on(holder.packed.device), **scales)
+    return out
 
 
 # ----------------------------------------------------------------------------- the linear
@@ -169,16 +179,17 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
-def nf4_linear_fn(holder: NF4Weight):
+class NF4LinearFn:
     """A drop-in for `layer.linear_fn(x, weight, bias)` whose weight lives in `holder`. The
     layer's `weight` is None after `enable_nf4`, so the argument is checked and ignored."""
 
-    def linear(x, weight, bias=None):
-        if weight is not None:
-            raise ValueError("nf4_linear_fn: the layer still has a full-precision weight; use enable_nf4")
-        return _NF4Linear.apply(x, bias, holder)
+    def __init__(self, holder: NF4Weight):
+        self.holder = holder
 
-    return linear
+    def __call__(self, x, weight, bias=None):
+        if weight is not None:
+            raise ValueError("NF4 linear: the layer still has a full-precision weight; use enable_nf4")
+        return _NF4Linear.apply(x, bias, self.holder)
 
 
 def _targeted(name: str, targets) -> bool:
@@ -204,5 +215,5 @@ def enable_nf4(module: nn.Module, targets=None, double_quant: bool = True) -> in
         layer.nf4 = NF4Weight(layer.weight, double_quant)
         layer.nf4.shard_spec = layer.weight.shard_spec  # keeps the layout known for conversion/merging
         layer.register_parameter("weight", None)
-        layer.linear_fn = nf4_linear_fn(layer.nf4)
+        layer.linear_fn = NF4LinearFn(layer.nf4)
     return len(layers)

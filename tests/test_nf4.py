@@ -127,7 +127,7 @@ def test_linear_forward_and_input_gradient_match_the_dequantised_linear():
     weight, bias = torch.randn(48, 96) * 0.05, torch.randn(48, requires_grad=True)
     holder = nf4.NF4Weight(weight)
     x = torch.randn(5, 3, 96, requires_grad=True)
-    y = nf4.nf4_linear_fn(holder)(x, None, bias)
+    y = nf4.NF4LinearFn(holder)(x, None, bias)
     grad = torch.randn_like(y)
     y.backward(grad)
 
@@ -150,7 +150,7 @@ def test_linear_saves_nothing_weight_sized_for_backward():
 
     x = torch.randn(4, 128, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = nf4.nf4_linear_fn(holder)(x, None, None)
+        y = nf4.NF4LinearFn(holder)(x, None, None)
     assert all(n < 256 * 128 for n in saved)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(4, 256) @ nf4.dequantize(holder, torch.float32))
@@ -159,7 +159,7 @@ def test_linear_saves_nothing_weight_sized_for_backward():
 def test_linear_refuses_a_full_precision_weight():
     holder = nf4.NF4Weight(torch.randn(8, 64))
     with pytest.raises(ValueError, match="enable_nf4"):
-        nf4.nf4_linear_fn(holder)(torch.randn(2, 64), torch.randn(8, 64))
+        nf4.NF4LinearFn(holder)(torch.randn(2, 64), torch.randn(8, 64))
 
 
 def _check_tensor_parallel_mlp():
