@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel import frozen_lora_linear, main_grad_linear, nf4
 from parallel.layers import ColumnParallelLinear, RowParallelLinear
 from parallel.sharding import ShardSpec, attach, init_uniform_from_full
 
@@ -53,14 +54,28 @@ class LoRALinearFn:
     def __call__(self, x, weight, bias=None):
         if not self.enabled:
             return self.base_fn(x, weight, bias)
+        module = self.module
+        dropout_active = self.dropout > 0 and module.training
+        if (self.blocks is ALL_BLOCKS and self.base_fn_is_plain
+                and frozen_lora_linear.applies(module, weight, bias, dropout_active)):
+            return frozen_lora_linear.frozen_base_lora_linear(x, module.lora_A, module.lora_B, weight, bias,
+                                                              getattr(module, "nf4", None), self.scale)
+        return self.composed(x, weight, bias)
+
+    @property
+    def base_fn_is_plain(self) -> bool:
+        """The base is the default linear or an NF4 one, which the fused Function reproduces."""
+        return self.base_fn is main_grad_linear.linear or isinstance(self.base_fn, nf4.NF4LinearFn)
+
+    def composed(self, x, weight, bias=None):
+        """The adapted linear from separate ops: any base, adapter dropout, some fused blocks."""
         base = self.base_fn(x, weight, bias)
         low_rank = F.linear(self.drop(x), self.module.lora_A)
         if self.blocks is not ALL_BLOCKS:
             update = expand_blocks(F.linear(low_rank, self.module.lora_B), self.module, self.blocks, dim=-1)
             return base + update * self.scale
-        # One GEMM adds scale * (low_rank B^T) into the base product in its epilogue: no
-        # [tokens, out] update tensor, no separate scale and add passes over it (forward), and
-        # the scale lands on the rank-r gradients, not on a [tokens, out] one (backward).
+        # One GEMM adds scale * (low_rank B^T) to the base product: no [tokens, out] update
+        # tensor and no separate scale and add passes over it.
         flat = torch.addmm(base.reshape(-1, base.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
                            self.module.lora_B.t(), alpha=self.scale)
         return flat.view(base.shape)
