@@ -1,4 +1,5 @@
-"""tools/benchmark.py --summarize: one table from the JSON files benchmark runs wrote."""
+"""tools/benchmark.py --summarize: one table from the JSON files benchmark runs wrote; the peak
+memory of runs with CUDA graphs."""
 import json
 
 from tools import benchmark
@@ -14,3 +15,14 @@ def test_summary_lists_every_row_and_the_stacks_that_failed(tmp_path, capsys):
     assert lines[2:] == ["| a_dpo | trl | error: no trl | | | |",
                          "| b_base | trellis | 60930 | 55.4% | 35.9 | GPU X |",
                          "| b_base | hf | 60930 | - | 35.9 | GPU X |"]
+
+
+def test_peak_memory_adds_the_free_part_of_cuda_graph_pools(monkeypatch):
+    """A graph replay bypasses the allocator: the free bytes of private pools are added, the
+    default pool's are not (its peak is max_memory_allocated's)."""
+    segments = [{"segment_pool_id": (0, 0), "total_size": 1000, "allocated_size": 100},
+                {"segment_pool_id": (1, 0), "total_size": 800, "allocated_size": 300},
+                {"segment_pool_id": (1, 0), "total_size": 200, "allocated_size": 200},
+                {"segment_pool_id": (2, 1), "total_size": 64, "allocated_size": 0}]
+    monkeypatch.setattr(benchmark.torch.cuda, "memory_snapshot", lambda: segments)
+    assert benchmark.graph_pool_transient_bytes() == 500 + 64
