@@ -58,15 +58,7 @@ class _FrozenBaseLoRALinear(torch.autograd.Function):
 
 def frozen_base_lora_linear(x, lora_a, lora_b, weight, bias, holder, scale: float):
     """The adapted linear's output. Exactly one of `weight` (a frozen 16-bit base) and `holder`
-    (an NF4 base) is given; `bias` must need no gradient (callers check `applies`)."""
+    (an NF4 base) is given; `bias` must need no gradient (parallel/lora.py's
+    LoRALinearFn.fuses decides)."""
     return _FrozenBaseLoRALinear.apply(x, lora_a, lora_b, weight, bias, holder, scale)
 
-
-def applies(module, weight, bias, dropout_active: bool) -> bool:
-    """Whether the fused Function computes this adapted linear: a frozen base (16-bit or NF4), a
-    frozen bias or none, and no adapter dropout (its mask would have to be saved too)."""
-    if dropout_active or (bias is not None and bias.requires_grad):
-        return False
-    if weight is None:
-        return getattr(module, "nf4", None) is not None
-    return not weight.requires_grad

@@ -54,18 +54,25 @@ class LoRALinearFn:
     def __call__(self, x, weight, bias=None):
         if not self.enabled:
             return self.base_fn(x, weight, bias)
-        module = self.module
-        dropout_active = self.dropout > 0 and module.training
-        if (self.blocks is ALL_BLOCKS and self.base_fn_is_plain
-                and frozen_lora_linear.applies(module, weight, bias, dropout_active)):
-            return frozen_lora_linear.frozen_base_lora_linear(x, module.lora_A, module.lora_B, weight, bias,
-                                                              getattr(module, "nf4", None), self.scale)
+        if self.fuses(weight, bias):
+            holder = self.base_fn.holder if isinstance(self.base_fn, nf4.NF4LinearFn) else None
+            return frozen_lora_linear.frozen_base_lora_linear(x, self.module.lora_A, self.module.lora_B, weight, bias,
+                                                              holder, self.scale)
         return self.composed(x, weight, bias)
 
     @property
-    def base_fn_is_plain(self) -> bool:
-        """The base is the default linear or an NF4 one, which the fused Function reproduces."""
-        return self.base_fn is main_grad_linear.linear or isinstance(self.base_fn, nf4.NF4LinearFn)
+    def dropout_active(self) -> bool:
+        return self.dropout > 0 and self.module.training
+
+    def fuses(self, weight, bias) -> bool:
+        """Whether parallel/frozen_lora_linear.py computes this call: every block adapted, no
+        adapter dropout (its mask would have to be saved), a frozen bias or none, and a frozen
+        base the Function reproduces (an NF4 linear, or the default linear over a frozen weight)."""
+        if self.blocks is not ALL_BLOCKS or self.dropout_active or (bias is not None and bias.requires_grad):
+            return False
+        if isinstance(self.base_fn, nf4.NF4LinearFn):
+            return weight is None
+        return self.base_fn is main_grad_linear.linear and not weight.requires_grad
 
     def composed(self, x, weight, bias=None):
         """The adapted linear from separate ops: any base, adapter dropout, some fused blocks."""
@@ -81,7 +88,7 @@ class LoRALinearFn:
         return flat.view(base.shape)
 
     def drop(self, x):
-        if not (self.dropout > 0 and self.module.training):
+        if not self.dropout_active:
             return x
         # A row-parallel input is split over TP: its slices need distinct masks, as the base's
         # own TP-split dropout does. A column-parallel input is the same on every TP rank.
