@@ -74,7 +74,9 @@ class PlainLlama(nn.Module):
 
 
 def hf_llama(cfg, dtype=None):
-    """LlamaForCausalLM of `cfg` (weights in `dtype`, fp32 by default), wrapped to return the loss."""
+    """LlamaForCausalLM of `cfg`, wrapped to return the loss. Its weights are created in `dtype`
+    (fp32 by default) as `from_pretrained(dtype=...)` does, not in fp32 and then cast: no fp32
+    copy is ever held, and the rotary inverse frequencies stay fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
@@ -82,9 +84,12 @@ def hf_llama(cfg, dtype=None):
                          num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
                          rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
     hf_cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(hf_cfg)
-    if dtype is not None:
-        model = model.to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        model = LlamaForCausalLM(hf_cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
 
     class Wrapped(nn.Module):
         def __init__(self):
@@ -103,12 +108,54 @@ HF_LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "
 
 
 def hf_lora_llama(cfg, targets, rank: int, alpha: float, device):
-    """Hugging Face LlamaForCausalLM with bf16 weights (built on `device`: no fp32 copy on the
-    host) and a PEFT LoRA adapter on the aliased projections; PEFT keeps the adapters in fp32."""
-    from peft import LoraConfig, get_peft_model
+    """Hugging Face LlamaForCausalLM with bf16 weights (built on `device`: no copy on the host)
+    and a PEFT LoRA adapter on the aliased projections; PEFT keeps the adapters in fp32."""
+    with torch.device(device):
+        wrapped = hf_llama(cfg, torch.bfloat16)
+    return _add_peft_lora(wrapped, targets, rank, alpha)
+
+
+def hf_qlora_llama(cfg, targets, rank: int, alpha: float, device):
+    """The QLoRA recipe in Hugging Face: LlamaForCausalLM with bf16 weights whose decoder-layer
+    linears (all seven projections) are bitsandbytes NF4, double-quantised, blocksize 64, bf16
+    compute (what `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16))`
+    builds), non-reentrant gradient checkpointing of every layer, and a PEFT LoRA adapter on
+    the aliased projections. With random weights there is no checkpoint to load: the model is
+    built in bf16 on `device` and each projection is quantised there in turn (its bf16 weight
+    freed as it goes), so the whole bf16 model is held once, during the build. The embedding,
+    norms and output layer stay bf16 and frozen, as in Trellis: PEFT's
+    `prepare_model_for_kbit_training` would make them fp32."""
+    import bitsandbytes as bnb
 
     with torch.device(device):
         wrapped = hf_llama(cfg, torch.bfloat16)
+    model = wrapped.inner
+    names = set(HF_LORA_MODULES.values())
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if name not in names:
+                    continue
+                nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,  # Llama has none
+                                        compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                        device="meta")
+                # Moving a Params4bit to a device quantises it (to the CPU as well as to a GPU).
+                nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                               compress_statistics=True, blocksize=64, module=nf4).to(device)
+                setattr(parent, name, nf4)
+    model.is_loaded_in_4bit = True  # as from_pretrained sets it: PEFT then wraps in its bitsandbytes LoRA layer
+    model.config.use_cache = False
+    # Non-reentrant checkpointing needs no input that requires grad; transformers enables it anyway.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _add_peft_lora(wrapped, targets, rank, alpha)
+
+
+def _add_peft_lora(wrapped, targets, rank: int, alpha: float):
+    """Wrap `wrapped.inner` in PEFT LoRA (no dropout, no bias) on the aliased projections;
+    PEFT freezes every other parameter."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=[HF_LORA_MODULES[t] for t in targets])
     wrapped.inner = get_peft_model(wrapped.inner, config)

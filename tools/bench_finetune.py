@@ -1,5 +1,5 @@
-"""Fine-tuning benchmarks on one GPU: LoRA against Hugging Face + PEFT, QLoRA on Llama-3-8B,
-and GaLore's optimizer memory against AdamW.
+"""Fine-tuning benchmarks on one GPU: LoRA against Hugging Face + PEFT, QLoRA on Llama-3-8B
+against Hugging Face + PEFT + bitsandbytes, and GaLore's optimizer memory against AdamW.
 
     python tools/bench_finetune.py --mode lora [--targets qkvo|all] [--micro-batch 4]
     python tools/bench_finetune.py --mode qlora
@@ -11,7 +11,13 @@ and GaLore's optimizer memory against AdamW.
   Hugging Face LlamaForCausalLM with bf16 weights, SDPA, no gradient checkpointing, plus a
   PEFT LoraConfig of the same rank, alpha and targets, fed the same mock token samples.
 - qlora: `--qlora-preset` (llama3-8b), `--finetune.method qlora`, micro-batch 1, full
-  recompute, bf16, random initial weights quantised to NF4 in place.
+  recompute, bf16, random initial weights quantised to NF4 in place, LoRA on every linear
+  (`--targets all`). Then, in the same launch on the same GPU, the QLoRA recipe in Hugging Face
+  (stack hf+peft+bnb): LlamaForCausalLM with bf16 weights, SDPA, the seven projections of every
+  layer in bitsandbytes NF4 (double-quantised, blocksize 64, bf16 compute), non-reentrant
+  gradient checkpointing, PEFT LoRA of the same rank, alpha and targets, the same mock samples.
+  That row needs `bitsandbytes` (optional, not a project dependency) and CUDA; without either, a
+  line says why it is skipped and only the Trellis row is reported.
 - galore: `--preset`, full fine-tuning with AdamW and with GaLore (`--galore-rank`): optimizer
   state bytes (moments and bases, and with the fp32 masters), peak memory, median step time
   and the time of one step that refreshes every projection (the SVDs).
@@ -89,8 +95,7 @@ def result(mode: str, stack: str, row: dict, cfg, micro_batch: int, **extra) -> 
 
 # ---- modes --------------------------------------------------------------------------------
 def bench_lora(args) -> list:
-    from engine.batches import MockDataset
-    from tools.baselines import baseline_step_fn, hf_lora_llama
+    from tools.baselines import hf_lora_llama
 
     targets = args.targets or "qkvo"
     cfg, trainer, row = run_trellis(bench_args(args, args.preset, args.micro_batch),
@@ -99,23 +104,12 @@ def bench_lora(args) -> list:
     ours = result("lora", "trellis", row, cfg, args.micro_batch, targets=targets, rank=args.lora_rank)
     del trainer
     free_memory(device)
-    # Hugging Face + PEFT on the same samples as Trellis's first step.
-    torch.manual_seed(0)
-    model = hf_lora_llama(cfg.model, TARGETS[targets], args.lora_rank, 2 * args.lora_rank, device)
-    data = MockDataset(cfg.model.vocab_size, args.seq, cfg.train.seed, 0)
-    tokens = torch.stack([torch.from_numpy(data[i]) for i in range(args.micro_batch)]).to(device)
-    step = baseline_step_fn(model, device)
-    times, mem = timed_steps(lambda: step(tokens[:, :-1], tokens[:, 1:]), args.warmup, args.steps, device)
-    hf_row = summarise("hf", times, args.micro_batch * args.seq, row["flops_per_token"], 1, None, mem)  # same work
-    theirs = result("lora", "hf+peft", hf_row, cfg, args.micro_batch, targets=targets, rank=args.lora_rank)
-    del model, step
-    free_memory(device)
-    ours["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    ours["memory_vs_hf"] = ours["peak_mem_gib"] / theirs["peak_mem_gib"] if theirs["peak_mem_gib"] else None
-    return [ours, theirs]
+    return [ours, against_hf(args, ours, "hf+peft", hf_lora_llama, cfg, row["flops_per_token"], device)]
 
 
 def bench_qlora(args) -> list:
+    from tools.baselines import hf_qlora_llama
+
     targets = args.targets or "all"
     flags = engine_flags(args) + lora_flags(args, targets) + ["--finetune.method", "qlora", "--model.recompute", "full"]
     start = time.perf_counter()
@@ -123,13 +117,53 @@ def bench_qlora(args) -> list:
     holders = [m.nf4 for c in trainer.model_chunks for m in c.modules() if hasattr(m, "nf4")]
     nf4_bytes = sum(h.nbytes() for h in holders)
     bf16_bytes = 2 * sum(h.numel for h in holders)
-    out = result("qlora", "trellis", row, cfg, args.qlora_micro_batch, targets=targets, rank=args.lora_rank,
-                 nf4_gib=nf4_bytes / 2**30, same_weights_bf16_gib=bf16_bytes / 2**30,
-                 setup_and_run_s=time.perf_counter() - start)
+    ours = result("qlora", "trellis", row, cfg, args.qlora_micro_batch, targets=targets, rank=args.lora_rank,
+                  nf4_gib=nf4_bytes / 2**30, same_weights_bf16_gib=bf16_bytes / 2**30,
+                  setup_and_run_s=time.perf_counter() - start)
     device = trainer.device
-    del trainer
+    del trainer, holders
     free_memory(device)
-    return [out]
+    skipped = qlora_baseline_missing(device)
+    if skipped:
+        print(f"bench_finetune: skipping the Hugging Face + PEFT + bitsandbytes QLoRA row (hf+peft+bnb): {skipped}",
+              flush=True)
+        return [ours]
+    return [ours, against_hf(args, ours, "hf+peft+bnb", hf_qlora_llama, cfg, row["flops_per_token"], device)]
+
+
+def qlora_baseline_missing(device) -> str:
+    """Why the Hugging Face + PEFT + bitsandbytes QLoRA row cannot run here ("" when it can)."""
+    if device.type != "cuda":
+        return f"it needs a CUDA device (this run is on {device.type})"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # not installed, or installed without a usable backend
+        return f"bitsandbytes is not importable ({type(error).__name__}: {error}); pip install bitsandbytes to add it"
+    return ""
+
+
+def against_hf(args, ours: dict, stack: str, build, cfg, flops_per_token: float, device) -> dict:
+    """The Hugging Face row of Trellis's row `ours`: times the model that `build(cfg.model,
+    targets, rank, alpha, device)` returns (tools/baselines.py) on the same mock samples as
+    Trellis's first step, counting the same work per token as Trellis, and adds Trellis's ratios
+    to it (`speedup_vs_hf`, `memory_vs_hf`) to `ours`."""
+    from engine.batches import MockDataset
+    from tools.baselines import baseline_step_fn
+
+    micro_batch, targets = ours["micro_batch"], ours["targets"]
+    torch.manual_seed(0)
+    model = build(cfg.model, TARGETS[targets], args.lora_rank, 2 * args.lora_rank, device)
+    data = MockDataset(cfg.model.vocab_size, args.seq, cfg.train.seed, 0)
+    tokens = torch.stack([torch.from_numpy(data[i]) for i in range(micro_batch)]).to(device)
+    step = baseline_step_fn(model, device)
+    times, mem = timed_steps(lambda: step(tokens[:, :-1], tokens[:, 1:]), args.warmup, args.steps, device)
+    row = summarise("hf", times, micro_batch * args.seq, flops_per_token, 1, None, mem)
+    theirs = result(ours["mode"], stack, row, cfg, micro_batch, targets=targets, rank=args.lora_rank)
+    del model, step
+    free_memory(device)
+    ours["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    ours["memory_vs_hf"] = ours["peak_mem_gib"] / theirs["peak_mem_gib"] if theirs["peak_mem_gib"] else None
+    return theirs
 
 
 def bench_galore(args) -> list:
