@@ -13,6 +13,12 @@ by stage with send/recv (engine/inference.py); the last stage picks the token an
 it to the other stages. Sequence parallelism is switched off while generating. A row stops
 after its EOS token (later positions hold the pad id); generation ends when every row has
 stopped or after `max_new_tokens`.
+
+Decode steps replay a CUDA graph where engine/decode_graph.py allows (CUDA, no TP or PP, no
+FP8): the prompt runs eagerly into a static-decode cache, every later step is one graph launch.
+`decode` picks the path: `auto` (graphs where they apply), `eager` (the sliced cache), `static`
+(the graph's cache without a capture, on any device: what the CPU tests compare against
+`eager`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import dataclasses
 
 import torch
 
+from engine.decode_graph import DecodeGraph, graphable, no_autocast_cache
 from engine.inference import broadcast_from_last_stage, forward_through_stages, init_pipeline_p2p, sequence_parallel_off
 from models.kv_cache import KVCache
 from parallel.vocab_sampling import SamplingParams, sample_vocab_parallel
@@ -60,14 +67,25 @@ def sampling_generator(device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+DECODE_MODES = ("auto", "eager", "static")
+
+
 class TextGenerator:
     """Generates from this rank's model chunks (a whole model, or one pipeline stage of it)."""
 
-    def __init__(self, chunks, grid, device, autocast=contextlib.nullcontext):
+    def __init__(self, chunks, grid, device, autocast=contextlib.nullcontext, decode: str = "auto"):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.chunks, self.grid, self.device, self.autocast = chunks, grid, device, autocast
         self.cfg = chunks[0].cfg
         self.dtype = next(chunks[0].parameters()).dtype
+        self.decode = decode
         init_pipeline_p2p(grid, device)
+
+    @property
+    def graphs(self) -> bool:
+        """Whether decode steps replay a CUDA graph."""
+        return self.decode == "auto" and graphable(self.chunks, self.grid, self.device)
 
     @property
     def last(self):
@@ -112,28 +130,60 @@ class TextGenerator:
         if width + max_new_tokens > self.cfg.max_position_embeddings:
             raise ValueError(f"prompt width {width} + {max_new_tokens} new tokens exceed the model's "
                              f"{self.cfg.max_position_embeddings} positions")
-        cache = KVCache(batch, width + max_new_tokens, self.device) if use_cache else None
+        cache, graph = self.decode_state(batch, width + max_new_tokens) if use_cache else (None, None)
         generator = sampling_generator(self.device, seed)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         produced = []
         step_tokens, step_positions, step_documents = tokens, position_ids, document_ids
         with sequence_parallel_off(self.chunks):
             for _ in range(max_new_tokens):
-                logits = self.last_logits(step_tokens, step_positions, step_documents, cache)
+                if graph is not None and cache.length:
+                    logits = self.replay(graph, cache, step_tokens, step_positions, step_documents)
+                else:
+                    logits = self.last_logits(step_tokens, step_positions, step_documents, cache)
                 new = self.next_tokens(logits, params, generator, batch, vocab_limit or self.cfg.vocab_size)
                 new = torch.where(finished, torch.full_like(new, pad_id), new)
                 produced.append((new, ~finished))
-                finished = finished | (new == eos_id) if eos_id is not None else finished
                 tokens = torch.cat([tokens, new.unsqueeze(1)], dim=1)
                 position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
                 document_ids = torch.cat([document_ids, torch.ones_like(document_ids[:, -1:])], dim=1)
-                if bool(finished.all()):
-                    break
+                if eos_id is not None:  # (the check waits for the device: only when rows can stop)
+                    finished = finished | (new == eos_id)
+                    if bool(finished.all()):
+                        break
                 if use_cache:
                     step_tokens, step_positions, step_documents = (t[:, -1:] for t in (tokens, position_ids, document_ids))
                 else:
                     step_tokens, step_positions, step_documents = tokens, position_ids, document_ids
         return self.finish(tokens, position_ids, document_ids, produced, width, max_new_tokens, pad_id)
+
+    def decode_state(self, batch: int, max_length: int):
+        """(KV cache, decode graph or None) for one call. The graph is captured at the call's
+        first decode step and dropped with the cache at its end: keeping both for the next call
+        would save the capture (about a twentieth of a PPO rollout's generation) but hold the
+        cache's memory through the training between rollouts."""
+        if self.decode == "eager":
+            return KVCache(batch, max_length, self.device), None
+        cache = KVCache(batch, max_length, self.device, static_decode=self.decode == "static" or self.graphs)
+        return cache, DecodeGraph(self.graph_forward(cache), batch, self.device) if self.graphs else None
+
+    def graph_forward(self, cache):
+        """The captured step: the whole model (one chunk per stage here) on one token per row."""
+        def forward(tokens, positions):
+            with self.autocast(), no_autocast_cache(self.device.type):
+                hidden = None
+                for chunk in self.chunks:
+                    hidden = chunk(tokens if chunk.pre_process else None, hidden=hidden, position_ids=positions,
+                                   kv_cache=cache, return_hidden=chunk.post_process)
+                return self.last.output_logits(hidden[-1:])[0]
+        return forward
+
+    @staticmethod
+    def replay(graph, cache, tokens, positions, documents):
+        cache.begin(documents)
+        logits = graph(tokens, positions)
+        cache.advance()
+        return logits
 
     @staticmethod
     def finish(tokens, position_ids, document_ids, produced, width, max_new_tokens, pad_id) -> GenerationResult:

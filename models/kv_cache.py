@@ -2,13 +2,19 @@
 
 A cache holds, for every layer of this rank (its pipeline stage, its tensor-parallel heads),
 key and value tensors [batch, local kv heads, max_length, head_dim], allocated whole at the
-layer's first forward. One model
-forward appends `s` positions: `begin(document_ids)` before it records which segment each new
-position belongs to and builds the attention mask once for every layer; `advance()` after it
-moves the fill mark. Attention is causal within a segment, as for packed training samples: a
-left-padded prompt puts its padding in segment 0 and the real tokens in segment 1, so no real
-token attends to padding and padding rows attend to themselves (never to nothing, which would
-make a softmax of NaNs).
+layer's first forward. One model forward appends `s` positions: `begin(document_ids)` before
+it records which segment each new position belongs to and builds the attention mask once for
+every layer; `advance()` after it moves the fill mark. Attention is causal within a segment,
+as for packed training samples: a left-padded prompt puts its padding in segment 0 and the
+real tokens in segment 1, so no real token attends to padding and padding rows attend to
+themselves (never to nothing, which would make a softmax of NaNs).
+
+Static decode (`static_decode=True`): a one-token forward touches no shape or index that
+changes from step to step, so it can be captured once as a CUDA graph and replayed
+(engine/decode_graph.py). Its key and value are written at the position held in the device
+tensor `decode_position`, and it attends over all `max_length` positions with the mask
+`decode_mask` [b, 1, 1, max_length] (False past the fill mark), both rewritten in place by
+`begin`. Forwards of several positions (the prompt) take the sliced path either way.
 """
 from __future__ import annotations
 
@@ -25,31 +31,52 @@ class LayerCache:
     def attend(self, q, k, v):
         """q: [b, n, s, d], k/v: [b, n_kv, s, d] of the new positions -> [b, n, s, d]."""
         cache = self.cache
-        start, end = cache.length, cache.length + k.shape[2]
         keys, values = cache.storage(self.layer_id, k)
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=cache.mask,
+        if cache.decoding_static:
+            keys.index_copy_(2, cache.decode_position, k)
+            values.index_copy_(2, cache.decode_position, v)
+        else:
+            start, end = cache.length, cache.length + k.shape[2]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            keys, values = keys[:, :, :end], values[:, :, :end]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
 class KVCache:
-    def __init__(self, batch: int, max_length: int, device):
+    def __init__(self, batch: int, max_length: int, device, static_decode: bool = False):
         self.keys, self.values = {}, {}  # layer id -> [b, kv heads, max_length, head dim]
+        self.batch, self.max_length, self.static_decode = batch, max_length, static_decode
         self.document_ids = torch.zeros(batch, max_length, dtype=torch.long, device=device)
-        self.max_length, self.length, self.pending, self.mask = max_length, 0, 0, None
+        self.key_positions = torch.arange(max_length, device=device)
+        if static_decode:
+            self.decode_position = torch.zeros(1, dtype=torch.long, device=device)
+            self.decode_mask = torch.zeros(batch, 1, 1, max_length, dtype=torch.bool, device=device)
+        self.length, self.pending, self.mask = 0, 0, None
+
+    @property
+    def decoding_static(self) -> bool:
+        return self.static_decode and self.pending == 1
 
     def begin(self, document_ids: torch.Tensor) -> None:
         """Before a forward of the new positions' segment ids [b, s]: build their mask."""
         s = document_ids.shape[1]
-        if self.length + s > self.max_length:
-            raise ValueError(f"the KV cache holds {self.max_length} positions; {self.length} + {s} do not fit")
-        self.document_ids[:, self.length:self.length + s] = document_ids
         end = self.length + s
-        query_pos = torch.arange(self.length, end, device=document_ids.device).unsqueeze(-1)
-        causal = torch.arange(end, device=document_ids.device).unsqueeze(0) <= query_pos  # [s, end]
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; {self.length} + {s} do not fit")
+        self.document_ids[:, self.length:end] = document_ids
+        self.pending = s
+        if self.decoding_static:
+            visible = (self.document_ids == document_ids) & (self.key_positions <= self.length)  # [b, max_length]
+            self.decode_mask.copy_(visible[:, None, None, :])
+            self.decode_position.fill_(self.length)
+            self.mask = self.decode_mask
+            return
+        query_pos = self.key_positions[self.length:end].unsqueeze(-1)
+        causal = self.key_positions[:end].unsqueeze(0) <= query_pos  # [s, end]
         same = document_ids.unsqueeze(-1) == self.document_ids[:, :end].unsqueeze(1)  # [b, s, end]
-        self.mask, self.pending = (same & causal).unsqueeze(1), s
+        self.mask = (same & causal).unsqueeze(1)
 
     def storage(self, layer_id: int, k: torch.Tensor):
         """A layer's key and value tensors, allocated at its first forward in the dtype its keys

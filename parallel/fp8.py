@@ -218,7 +218,20 @@ def fp8_linear_fn(recipe: FP8Recipe = FP8Recipe()):
             return torch.nn.functional.linear(x, weight, bias)
         return _FP8Linear.apply(x, weight, bias, recipe, amax_state)
 
+    linear.fp8_recipe = recipe
     return linear
+
+
+def uses_fp8(module: torch.nn.Module) -> bool:
+    """Whether any linear under `module` computes through `fp8_linear_fn` (itself, or as the
+    base of a wrapper such as LoRA's, which keeps it in `base_fn`)."""
+    for layer in module.modules():
+        fn = getattr(layer, "linear_fn", None)
+        while fn is not None:
+            if getattr(fn, "fp8_recipe", None) is not None:
+                return True
+            fn = getattr(fn, "base_fn", None)
+    return False
 
 
 def enable_fp8(module: torch.nn.Module, recipe: FP8Recipe = FP8Recipe()) -> int:

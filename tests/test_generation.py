@@ -16,7 +16,7 @@ SAMPLING = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=1.0
             "top_k_top_p": dict(temperature=1.0, top_k=20, top_p=0.7)}
 
 
-def build_generator(preset: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False):
+def build_generator(preset: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False, decode: str = "auto"):
     from engine.generation import TextGenerator
     from engine.inference import build_chunks
     from models.config import ModelConfig, resolve_preset
@@ -34,18 +34,21 @@ def build_generator(preset: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: boo
             for module in chunk.modules():
                 if hasattr(module, "sequence_parallel"):
                     module.sequence_parallel = True
-    return TextGenerator(chunks, grid, device)
+    return TextGenerator(chunks, grid, device, decode=decode)
 
 
-def generations(preset: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False) -> dict:
-    """Token lists of each sampling mode (cached, left-padded batch) on this layout."""
+def generations(preset: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False, decode: str = "auto") -> dict:
+    """Token lists of each sampling mode (cached, left-padded batch) on this layout, and of a
+    greedy run stopped by an EOS that one row produces early."""
     from parallel.vocab_sampling import SamplingParams
 
-    generator = build_generator(preset, tp, pp, vpp, sp)
+    generator = build_generator(preset, tp, pp, vpp, sp, decode)
     out = {}
     for name, params in SAMPLING.items():
         result = generator.generate(PROMPTS, 10, SamplingParams(**params), seed=3)
         out[name] = result.tokens.tolist()
+    eos = out["greedy"][0][-7]
+    out["eos"] = generator.generate(PROMPTS, 10, SamplingParams(), eos_id=eos, seed=3).tokens.tolist()
     return out
 
 
@@ -94,8 +97,40 @@ def serial_results() -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def serial_generations(preset: str) -> dict:
-    return run_distributed(generations, 1, preset)[0]
+def serial_generations(preset: str, decode: str = "auto") -> dict:
+    return run_distributed(generations, 1, preset, 1, 1, 1, False, decode)[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_static_decode_cache_matches_sliced_cache(preset):
+    """The cache a CUDA graph replays (keys written at a device-held position, attention over
+    the whole length under a mask) generates what the sliced cache does: every sampling mode,
+    left padding, a row stopped by EOS (on the CPU, without the graph itself)."""
+    assert serial_generations(preset, "static") == serial_generations(preset, "eager")
+
+
+def test_decode_graphs_only_where_they_apply():
+    run_distributed(decode_graph_conditions, 1)
+
+
+def decode_graph_conditions():
+    """Graphs need CUDA, one TP and PP rank and no FP8 linear (also none under a LoRA wrapper)."""
+    from engine.decode_graph import graphable
+    from engine.generation import TextGenerator
+    from parallel.fp8 import enable_fp8
+    from parallel.lora import apply_lora
+
+    generator = build_generator("tiny")
+    chunks, grid = generator.chunks, generator.grid
+    assert generator.decode == "auto" and not generator.graphs  # on the CPU
+    with pytest.raises(ValueError, match="decode must be one of"):
+        TextGenerator(chunks, grid, generator.device, decode="graph")
+    cuda = torch.device("cuda")  # graphable() reads only the device type
+    assert graphable(chunks, grid, cuda)
+    enable_fp8(chunks[0].layers["0"].attn.qkv)
+    assert not graphable(chunks, grid, cuda)
+    apply_lora(chunks[0], ["layers.*.attn.qkv"], rank=2, alpha=4)  # the FP8 function becomes LoRA's base
+    assert not graphable(chunks, grid, cuda)
 
 
 @pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vpp2"])
@@ -103,7 +138,7 @@ def test_parallel_generation_matches_one_process(layout):
     # (tp, pp, vpp, sp) on 2 ranks
     layout_args = {"tp2_sp": (2, 1, 1, True), "pp2_vpp2": (1, 2, 2, False)}[layout]
     serial = serial_generations("tiny")
-    assert len({str(v) for v in serial.values()}) == len(SAMPLING), "sampling modes should differ"
+    assert len({str(serial[name]) for name in SAMPLING}) == len(SAMPLING), "sampling modes should differ"
     for result in run_distributed(generations, 2, "tiny", *layout_args):
         assert result == serial
 

@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
     p.add_argument("--attention-backend", default="sdpa", help="model.attention_backend for the scoring and "
                    "training forwards (generation always uses SDPA with the cache's mask)")
+    p.add_argument("--decode", choices=["auto", "eager"], default="auto", help="rl.decode: CUDA-graph decode steps "
+                   "where they apply, or eager ones")
     return p.parse_args(argv)
 
 
@@ -54,7 +56,7 @@ def build_trainer(args, folder: str):
                   "lr": 1e-6, "output_dir": os.path.join(folder, "run")},
         "data": {"tokenizer": write_char_tokenizer(os.path.join(folder, "tok")), "tokenizer_type": "hf"},
         "rl": {"prompts_per_iter": args.prompts, "max_new_tokens": args.new_tokens, "epochs": args.epochs,
-               "temperature": 1.0},
+               "temperature": 1.0, "decode": args.decode},
         "log": {"quiet": True},
     })
     trainer = PPOTrainer(validate(cfg, int(os.environ.get("WORLD_SIZE", 1))))
@@ -110,6 +112,7 @@ def run(args) -> dict:
         summary = {"preset": args.preset, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                    "precision": resolve_precision(trainer.cfg.train.precision, trainer.device), "prompts": args.prompts, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "micro_batch": args.micro_batch, "epochs": args.epochs,
+                   "decode": "graphs" if trainer.generator.graphs else args.decode,
                    "generation_tokens_per_s": sum(r["generation_tokens_per_s"] for r in timed) / len(timed),
                    "train_tokens_per_s": sum(r["train_tokens_per_s"] for r in timed) / len(timed),
                    "iteration_s": sum(r["generation_s"] + r["scoring_s"] + r["train_s"] for r in timed) / len(timed),

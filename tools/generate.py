@@ -7,7 +7,8 @@
 Prompts come from --prompt (repeatable) or --prompts-file (one prompt per line; a .jsonl file
 gives each record's "prompt"). They are generated as one left-padded batch, greedy by default
 (--temperature > 0 samples, seeded by --seed), stopping at the tokenizer's end-of-document
-token or after --max-new-tokens. The world size must be --tp x --pp. Each completion is
+token or after --max-new-tokens. The world size must be --tp x --pp. On one GPU each decode step
+after the prompt replays a CUDA graph (--decode eager turns that off). Each completion is
 printed after its prompt, separated by a line of dashes.
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--decode", choices=["auto", "eager"], default="auto",
+                   help="auto: decode steps replay a CUDA graph where they can (one GPU, no FP8); eager: never")
     return p.parse_args(argv)
 
 
@@ -93,7 +96,7 @@ def generate(args) -> list:
         params.validate()
     except ValueError as error:
         raise UserError(str(error)) from None
-    result = TextGenerator(chunks, grid, device).generate(
+    result = TextGenerator(chunks, grid, device, decode=args.decode).generate(
         ids, args.max_new_tokens, params, eos_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, seed=args.seed,
         vocab_limit=tokenizer.vocab_size)
     completions = [tokenizer.decode([t for t in row if t != tokenizer.eod_id]) for row in result.response_lists()]

@@ -48,7 +48,7 @@ class PolicyTrainer(ScalarHeadTrainer):
         self.reference = self.build_reference(dtype)
         self.reward_model = (RewardModelScorer(cfg, self.grid, self.rng, self.device, dtype, self.autocast)
                              if r.reward == "model" else None)
-        self.generator = TextGenerator(self.model_chunks, self.grid, self.device, self.autocast)
+        self.generator = TextGenerator(self.model_chunks, self.grid, self.device, self.autocast, decode=r.decode)
         self.stop_id = self.tokenizer.eod_id  # a response ends here (None: always max_new_tokens)
         self.kl_controller = KLController(r.kl_coef, r.kl_target, r.kl_horizon)
 
