@@ -8,6 +8,7 @@ import torch
 from engine.rl.losses import (KLController, clipped_policy_loss, clipped_value_loss, gae, group_advantages, kl_k3,
                               masked_whiten)
 from engine.rl.tasks import rule_reward
+from tests.distributed import run_distributed
 
 
 def gae_direct(rewards, values, length, gamma, lam):
@@ -110,3 +111,40 @@ def test_rule_reward():
     assert rule_reward("19", "19") == 1.0 and rule_reward(" 19 ", "19") == 1.0
     assert rule_reward("18", "19") == pytest.approx(0.25)
     assert rule_reward("", "19") == 0.0 and rule_reward("191", "19") == pytest.approx(0.5 * 2 / 3)
+
+
+def test_response_logprobs_chunked_equals_full_logits():
+    """The chunked output layer (model.fused_cross_entropy) gives the log-probabilities and
+    gradients of the full-logits path, with a temperature and a vocabulary cut to a tokenizer's."""
+    run_distributed(chunked_against_full_logprobs, 1)
+
+
+def chunked_against_full_logprobs():
+    from engine.inference import build_chunks
+    from engine.rl.scoring import response_logprobs
+    from models.config import ModelConfig, resolve_preset
+    from parallel.grid import build_grid, init_distributed
+    from parallel.random import RNGTracker
+
+    device = init_distributed("cpu", 120)
+    grid = build_grid(1, 1, device=device)
+    cfg = resolve_preset(ModelConfig(preset="tiny"))
+    rng = RNGTracker(device)
+    rng.seed(0, 0, 0)
+    model = build_chunks(cfg, grid, rng, device, torch.float32, seed=3)[0]
+    tokens = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fused in (True, False):
+        model.cfg.fused_cross_entropy = fused
+        model.zero_grad()
+        normed = model(tokens, return_hidden=True)
+        logprobs = response_logprobs(model, normed, tokens, prompt_width=7, temperature=0.7, vocab_limit=200)
+        (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+        grads = [p.main_grad.clone() if hasattr(p, "main_grad") else p.grad.clone()
+                 for p in model.parameters() if p.requires_grad]
+        results.append((logprobs.detach(), grads))
+    (chunked, chunked_grads), (full, full_grads) = results
+    assert chunked.shape == (3, 5) and (chunked < 0).all()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

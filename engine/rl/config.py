@@ -25,6 +25,9 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     decode: str = "auto"  # rollout decode steps: auto (CUDA graphs where they apply) | eager (engine/generation.py)
+    # Rows per no-grad forward that scores the rollout (policy log-probs and values, reference
+    # log-probs); 0: 4 x train.micro_batch_size. Such a forward keeps no activations.
+    score_micro_batch: int = 0
     epochs: int = 1  # optimisation passes over each rollout, in minibatches of train.global_batch_size
     clip_ratio: float = 0.2  # policy ratio clip epsilon
     value_clip: float = 0.2  # PPO: values move at most this far from the rollout's (0: unclipped)
@@ -64,6 +67,7 @@ def validate_rl(cfg, dp: int) -> None:
     _require(r.temperature >= 0, "rl.temperature", f"must be non-negative (0 = greedy), got {r.temperature}")
     _require(r.top_k >= 0 and 0 < r.top_p <= 1, "rl.top_p", f"need rl.top_k >= 0 and 0 < rl.top_p <= 1; got {r.top_k}, {r.top_p}")
     _require(r.decode in DECODE_MODES, "rl.decode", f"must be one of {', '.join(DECODE_MODES)}; got {r.decode!r}")
+    _require(r.score_micro_batch >= 0, "rl.score_micro_batch", f"must be non-negative (0 = 4 x train.micro_batch_size), got {r.score_micro_batch}")
     _require(r.epochs >= 1, "rl.epochs", f"must be at least 1, got {r.epochs}")
     _require(0 < r.clip_ratio < 1, "rl.clip_ratio", f"must be in (0, 1), got {r.clip_ratio}")
     _require(r.value_clip >= 0 and r.vf_coef >= 0, "rl.value_clip", "rl.value_clip and rl.vf_coef must be non-negative")

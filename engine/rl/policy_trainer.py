@@ -103,11 +103,11 @@ class PolicyTrainer(ScalarHeadTrainer):
         scores = [self.task.score(item, ids) for item, ids in zip(items, generated.response_lists())]
         return torch.tensor(scores, dtype=torch.float32, device=self.device)
 
-    def read_rows(self, chunks, rollout, read) -> torch.Tensor:
-        """`read(model, normed, micro-batch)` -> [m, n] over the rollout in micro-batches; the
-        result on the last stage, zeros on the others."""
-        rows, size = rollout["tokens"].shape[0], self.cfg.train.micro_batch_size
-        out = torch.zeros(rows, self.cfg.rl.max_new_tokens, device=self.device)
+    def read_rows(self, chunks, rollout, read, fields: int = 0) -> torch.Tensor:
+        """`read(model, normed, micro-batch)` -> [m, n] (or [m, fields, n]) over the rollout in
+        micro-batches; the result on the last stage, zeros on the others."""
+        rows, size = rollout["tokens"].shape[0], self.cfg.rl.score_micro_batch or 4 * self.cfg.train.micro_batch_size
+        out = torch.zeros(rows, *([fields] if fields else []), self.cfg.rl.max_new_tokens, device=self.device)
         for first in range(0, rows, size):
             part = {k: v[first:first + size] for k, v in rollout.items()}
             values = forward_batch(chunks, self.grid, self.autocast, part, lambda m, h: read(m, h, part))
@@ -221,10 +221,14 @@ class PPOTrainer(PolicyTrainer):
     loss_stat_names = ("policy_loss", "value_loss", "clip_frac", "tokens")
 
     def read_policy_and_reference(self, rollout) -> dict:
-        read = super().read_policy_and_reference(rollout)
-        read["old_values"] = self.read_rows(self.model_chunks, rollout,
-                                            lambda model, normed, part: response_values(model, normed, self.prompt_width))
-        return read
+        """The policy's log-probabilities and values come from one forward of its trunk."""
+        def logprobs_and_values(model, normed, part):
+            return torch.stack([self.logprob_reader(model, normed, part).float(),
+                                response_values(model, normed, self.prompt_width).float()], dim=1)
+
+        policy = self.read_rows(self.model_chunks, rollout, logprobs_and_values, fields=2)
+        return {"old_logprobs": policy[:, 0], "old_values": policy[:, 1],
+                "ref_logprobs": self.read_rows(self.reference, rollout, self.logprob_reader)}
 
     def advantages(self, rollout) -> dict:
         r, mask = self.cfg.rl, rollout["response_mask"]

@@ -16,6 +16,7 @@ from engine.checkpoint import resolve_step_dir, stored_shapes
 from models.config import validate_model
 from models.value_head import HEAD_NAME, attach_scalar_head, last_token_scores
 from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.linear_cross_entropy import linear_token_losses
 
 
 def response_logprobs(model, normed, tokens, prompt_width: int, temperature: float = 1.0,
@@ -23,14 +24,23 @@ def response_logprobs(model, normed, tokens, prompt_width: int, temperature: flo
     """log p(token) [b, n] of the response tokens from a last stage's normed hidden state
     (gradients flow; the vocab-split softmax is reduced over TP without gathering logits).
     vocab_limit > 0 takes the softmax over ids below it only: the distribution the generator
-    samples from when the tokenizer is smaller than the model's vocabulary."""
+    samples from when the tokenizer is smaller than the model's vocabulary. With
+    model.fused_cross_entropy (the default) no logits are kept: the output layer and the
+    softmax run chunk by chunk, as for the pretraining loss."""
     hidden = model.vocab_parallel_input(normed)[prompt_width - 1:-1]
-    logits = torch.nn.functional.linear(hidden, model.output_layer_weight())
+    targets = tokens[:, prompt_width:].t()
+    weight, vocab = model.output_layer_weight(), vocab_limit or model.cfg.vocab_size
+    if model.cfg.fused_cross_entropy:
+        # Chunk by chunk, never the [n, b, v/tp] logits; logits / T as (hidden / T) W^T.
+        n, b, h = hidden.shape
+        scaled = hidden / temperature if temperature not in (0.0, 1.0) else hidden
+        loss = linear_token_losses(scaled.reshape(n * b, h), weight, targets.reshape(-1), model.tp_group,
+                                   model.vocab_start, vocab, sole_use=hasattr(model, "output_weight")).view(n, b)
+        return -loss.t()
+    logits = torch.nn.functional.linear(hidden, weight)
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
-    targets = tokens[:, prompt_width:].t()
-    loss = vocab_parallel_cross_entropy(logits, targets, model.tp_group, model.vocab_start,
-                                        vocab_limit or model.cfg.vocab_size)
+    loss = vocab_parallel_cross_entropy(logits, targets, model.tp_group, model.vocab_start, vocab)
     return -loss.t()
 
 
