@@ -14,6 +14,7 @@ the SDPA cuDNN backend gives the same fused kernel. q: [b, n, s, d]; k, v: [b, n
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,30 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+class _MaskOfLastDocuments:
+    """The mask last built from a document_ids tensor, handed to every layer of a forward that
+    passes that same tensor (unchanged since): built per layer, a flex block mask costs more
+    host time than the layer's attention. Held by a weak reference, so a new batch's tensor at
+    a freed one's address is never mistaken for it."""
+
+    def __init__(self):
+        self.key, self.mask = None, None
+
+    def get(self, kind: str, document_ids: torch.Tensor, build):
+        if torch.compiler.is_compiling():
+            return build()
+        if self.key is not None:
+            ref, version, cached_kind = self.key
+            if ref() is document_ids and version == document_ids._version and cached_kind == kind:
+                return self.mask
+        self.mask = build()
+        self.key = (weakref.ref(document_ids), document_ids._version, kind)
+        return self.mask
+
+
+_LAST_MASK = _MaskOfLastDocuments()
+
+
 def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "auto"):
     """Causal attention, restricted to documents when `document_ids` [b, s] is given."""
     chosen = choose_backend(backend, q, document_ids)
@@ -61,8 +86,11 @@ def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "
     if chosen == "flash":
         return _flash(q, k, v, dropout, document_ids)
     if chosen == "flex" and document_ids is not None:
-        return _flex(q, k, v, document_ids, gqa)
-    mask = None if document_ids is None else document_causal_mask(document_ids)
+        block_mask = _LAST_MASK.get("flex", document_ids, lambda: _document_block_mask(document_ids, q.device))
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    mask = None
+    if document_ids is not None:
+        mask = _LAST_MASK.get("dense", document_ids, lambda: document_causal_mask(document_ids))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                           enable_gqa=gqa)
 
@@ -85,15 +113,14 @@ def _flash(q, k, v, dropout, document_ids):
     return out.reshape(b, s, *out.shape[1:]).transpose(1, 2)
 
 
-def _flex(q, k, v, document_ids, gqa):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _document_block_mask(document_ids, device):
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(batch, head, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
 
     b, s = document_ids.shape
-    block_mask = create_block_mask(mask_mod, b, None, s, s, device=q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return create_block_mask(mask_mod, b, None, s, s, device=device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,3 +42,28 @@ def test_mask_shape_and_auto_choice_on_cpu():
     assert document_causal_mask(ids)[0, 0].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
     q = torch.randn(1, 1, 3, 4)
     assert choose_backend("auto", q, ids) == "sdpa"
+
+
+def test_layers_of_one_forward_share_the_document_mask():
+    """Every layer gets the mask built for the first one while the same document_ids tensor is
+    passed unchanged; a new tensor (even of equal values) or an in-place change builds it anew,
+    and the output always equals attending each document alone."""
+    from models import attention
+
+    q, k, v, document_ids = _packed_inputs(gqa=False)
+    expected = _per_document(q, k, v, document_ids)
+    built = []
+    original = attention.document_causal_mask
+    attention.document_causal_mask = lambda ids: built.append(ids.clone()) or original(ids)
+    try:
+        for _ in range(3):  # three layers
+            torch.testing.assert_close(attend(q, k, v, document_ids=document_ids, backend="sdpa"), expected)
+        assert len(built) == 1
+        copy = document_ids.clone()
+        torch.testing.assert_close(attend(q, k, v, document_ids=copy, backend="sdpa"), expected)
+        assert len(built) == 2
+        copy[1] = torch.tensor([0] * 6 + [1] * 6)  # in place: the version moves on
+        torch.testing.assert_close(attend(q, k, v, document_ids=copy, backend="sdpa"), _per_document(q, k, v, copy))
+        assert len(built) == 3 and torch.equal(built[-1], copy)
+    finally:
+        attention.document_causal_mask = original
