@@ -19,8 +19,6 @@ cache and buffers whose addresses it holds.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from parallel.fp8 import uses_fp8
@@ -28,17 +26,6 @@ from parallel.fp8 import uses_fp8
 
 def graphable(chunks, grid, device) -> bool:
     return device.type == "cuda" and grid.tp == 1 and grid.pp == 1 and not any(uses_fp8(c) for c in chunks)
-
-
-@contextlib.contextmanager
-def no_autocast_cache(device_type: str):
-    """Autocast's cache of cast weights must not hold tensors made during a capture (they would
-    be freed while the graph still reads them); keep autocast as it is, uncached."""
-    if not torch.is_autocast_enabled(device_type):
-        yield
-        return
-    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False):
-        yield
 
 
 class DecodeGraph:

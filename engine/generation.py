@@ -27,9 +27,10 @@ import dataclasses
 
 import torch
 
-from engine.decode_graph import DecodeGraph, graphable, no_autocast_cache
+from engine.decode_graph import DecodeGraph, graphable
 from engine.inference import broadcast_from_last_stage, forward_through_stages, init_pipeline_p2p, sequence_parallel_off
 from models.kv_cache import KVCache
+from models.layer_graphs import capture_autocast
 from parallel.vocab_sampling import SamplingParams, sample_vocab_parallel
 
 
@@ -170,7 +171,7 @@ class TextGenerator:
     def graph_forward(self, cache):
         """The captured step: the whole model (one chunk per stage here) on one token per row."""
         def forward(tokens, positions):
-            with self.autocast(), no_autocast_cache(self.device.type):
+            with self.autocast(), capture_autocast():
                 hidden = None
                 for chunk in self.chunks:
                     hidden = chunk(tokens if chunk.pre_process else None, hidden=hidden, position_ids=positions,

@@ -124,7 +124,7 @@ class LayerGraphs:
         needs_input_grad = hidden.requires_grad
         trained = [i for i, layer_params in enumerate(params) if layer_params]
         self.anchor = 0 if needs_input_grad else (trained[0] if trained else None)
-        with _capture_autocast():
+        with capture_autocast():
             self._warm_up(hidden.detach(), needs_input_grad, [p for layer_params in params for p in layer_params])
             for layer_params in params:
                 for param in layer_params:
@@ -236,8 +236,10 @@ def _run_forward_pre_hooks(layer: torch.nn.Module) -> None:
             hook(module, ())
 
 
-def _capture_autocast():
-    """Autocast's cast cache would bake casts made outside the graph into it: capture without it."""
+def capture_autocast():
+    """Autocast's cast cache would bake casts made outside the graph into it, or keep casts made
+    during a capture that the graph still reads after the cache frees them: capture without it
+    (autocast itself stays as it is). Also used by engine/decode_graph.py."""
     if not torch.is_autocast_enabled("cuda"):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
