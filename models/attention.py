@@ -64,7 +64,7 @@ class _MaskOfLastDocuments:
     def __init__(self):
         self.key, self.mask = None, None
 
-    def get(self, kind: str, document_ids: torch.Tensor, build):
+    def get(self, kind, document_ids: torch.Tensor, build):
         if torch.compiler.is_compiling():
             return build()
         if self.key is not None:
@@ -86,7 +86,8 @@ def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "
     if chosen == "flash":
         return _flash(q, k, v, dropout, document_ids)
     if chosen == "flex" and document_ids is not None:
-        block_mask = _LAST_MASK.get("flex", document_ids, lambda: _document_block_mask(document_ids, q.device))
+        block_mask = _LAST_MASK.get(("flex", q.device), document_ids,
+                                    lambda: _document_block_mask(document_ids, q.device))
         return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     mask = None
     if document_ids is not None:

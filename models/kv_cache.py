@@ -47,7 +47,7 @@ class LayerCache:
 class KVCache:
     def __init__(self, batch: int, max_length: int, device, static_decode: bool = False):
         self.keys, self.values = {}, {}  # layer id -> [b, kv heads, max_length, head dim]
-        self.batch, self.max_length, self.static_decode = batch, max_length, static_decode
+        self.max_length, self.static_decode = max_length, static_decode
         self.document_ids = torch.zeros(batch, max_length, dtype=torch.long, device=device)
         self.key_positions = torch.arange(max_length, device=device)
         if static_decode:
