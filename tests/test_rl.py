@@ -106,6 +106,14 @@ def test_parallel_rl_matches_one_process(files, layout):
             assert_same_iterations(result, expected)
 
 
+def test_scoring_rows_per_forward_do_not_change_a_run(files):
+    """The rollout's log-probabilities and values read 2 rows at a time (rl.score_micro_batch)
+    give the iterations of the default (4 x micro-batch 4: the whole rollout in one forward)."""
+    serial = serial_histories(json.dumps(files))[0]
+    run = rl_overrides("ppo", files["tokenizer"], group_size=1, score_micro_batch=2)
+    assert_same_iterations(run_distributed(run_all, 1, [run])[0][0], serial)
+
+
 def test_reward_model_of_another_vocabulary_is_refused(files, tmp_path):
     from engine.rl.scoring import RewardModelScorer
     from models.config import ModelConfig, resolve_preset
@@ -126,6 +134,10 @@ def test_rl_config_errors(files):
         validate(tiny_config(rl_overrides("ppo", files["tokenizer"], prompts_per_iter=3, group_size=1)), 1)
     with pytest.raises(ConfigError, match="rl.max_new_tokens"):
         validate(tiny_config(rl_overrides("ppo", files["tokenizer"], max_new_tokens=16)), 1)
+    with pytest.raises(ConfigError, match="rl.decode: must be one of auto, eager"):
+        validate(tiny_config(rl_overrides("ppo", files["tokenizer"], decode="graph")), 1)
+    with pytest.raises(ConfigError, match="rl.score_micro_batch: must be non-negative"):
+        validate(tiny_config(rl_overrides("ppo", files["tokenizer"], score_micro_batch=-1)), 1)
 
 
 def bench_on_cpu() -> dict:
