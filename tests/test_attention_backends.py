@@ -15,7 +15,7 @@ def _packed_inputs(gqa: bool):
     return q, k, v, document_ids
 
 
-def _per_document(q, k, v, document_ids):
+def per_document(q, k, v, document_ids):
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         for doc in document_ids[b].unique():
@@ -29,7 +29,7 @@ def _per_document(q, k, v, document_ids):
 def test_sdpa_document_mask_matches_separate_documents(gqa):
     q, k, v, document_ids = _packed_inputs(gqa)
     torch.testing.assert_close(attend(q, k, v, document_ids=document_ids, backend="sdpa"),
-                               _per_document(q, k, v, document_ids), rtol=1e-5, atol=1e-5)
+                               per_document(q, k, v, document_ids), rtol=1e-5, atol=1e-5)
 
 
 def test_without_documents_is_plain_causal():
@@ -51,7 +51,7 @@ def test_layers_of_one_forward_share_the_document_mask():
     from models import attention
 
     q, k, v, document_ids = _packed_inputs(gqa=False)
-    expected = _per_document(q, k, v, document_ids)
+    expected = per_document(q, k, v, document_ids)
     built = []
     original = attention.document_causal_mask
     attention.document_causal_mask = lambda ids: built.append(ids.clone()) or original(ids)
@@ -63,7 +63,7 @@ def test_layers_of_one_forward_share_the_document_mask():
         torch.testing.assert_close(attend(q, k, v, document_ids=copy, backend="sdpa"), expected)
         assert len(built) == 2
         copy[1] = torch.tensor([0] * 6 + [1] * 6)  # in place: the version moves on
-        torch.testing.assert_close(attend(q, k, v, document_ids=copy, backend="sdpa"), _per_document(q, k, v, copy))
+        torch.testing.assert_close(attend(q, k, v, document_ids=copy, backend="sdpa"), per_document(q, k, v, copy))
         assert len(built) == 3 and torch.equal(built[-1], copy)
     finally:
         attention.document_causal_mask = original

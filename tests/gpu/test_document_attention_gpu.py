@@ -4,7 +4,8 @@ layers of one forward share one mask, built again for a new batch.
 Run on a CUDA machine: `python3 -m pytest tests/gpu/test_document_attention_gpu.py -q`."""
 import pytest
 import torch
-import torch.nn.functional as F
+
+from tests.test_attention_backends import per_document
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -18,16 +19,6 @@ def packed(gqa: bool, seed: int = 0):
     lengths = [[100, 200, 150, 62], [384, 128]]  # the second row: a left-padding-like split
     ids = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths]).cuda()
     return q, k, v, ids
-
-
-def per_document(q, k, v, ids):
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        for doc in ids[b].unique():
-            idx = (ids[b] == doc).nonzero().squeeze(-1)
-            out[b][:, idx] = F.scaled_dot_product_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx], v[b:b + 1, :, idx],
-                                                            is_causal=True, enable_gqa=k.shape[1] != q.shape[1])[0]
-    return out
 
 
 def grads(fn, q, k, v):
