@@ -92,14 +92,19 @@ class TextGenerator:
     def last(self):
         return self.chunks[-1]
 
+    def stage_output(self, chunk, hidden, tokens, position_ids, document_ids, cache, capturing=False):
+        """One chunk's forward: its hidden states, or on the last stage the local logits [b, v/tp]
+        of the last position. `capturing`: inside a CUDA-graph capture (autocast's cast cache off)."""
+        with self.autocast(), capture_autocast() if capturing else contextlib.nullcontext():
+            out = chunk(tokens if chunk.pre_process else None, hidden=hidden, position_ids=position_ids,
+                        document_ids=None if cache is not None else document_ids, kv_cache=cache,
+                        return_hidden=chunk.post_process)
+            return chunk.output_logits(out[-1:])[0] if chunk.post_process else out
+
     def last_logits(self, tokens, position_ids, document_ids, cache):
         """Local logits [b, v/tp] of the last position on the last stage, None elsewhere."""
         def run_chunk(chunk, hidden):
-            with self.autocast():
-                out = chunk(tokens if chunk.pre_process else None, hidden=hidden, position_ids=position_ids,
-                            document_ids=None if cache is not None else document_ids, kv_cache=cache,
-                            return_hidden=chunk.post_process)
-                return chunk.output_logits(out[-1:])[0] if chunk.post_process else out
+            return self.stage_output(chunk, hidden, tokens, position_ids, document_ids, cache)
 
         if cache is not None:
             cache.begin(document_ids)
@@ -171,12 +176,10 @@ class TextGenerator:
     def graph_forward(self, cache):
         """The captured step: the whole model (one chunk per stage here) on one token per row."""
         def forward(tokens, positions):
-            with self.autocast(), capture_autocast():
-                hidden = None
-                for chunk in self.chunks:
-                    hidden = chunk(tokens if chunk.pre_process else None, hidden=hidden, position_ids=positions,
-                                   kv_cache=cache, return_hidden=chunk.post_process)
-                return self.last.output_logits(hidden[-1:])[0]
+            hidden = None
+            for chunk in self.chunks:
+                hidden = self.stage_output(chunk, hidden, tokens, positions, None, cache, capturing=True)
+            return hidden
         return forward
 
     @staticmethod

@@ -1,13 +1,14 @@
 """Attention backends behind one switch (`model.attention_backend`).
 
-- `flash`: the flash-attn package (when importable, on CUDA, in bf16/fp16); packed documents
-  through its varlen kernel with cumulative sequence lengths.
+- `flash`: the flash-attn package, FlashAttention-2 or FlashAttention-4's CuTe kernels
+  (models/flash_kernels.py; on CUDA, in bf16/fp16); packed documents through its varlen kernel
+  with cumulative sequence lengths.
 - `sdpa`: torch's scaled_dot_product_attention (which itself picks flash / cuDNN / efficient
   kernels); packed documents through a boolean block-diagonal causal mask.
 - `flex`: torch FlexAttention with a document block mask (CUDA; sparse, so packed sequences
   cost what their documents cost).
-- `auto`: flash-attn when usable, else SDPA; packed documents on CUDA use flex when flash-attn
-  is absent.
+- `auto`: flash-attn when usable (installed, and able to run the call: FlashAttention-4 has no
+  dropout), else SDPA; packed documents on CUDA use flex when flash-attn is not usable.
 Transformer Engine's attention is not wired in: Trellis's own layers hold the projections, and
 the SDPA cuDNN backend gives the same fused kernel. q: [b, n, s, d]; k, v: [b, n_kv, s, d].
 """
@@ -19,28 +20,24 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from models.flash_kernels import flash_kernels
+
 BACKENDS = ("auto", "sdpa", "flash", "flex")
 
 
-@functools.lru_cache(maxsize=None)
-def flash_attn_module():
-    try:
-        import flash_attn
-    except ImportError:
-        return None
-    return flash_attn
-
-
-def _flash_usable(q) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_attn_module() is not None
-
-
-def choose_backend(requested: str, q, document_ids) -> str:
-    if requested != "auto":
-        if requested == "flash" and flash_attn_module() is None:
+def choose_backend(requested: str, q, document_ids, dropout: float = 0.0) -> str:
+    if requested == "flash":
+        kernels = flash_kernels()
+        if kernels is None:
             raise RuntimeError("model.attention_backend is flash but the flash-attn package is not installed")
+        reason = kernels.unusable_reason(q, dropout)
+        if reason is not None:
+            raise RuntimeError(f"model.attention_backend is flash, but {reason}")
         return requested
-    if _flash_usable(q):
+    if requested != "auto":
+        return requested
+    kernels = flash_kernels()
+    if kernels is not None and kernels.unusable_reason(q, dropout) is None:
         return "flash"
     if document_ids is not None and q.is_cuda:
         return "flex"
@@ -81,7 +78,7 @@ _LAST_MASK = _MaskOfLastDocuments()
 
 def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "auto"):
     """Causal attention, restricted to documents when `document_ids` [b, s] is given."""
-    chosen = choose_backend(backend, q, document_ids)
+    chosen = choose_backend(backend, q, document_ids, dropout)
     gqa = k.shape[1] != q.shape[1]
     if chosen == "flash":
         return _flash(q, k, v, dropout, document_ids)
@@ -97,10 +94,10 @@ def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "
 
 
 def _flash(q, k, v, dropout, document_ids):
-    fa = flash_attn_module()
+    kernels = flash_kernels()
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, n, d]
     if document_ids is None:
-        return fa.flash_attn_func(q, k, v, dropout_p=dropout, causal=True).transpose(1, 2)
+        return kernels.dense(q, k, v, dropout).transpose(1, 2)
     b, s = document_ids.shape
     # Documents of every sample become one varlen batch: boundaries where the id changes.
     flat_ids = document_ids + torch.arange(b, device=q.device).unsqueeze(1) * (document_ids.max() + 1)
@@ -108,9 +105,8 @@ def _flash(q, k, v, dropout, document_ids):
     starts = torch.nonzero(torch.diff(flat_ids, prepend=flat_ids[:1] - 1)).squeeze(-1)
     cu = torch.cat([starts, torch.tensor([b * s], device=q.device)]).to(torch.int32)
     max_len = int(torch.diff(cu).max())
-    out = fa.flash_attn_varlen_func(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
-                                    v.reshape(b * s, *v.shape[2:]), cu, cu, max_len, max_len,
-                                    dropout_p=dropout, causal=True)
+    out = kernels.varlen(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
+                         v.reshape(b * s, *v.shape[2:]), cu, max_len, dropout)
     return out.reshape(b, s, *out.shape[1:]).transpose(1, 2)
 
 

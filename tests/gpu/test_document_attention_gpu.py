@@ -1,5 +1,5 @@
-"""Document-masked attention on CUDA (packed SFT samples, left-padded rollouts): the flex and
-sdpa backends equal attending each document alone, forward and backward, in bf16; and the
+"""Document-masked attention on CUDA (packed SFT samples, left-padded rollouts): the flex, sdpa
+and (when installed) flash backends equal attending each document alone, forward and backward, in bf16; and the
 layers of one forward share one mask, built again for a new batch.
 Run on a CUDA machine: `python3 -m pytest tests/gpu/test_document_attention_gpu.py -q`."""
 import pytest
@@ -28,10 +28,14 @@ def grads(fn, q, k, v):
     return out.detach(), [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "flash"])
 @pytest.mark.parametrize("gqa", [False, True])
 def test_document_attention_matches_documents_alone(backend, gqa):
     from models.attention import attend
+    from models.flash_kernels import flash_kernels
+
+    if backend == "flash" and flash_kernels() is None:
+        pytest.skip("no flash-attn package installed")
 
     q, k, v, ids = packed(gqa)
     out, got = grads(lambda a, b, c: attend(a, b, c, document_ids=ids, backend=backend), q, k, v)
