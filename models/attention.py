@@ -7,8 +7,9 @@
   kernels); packed documents through a boolean block-diagonal causal mask.
 - `flex`: torch FlexAttention with a document block mask (CUDA; sparse, so packed sequences
   cost what their documents cost).
-- `auto`: flash-attn when usable (installed, and able to run the call: FlashAttention-4 has no
-  dropout), else SDPA; packed documents on CUDA use flex when flash-attn is not usable.
+- `auto`: FlashAttention-2 when installed and able to run the call, else SDPA; packed documents
+  on CUDA use flex then. FlashAttention-4 runs only when asked for by name (its per-call host
+  time cancels its faster kernels in a training step; docs/benchmarks.md).
 Transformer Engine's attention is not wired in: Trellis's own layers hold the projections, and
 the SDPA cuDNN backend gives the same fused kernel. q: [b, n, s, d]; k, v: [b, n_kv, s, d].
 """
@@ -20,7 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from models.flash_kernels import flash_kernels
+from models.flash_kernels import flash_import_error, flash_kernels
 
 BACKENDS = ("auto", "sdpa", "flash", "flex")
 
@@ -29,7 +30,8 @@ def choose_backend(requested: str, q, document_ids, dropout: float = 0.0) -> str
     if requested == "flash":
         kernels = flash_kernels()
         if kernels is None:
-            raise RuntimeError("model.attention_backend is flash but the flash-attn package is not installed")
+            raise RuntimeError("model.attention_backend is flash but no flash-attn package can be imported "
+                               f"({flash_import_error()})")
         reason = kernels.unusable_reason(q, dropout)
         if reason is not None:
             raise RuntimeError(f"model.attention_backend is flash, but {reason}")
@@ -37,7 +39,7 @@ def choose_backend(requested: str, q, document_ids, dropout: float = 0.0) -> str
     if requested != "auto":
         return requested
     kernels = flash_kernels()
-    if kernels is not None and kernels.unusable_reason(q, dropout) is None:
+    if kernels is not None and kernels.auto and kernels.unusable_reason(q, dropout) is None:
         return "flash"
     if document_ids is not None and q.is_cuda:
         return "flex"
@@ -99,15 +101,22 @@ def _flash(q, k, v, dropout, document_ids):
     if document_ids is None:
         return kernels.dense(q, k, v, dropout).transpose(1, 2)
     b, s = document_ids.shape
-    # Documents of every sample become one varlen batch: boundaries where the id changes.
-    flat_ids = document_ids + torch.arange(b, device=q.device).unsqueeze(1) * (document_ids.max() + 1)
-    flat_ids = flat_ids.reshape(-1)
-    starts = torch.nonzero(torch.diff(flat_ids, prepend=flat_ids[:1] - 1)).squeeze(-1)
-    cu = torch.cat([starts, torch.tensor([b * s], device=q.device)]).to(torch.int32)
-    max_len = int(torch.diff(cu).max())
+    cu, max_len = _LAST_MASK.get(("varlen", q.device), document_ids, lambda: _varlen_boundaries(document_ids))
     out = kernels.varlen(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
                          v.reshape(b * s, *v.shape[2:]), cu, max_len, dropout)
     return out.reshape(b, s, *out.shape[1:]).transpose(1, 2)
+
+
+def _varlen_boundaries(document_ids):
+    """(int32 cumulative lengths, longest length) of the documents of every sample laid end to
+    end, as varlen kernels take them. Built once per forward: the longest length is read on the
+    host, a device sync."""
+    b, s = document_ids.shape
+    flat_ids = document_ids + torch.arange(b, device=document_ids.device).unsqueeze(1) * (document_ids.max() + 1)
+    flat_ids = flat_ids.reshape(-1)
+    starts = torch.nonzero(torch.diff(flat_ids, prepend=flat_ids[:1] - 1)).squeeze(-1)
+    cu = torch.cat([starts, torch.tensor([b * s], device=document_ids.device)]).to(torch.int32)
+    return cu, int(torch.diff(cu).max())
 
 
 def _document_block_mask(document_ids, device):

@@ -23,6 +23,7 @@ class FlashKernels:
     varlen: Callable  # (q, k, v, cu_seqlens, max_len, dropout) -> out, causal within each sequence
     dropout: bool  # whether the kernels apply attention dropout
     min_capability: tuple
+    auto: bool  # whether model.attention_backend auto picks these kernels over SDPA
 
     def unusable_reason(self, q, dropout: float) -> Optional[str]:
         """Why these kernels cannot run this call, or None when they can."""
@@ -46,7 +47,7 @@ def _flash2(fa) -> FlashKernels:
     def varlen(q, k, v, cu, max_len, dropout):
         return fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, causal=True)
 
-    return FlashKernels("flash-attn 2", dense, varlen, dropout=True, min_capability=(8, 0))
+    return FlashKernels("flash-attn 2", dense, varlen, dropout=True, min_capability=(8, 0), auto=True)
 
 
 def _flash4(cute) -> FlashKernels:
@@ -57,20 +58,34 @@ def _flash4(cute) -> FlashKernels:
         return cute.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                            max_seqlen_k=max_len, causal=True)[0]
 
-    return FlashKernels("flash-attn 4 (CuTe)", dense, varlen, dropout=False, min_capability=(8, 0))
+    # Not auto: on an H200 its kernels take 10% less device time than cuDNN's at llama-1.3b's
+    # attention, but each forward and backward spends about 1.1 ms on the host (cuDNN 0.25 ms),
+    # and the training step came out no faster (docs/benchmarks.md, 2026-12-01).
+    return FlashKernels("flash-attn 4 (CuTe)", dense, varlen, dropout=False, min_capability=(8, 0), auto=False)
+
+
+_IMPORT_ERRORS = []
 
 
 @functools.lru_cache(maxsize=None)
 def flash_kernels() -> Optional[FlashKernels]:
     """The installed package's kernels (FlashAttention-2 first), or None."""
+    _IMPORT_ERRORS.clear()
     try:
         import flash_attn
-    except ImportError:
+    except ImportError as error:
+        _IMPORT_ERRORS.append(error)
         return None
     if hasattr(flash_attn, "flash_attn_func"):
         return _flash2(flash_attn)
     try:
         from flash_attn import cute
-    except ImportError:
+    except ImportError as error:  # e.g. flash-attn-4 without its CuTe DSL libraries
+        _IMPORT_ERRORS.append(error)
         return None
     return _flash4(cute)
+
+
+def flash_import_error() -> str:
+    """Why flash_kernels() found no package."""
+    return "; ".join(f"{type(e).__name__}: {e}" for e in _IMPORT_ERRORS) or "not installed"

@@ -66,6 +66,22 @@ def test_flash_backend_equals_sdpa_and_each_document_alone(monkeypatch, package,
                                rtol=1e-5, atol=1e-5)
 
 
+def test_varlen_boundaries_read_once_per_forward(monkeypatch):
+    """The boundaries cost a device sync (the longest document goes to the host): the layers of
+    one forward share them, and a new batch gets its own."""
+    monkeypatch.setattr(attention, "flash_kernels", lambda: flash_kernels._flash4(_fake_flash4()))
+    built = []
+    original = attention._varlen_boundaries
+    monkeypatch.setattr(attention, "_varlen_boundaries", lambda ids: built.append(1) or original(ids))
+    q, k, v, document_ids = _packed_inputs(False)
+    assert original(document_ids)[1] == 12 and original(document_ids)[0].tolist() == [0, 5, 9, 12, 24]
+    for _ in range(3):
+        attention._flash(q, k, v, 0.0, document_ids)
+    assert len(built) == 1
+    attention._flash(q, k, v, 0.0, document_ids.clone())
+    assert len(built) == 2
+
+
 def test_when_flash_kernels_may_run(monkeypatch):
     kernels = flash_kernels._flash4(_fake_flash4())
     monkeypatch.setattr(attention, "flash_kernels", lambda: kernels)
@@ -78,7 +94,7 @@ def test_when_flash_kernels_may_run(monkeypatch):
     with pytest.raises(RuntimeError, match="no attention dropout"):
         attention.choose_backend("flash", q, None, 0.1)
     monkeypatch.setattr(attention, "flash_kernels", lambda: None)
-    with pytest.raises(RuntimeError, match="not installed"):
+    with pytest.raises(RuntimeError, match="no flash-attn package can be imported"):
         attention.choose_backend("flash", q, None)
 
 
@@ -105,3 +121,16 @@ def test_package_detection(monkeypatch):
     namespace.cute = cute
     assert detect({"flash_attn": namespace, "flash_attn.cute": cute}) == "flash-attn 4 (CuTe)"
     assert detect({"flash_attn": None}) is None  # a None entry makes the import fail
+    assert detect({"flash_attn": types.ModuleType("flash_attn")}) is None  # neither API inside
+    assert "cute" in flash_kernels.flash_import_error()
+
+
+def test_auto_takes_flash_attn_2_but_not_4(monkeypatch):
+    """What auto picks where both could run (a CUDA bf16 call), with the device check passed."""
+    q = torch.zeros(1, 2, 4, 8)
+    for kernels, expected in ((flash_kernels._flash2(_fake_flash2()), "flash"),
+                              (flash_kernels._flash4(_fake_flash4()), "sdpa")):
+        monkeypatch.setattr(type(kernels), "unusable_reason", lambda self, q, dropout: None)
+        monkeypatch.setattr(attention, "flash_kernels", lambda: kernels)
+        assert attention.choose_backend("auto", q, None) == expected
+        assert attention.choose_backend("flash", q, None) == "flash"
