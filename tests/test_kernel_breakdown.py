@@ -24,6 +24,9 @@ def test_each_kernel_gets_its_kind():
     kinds = [kb.kind_of(name) for name, _, _ in KERNELS]
     assert kinds == ["GEMM", "attention", "attention", "Trellis kernels", "Trellis kernels", "optimizer and foreach",
                      "torch.compile (Triton)", "memset and memcpy", "communication", kb.OTHER]
+    # FlashAttention-4's CuTe kernels carry "cutlass" in their names, as GEMMs do
+    assert kb.kind_of("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at_...") \
+        == "attention"
 
 
 def test_breakdown_sums_per_kind_largest_first_and_keeps_the_total():

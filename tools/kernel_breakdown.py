@@ -13,8 +13,9 @@ import re
 # (kind, pattern), first match wins; names as torch.profiler reports CUDA kernels.
 KINDS = (
     ("Trellis kernels", r"trellis::"),
-    ("GEMM", r"nvjet|gemm|gemv|cutlass|xmma|cublas"),
+    # attention before GEMM: FlashAttention-4's kernels are named kernel_cutlass_..._flash_attn...
     ("attention", r"sdpa|fmha|flash|attention|cudnn"),
+    ("GEMM", r"nvjet|gemm|gemv|cutlass|xmma|cublas"),
     ("optimizer and foreach", r"adam|lion|multi_tensor_apply"),
     ("communication", r"nccl"),
     ("memset and memcpy", r"memset|memcpy"),
