@@ -12,9 +12,9 @@ seq_length positions, already shifted (labels[t] is the target for tokens[t]):
     cu_seqlens    int32   segment boundaries [0, len1, len1+len2, ..., seq_length]
 
 With packing (the default), conversations are placed in order into sequences while they fit;
-attention must stay inside a segment (document_attention_mask, or cu_seqlens for varlen
-attention kernels). A conversation longer than seq_length is cut to seq_length and counted
-in `truncated`.
+attention must stay inside a segment (models/attention.py masks by document_ids; varlen
+attention kernels take cu_seqlens). A conversation longer than seq_length is cut to
+seq_length and counted in `truncated`.
 """
 from __future__ import annotations
 
@@ -84,14 +84,6 @@ def build_sample(documents: list[tuple[np.ndarray, np.ndarray]], seq_length: int
         "document_ids": np.repeat(np.arange(len(segment_lengths), dtype=np.int64), segment_lengths),
         "cu_seqlens": np.concatenate([[0], np.cumsum(segment_lengths)]).astype(np.int32),
     }
-
-
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [..., S, S] mask: position q may attend to k when k <= q in the same document."""
-    same_document = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
-    seq = document_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    return same_document & causal
 
 
 def collate_packed(samples: list[dict]) -> dict:

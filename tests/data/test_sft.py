@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.data.errors import DataError
-from engine.data.sft import SFTDataset, collate_packed, document_attention_mask
+from engine.data.sft import SFTDataset, collate_packed
+from models.attention import document_causal_mask
 from engine.data.tokenizer import build_tokenizer
 from tests.data.conftest import write_jsonl
 
@@ -93,8 +94,8 @@ def test_packing_boundaries_token_by_token(tmp_path, sp_tokenizer):
 
 
 def test_attention_never_crosses_documents():
-    document_ids = torch.tensor([0, 0, 0, 1, 1, 2])
-    mask = document_attention_mask(document_ids)
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    mask = document_causal_mask(document_ids)[0, 0]
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
         [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
