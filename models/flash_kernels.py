@@ -5,7 +5,8 @@ Two packages put their kernels under the `flash_attn` name:
 - FlashAttention-4's CuTe kernels (`flash_attn.cute`, the `flash-attn-4` wheel): Ampere to
   Blackwell kernels compiled just in time, no dropout; both functions return (out, lse).
 Both take [b, s, n, d] tensors whose last dimension is contiguous (other strides are free, so
-the [s, b, n, d] activations need no copy) and k, v with fewer heads for GQA.
+the [s, b, n, d] q, k, v go in without a copy) and k, v with fewer heads for GQA; the output
+comes back [b, s, n, d]-contiguous, which the [s, b, h] activations then copy.
 """
 from __future__ import annotations
 
