@@ -58,16 +58,20 @@ def test_no_kernels_says_so():
     assert "no breakdown" in kb.format_breakdown([], steps=2)
 
 
-def _profile_tiny(path: str) -> str:
+def _profile_tiny(path: str) -> tuple:
+    import json
+
     from tools import benchmark
 
     benchmark.main(["--preset", "tiny", "--seq", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "1",
-                    "--profile", path, "--train.device", "cpu"])
-    with open(path) as handle:
-        return handle.read()
+                    "--profile", path, "--out", path + ".json", "--train.device", "cpu"])
+    with open(path) as handle, open(path + ".json") as report:
+        return handle.read(), json.load(report)
 
 
 def test_benchmark_profile_writes_the_breakdown_and_the_table(tmp_path):
-    text = run_distributed(_profile_tiny, 1, str(tmp_path / "profile.txt"))[0]
+    text, report = run_distributed(_profile_tiny, 1, str(tmp_path / "profile.txt"))[0]
     assert text.startswith("No GPU kernels were recorded")
     assert "Self CPU" in text  # torch.profiler's own table follows
+    assert report["kernels"]["attention_backend"] == "auto" and "flash_attn" in report["kernels"]
+    assert report["rows"][0]["name"] == "trellis"

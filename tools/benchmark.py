@@ -46,7 +46,8 @@ def parse_cli(argv):
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--baselines", action="store_true")
-    parser.add_argument("--out", default="")
+    parser.add_argument("--out", default="", help="write the rows as JSON here, with the device, torch's version and "
+                                                  "the kernel libraries (attention backend, flash-attn, cuDNN)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of 2 extra Trellis steps here")
     parser.add_argument("--idle", default="", metavar="FILE",
                         help="write where the GPU idles in 1 extra traced Trellis step here, the trace "
@@ -248,10 +249,21 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as handle:
                 json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                           "torch": torch.__version__, "rows": rows}, handle, indent=1)
+                           "torch": torch.__version__, "kernels": kernel_libraries(cfg), "rows": rows}, handle,
+                          indent=1)
     # Without this, NCCL ranks can hang at exit polling the store of a rank that already left.
     from engine.training import shutdown
     shutdown()
+
+
+def kernel_libraries(cfg) -> dict:
+    """The libraries beside the tree that Trellis's row depends on: which attention kernels
+    `model.attention_backend` could take, and cuDNN's version (SDPA's kernels on Hopper)."""
+    from models.flash_kernels import flash_kernels
+
+    flash = flash_kernels()
+    return {"attention_backend": cfg.model.attention_backend, "flash_attn": flash.name if flash else None,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
 
 
 if __name__ == "__main__":
