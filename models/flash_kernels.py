@@ -59,34 +59,33 @@ def _flash4(cute) -> FlashKernels:
         return cute.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                            max_seqlen_k=max_len, causal=True)[0]
 
-    # Not auto: on an H200 its kernels take 10% less device time than cuDNN's at llama-1.3b's
+    # Not auto: on an H200 its kernels take 11% less device time than cuDNN's at llama-1.3b's
     # attention, but each forward and backward spends about 1.1 ms on the host (cuDNN 0.25 ms),
     # and the training step came out no faster (docs/benchmarks.md, 2026-12-01).
     return FlashKernels("flash-attn 4 (CuTe)", dense, varlen, dropout=False, min_capability=(8, 0), auto=False)
 
 
-_IMPORT_ERRORS = []
-
-
 @functools.lru_cache(maxsize=None)
-def flash_kernels() -> Optional[FlashKernels]:
-    """The installed package's kernels (FlashAttention-2 first), or None."""
-    _IMPORT_ERRORS.clear()
+def _detect() -> tuple:
+    """(the installed package's kernels or None, why none was found)."""
     try:
         import flash_attn
     except ImportError as error:
-        _IMPORT_ERRORS.append(error)
-        return None
-    if hasattr(flash_attn, "flash_attn_func"):
-        return _flash2(flash_attn)
+        return None, f"{type(error).__name__}: {error}"
+    if hasattr(flash_attn, "flash_attn_func"):  # FlashAttention-2 first
+        return _flash2(flash_attn), ""
     try:
         from flash_attn import cute
     except ImportError as error:  # e.g. flash-attn-4 without its CuTe DSL libraries
-        _IMPORT_ERRORS.append(error)
-        return None
-    return _flash4(cute)
+        return None, f"{type(error).__name__}: {error}"
+    return _flash4(cute), ""
+
+
+def flash_kernels() -> Optional[FlashKernels]:
+    """The installed package's kernels (FlashAttention-2 first), or None."""
+    return _detect()[0]
 
 
 def flash_import_error() -> str:
     """Why flash_kernels() found no package."""
-    return "; ".join(f"{type(e).__name__}: {e}" for e in _IMPORT_ERRORS) or "not installed"
+    return _detect()[1] or "not installed"

@@ -106,11 +106,11 @@ def test_package_detection(monkeypatch):
             monkeypatch.delitem(sys.modules, name, raising=False)
         for name, module in modules.items():
             monkeypatch.setitem(sys.modules, name, module)
-        flash_kernels.flash_kernels.cache_clear()
+        flash_kernels._detect.cache_clear()
         try:
             found = flash_kernels.flash_kernels()
         finally:
-            flash_kernels.flash_kernels.cache_clear()
+            flash_kernels._detect.cache_clear()
         return found and found.name
 
     fa2 = types.ModuleType("flash_attn")
