@@ -5,13 +5,15 @@ Two packages put their kernels under the `flash_attn` name:
 - FlashAttention-4's CuTe kernels (`flash_attn.cute`, the `flash-attn-4` wheel): Ampere to
   Blackwell kernels compiled just in time, no dropout; both functions return (out, lse).
 Both take [b, s, n, d] tensors whose last dimension is contiguous (other strides are free, so
-the [s, b, n, d] q, k, v go in without a copy) and k, v with fewer heads for GQA; the output
-comes back [b, s, n, d]-contiguous, which the [s, b, h] activations then copy.
+the [s, b, n, d] q, k, v go in without a copy) and k, v with fewer heads for GQA. Their public
+functions return the output [b, s, n, d]-contiguous, which the [s, b, h] activations must then
+copy; FlashAttention-4's dense path here writes it in q's layout instead (`_Flash4Dense`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -51,17 +53,52 @@ def _flash2(fa) -> FlashKernels:
     return FlashKernels("flash-attn 2", dense, varlen, dropout=True, min_capability=(8, 0), auto=True)
 
 
-def _flash4(cute) -> FlashKernels:
-    def dense(q, k, v, dropout):
+class _Flash4Dense(torch.autograd.Function):
+    """FlashAttention-4's causal attention with its output allocated like q: in Trellis's
+    [s, b, n, d] storage, so the [s, b, h] activations view it. Through the public function
+    the output came back [b, s, n, d]-contiguous and every layer copied it (forward) and
+    added a copy's worth of traffic to the step (docs/benchmarks.md, 2026-12-01)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, interface):
+        out = torch.empty_like(q)  # q's strides, as q is dense and non-overlapping
+        out, lse = interface._flash_attn_fwd(q, k, v, causal=True, out=out)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.interface = interface
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.interface._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+        return dq, dk, dv, None
+
+
+def _writes_into_given_output(interface) -> bool:
+    """Whether FA4's interface module has the forward that takes `out` and the backward that
+    pairs with it (private functions: checked, not assumed)."""
+    forward, backward = (getattr(interface, name, None) for name in ("_flash_attn_fwd", "_flash_attn_bwd"))
+    if not (callable(forward) and callable(backward)):
+        return False
+    return "out" in inspect.signature(forward).parameters
+
+
+def _flash4(cute, interface=None) -> FlashKernels:
+    def dense_public(q, k, v, dropout):
         return cute.flash_attn_func(q, k, v, causal=True)[0]
+
+    def dense_in_q_layout(q, k, v, dropout):
+        return _Flash4Dense.apply(q, k, v, interface)
 
     def varlen(q, k, v, cu, max_len, dropout):
         return cute.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                            max_seqlen_k=max_len, causal=True)[0]
 
-    # Not auto: on an H200 its kernels take 11% less device time than cuDNN's at llama-1.3b's
-    # attention, but each forward and backward spends about 1.1 ms on the host (cuDNN 0.25 ms),
-    # and the training step came out no faster (docs/benchmarks.md, 2026-12-01).
+    dense = dense_in_q_layout if interface is not None and _writes_into_given_output(interface) else dense_public
+    # Not auto. With the output in q's layout a one-H200 llama-1.3b step runs 0.8-1.7% faster
+    # than with cuDNN (docs/benchmarks.md, 2026-12-01, eighteenth), but each forward and
+    # backward spends about 1.1 ms on the host (cuDNN 0.25 ms), which host-bound layouts (TP
+    # without CUDA graphs) pay in full, and each new shape compiles just in time.
     return FlashKernels("flash-attn 4 (CuTe)", dense, varlen, dropout=False, min_capability=(8, 0), auto=False)
 
 
@@ -78,7 +115,7 @@ def _detect() -> tuple:
         from flash_attn import cute
     except ImportError as error:  # e.g. flash-attn-4 without its CuTe DSL libraries
         return None, f"{type(error).__name__}: {error}"
-    return _flash4(cute), ""
+    return _flash4(cute, getattr(cute, "interface", None)), ""
 
 
 def flash_kernels() -> Optional[FlashKernels]:

@@ -37,7 +37,27 @@ def _fake_flash4():
         assert causal and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
         return _varlen(q, k, v, cu_seqlens_q, max_seqlen_q), None
 
-    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func,
+                                 interface=_fake_flash4_interface())
+
+
+def _fake_flash4_interface():
+    """flash_attn.cute.interface's forward that writes into a given `out` and its backward,
+    which takes the saved tensors and returns (dq, dk, dv, ...) like q, k, v."""
+    def _flash_attn_fwd(q, k, v, causal=False, out=None):
+        assert causal and out is not None and out.shape == q.shape
+        with torch.enable_grad():
+            out.copy_(_sdpa_bsnd(q.detach(), k.detach(), v.detach()))
+        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1]), None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, causal=False):
+        assert causal and lse is not None
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(_sdpa_bsnd(*leaves), leaves, dout)
+        return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+
+    return types.SimpleNamespace(_flash_attn_fwd=_flash_attn_fwd, _flash_attn_bwd=_flash_attn_bwd)
 
 
 def _fake_flash2():
@@ -64,6 +84,43 @@ def test_flash_backend_equals_sdpa_and_each_document_alone(monkeypatch, package,
     # packed documents, including a row of one document and ids that restart in the next row
     torch.testing.assert_close(attention._flash(q, k, v, 0.0, document_ids), per_document(q, k, v, document_ids),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_flash4_output_in_q_layout(monkeypatch, gqa):
+    """FA4's dense output is allocated like q, so Trellis's [s, b, n, d] activations view it
+    without a copy; outputs and gradients equal SDPA's, and the gradients keep q, k, v's layout."""
+    cute = _fake_flash4()
+    kernels = flash_kernels._flash4(cute, cute.interface)
+    monkeypatch.setattr(attention, "flash_kernels", lambda: kernels)
+    q, k, v = (t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3).requires_grad_() for t in _packed_inputs(gqa)[:3])
+    assert q.permute(2, 0, 1, 3).is_contiguous()  # [b, n, s, d] views of [s, b, n, d] storage, as the layers hand them
+    out = attention._flash(q, k, v, 0.0, None)
+    assert out.stride() == q.stride()
+    out.permute(2, 0, 1, 3).view(q.shape[2], q.shape[0], -1)  # a view: no copy for the output projection
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=gqa)
+    expected.backward(dout)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+        assert got.grad.stride() == got.stride()
+
+
+def test_flash4_without_the_output_taking_forward_uses_the_public_function():
+    """An FA4 release whose private forward lacks `out` (or has no such function) falls back
+    to flash_attn_func, whose output then needs the copy."""
+    cute = _fake_flash4()
+    assert flash_kernels._flash4(cute, cute.interface).dense.__name__ == "dense_in_q_layout"
+    assert flash_kernels._flash4(cute, None).dense.__name__ == "dense_public"
+    no_out = types.SimpleNamespace(_flash_attn_fwd=lambda q, k, v, causal=False: None,
+                                   _flash_attn_bwd=cute.interface._flash_attn_bwd)
+    assert flash_kernels._flash4(cute, no_out).dense.__name__ == "dense_public"
+    q, k, v, _ = _packed_inputs(False)
+    torch.testing.assert_close(flash_kernels._flash4(cute, None).dense(*(t.transpose(1, 2) for t in (q, k, v)), 0.0),
+                               _sdpa_bsnd(*(t.transpose(1, 2) for t in (q, k, v))))
 
 
 def test_varlen_boundaries_read_once_per_forward(monkeypatch):
