@@ -6,7 +6,8 @@
 #
 # Steps: tests (tests/gpu but the CUDA-graph tests), graph_tests (those: about 70 s a case),
 # base (llama-1.3b, global batch 32, with the plain-PyTorch and Hugging Face baselines),
-# graphs (the same with model.cuda_graphs), fp8 (an 8-layer llama3-8b cut in bf16 and in each
+# graphs (the same with model.cuda_graphs), flash (the same with the flash-attn package's
+# kernels, where one is installed), fp8 (an 8-layer llama3-8b cut in bf16 and in each
 # FP8 recipe; a 16-layer cut in bf16 and the default recipe), tp2 (TP=2 eager and with graphs;
 # needs 2 GPUs). Steps run one after another, so timings do not share a GPU. Each has a time
 # limit (STEP_LIMIT seconds, default 600), and a failed step does not stop the others. At the
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/speed_checks}
-ONLY=${ONLY:-tests graph_tests base graphs fp8 tp2}
+ONLY=${ONLY:-tests graph_tests base graphs flash fp8 tp2}
 LIMIT=${STEP_LIMIT:-600}
 mkdir -p "$OUT"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
@@ -46,6 +47,13 @@ ONE=(env CUDA_VISIBLE_DEVICES=0 python3 tools/benchmark.py)
 BASE=(--preset llama-1.3b --steps 5 --warmup 2 --global-batch 32)
 wanted base && run base "${ONE[@]}" "${BASE[@]}" --baselines --out "$OUT/base.json"
 wanted graphs && run graphs "${ONE[@]}" "${BASE[@]}" --model.cuda_graphs true --out "$OUT/graphs.json"
+if wanted flash; then
+  if python3 -c "from models.flash_kernels import flash_kernels; raise SystemExit(flash_kernels() is None)"; then
+    run flash "${ONE[@]}" "${BASE[@]}" --model.attention_backend flash --out "$OUT/flash.json"
+  else
+    echo "flash: skipped (no flash-attn package can be imported)"
+  fi
+fi
 if wanted fp8; then
   CUT=(--preset llama3-8b --model.num_layers 8 --seq 4096 --micro-batch 1 --global-batch 8 --steps 3 --warmup 2)
   run fp8_bf16 "${ONE[@]}" "${CUT[@]}" --out "$OUT/fp8_bf16.json"
