@@ -80,7 +80,9 @@ def _writes_into_given_output(interface) -> bool:
     forward, backward = (getattr(interface, name, None) for name in ("_flash_attn_fwd", "_flash_attn_bwd"))
     if not (callable(forward) and callable(backward)):
         return False
-    return "out" in inspect.signature(forward).parameters
+    forward_params, backward_params = (list(inspect.signature(f).parameters) for f in (forward, backward))
+    return ("out" in forward_params and "causal" in forward_params and "causal" in backward_params
+            and backward_params[:6] == ["q", "k", "v", "out", "dout", "lse"])
 
 
 def _flash4(cute, interface=None) -> FlashKernels:

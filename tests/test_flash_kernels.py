@@ -118,6 +118,9 @@ def test_flash4_without_the_output_taking_forward_uses_the_public_function():
     no_out = types.SimpleNamespace(_flash_attn_fwd=lambda q, k, v, causal=False: None,
                                    _flash_attn_bwd=cute.interface._flash_attn_bwd)
     assert flash_kernels._flash4(cute, no_out).dense.__name__ == "dense_public"
+    reordered = types.SimpleNamespace(_flash_attn_fwd=cute.interface._flash_attn_fwd,
+                                      _flash_attn_bwd=lambda dout, q, k, v, out, lse, causal=False: None)
+    assert flash_kernels._flash4(cute, reordered).dense.__name__ == "dense_public"
     q, k, v, _ = _packed_inputs(False)
     torch.testing.assert_close(flash_kernels._flash4(cute, None).dense(*(t.transpose(1, 2) for t in (q, k, v)), 0.0),
                                _sdpa_bsnd(*(t.transpose(1, 2) for t in (q, k, v))))
