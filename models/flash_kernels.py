@@ -56,8 +56,8 @@ def _flash2(fa) -> FlashKernels:
 class _Flash4Dense(torch.autograd.Function):
     """FlashAttention-4's causal attention with its output allocated like q: in Trellis's
     [s, b, n, d] storage, so the [s, b, h] activations view it. Through the public function
-    the output came back [b, s, n, d]-contiguous and every layer copied it (forward) and
-    added a copy's worth of traffic to the step (docs/benchmarks.md, 2026-12-01)."""
+    the output came back [b, s, n, d]-contiguous, and the output projection copied it in its
+    forward and again in its backward (docs/benchmarks.md, 2026-12-01, eighteenth)."""
 
     @staticmethod
     def forward(ctx, q, k, v, interface):
