@@ -98,9 +98,9 @@ def _flash4(cute, interface=None) -> FlashKernels:
 
     dense = dense_in_q_layout if interface is not None and _writes_into_given_output(interface) else dense_public
     # Not auto. With the output in q's layout a one-H200 llama-1.3b step runs 0.8-1.7% faster
-    # than with cuDNN (docs/benchmarks.md, 2026-12-01, eighteenth), but each forward and
-    # backward spends about 1.1 ms on the host (cuDNN 0.25 ms), which host-bound layouts (TP
-    # without CUDA graphs) pay in full, and each new shape compiles just in time.
+    # than with cuDNN, but each forward and backward spends about 1.1 ms on the host (cuDNN
+    # 0.25 ms), which host-bound runs pay in full: at micro-batch 1 the step was 13-41%
+    # slower (docs/benchmarks.md, 2026-12-01, eighteenth). Each new shape also compiles.
     return FlashKernels("flash-attn 4 (CuTe)", dense, varlen, dropout=False, min_capability=(8, 0), auto=False)
 
 
