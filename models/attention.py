@@ -8,8 +8,9 @@
 - `flex`: torch FlexAttention with a document block mask (CUDA; sparse, so packed sequences
   cost what their documents cost).
 - `auto`: FlashAttention-2 when installed and able to run the call, else SDPA; packed documents
-  on CUDA use flex then. FlashAttention-4 runs only when asked for by name (its per-call host
-  time cancels its faster kernels in a training step; docs/benchmarks.md).
+  on CUDA use flex then. FlashAttention-4 runs only when asked for by name: its kernels make a
+  GPU-bound step 1-2% faster, but its host time per call makes a host-bound one far slower
+  (docs/benchmarks.md, 2026-12-01, eighteenth).
 Transformer Engine's attention is not wired in: Trellis's own layers hold the projections, and
 the SDPA cuDNN backend gives the same fused kernel. q: [b, n, s, d]; k, v: [b, n_kv, s, d].
 """
