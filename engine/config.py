@@ -62,6 +62,7 @@ class TrainConfig:
     fp8_format: str = "hybrid"  # hybrid (e4m3 forward, e5m2 gradients) | e4m3 (e4m3 everywhere)
     fp8_scaling: str = "tensor"  # tensor (one scale per tensor) | row (one scale per row of each GEMM operand)
     fp8_amax_history: int = 1
+    fp8_backend: str = "auto"  # auto (Transformer Engine where installed and able to run the recipe) | te | trellis (parallel/te_fp8.py)
     eval_interval: int = 0  # 0: no validation
     eval_iters: int = 2
     eval_at_start: bool = False  # also evaluate before the first step (a fine-tune's base loss)
@@ -427,6 +428,8 @@ def validate_fp8(t: TrainConfig) -> None:
     _require(t.fp8_format in ("hybrid", "e4m3"), "train.fp8_format", f"must be hybrid or e4m3; got {t.fp8_format!r}")
     _require(t.fp8_scaling in ("tensor", "row"), "train.fp8_scaling", f"must be tensor or row; got {t.fp8_scaling!r}")
     _require(t.fp8_amax_history >= 1, "train.fp8_amax_history", f"must be at least 1, got {t.fp8_amax_history}")
+    _require(t.fp8_backend in ("auto", "te", "trellis"), "train.fp8_backend",
+             f"must be auto, te or trellis; got {t.fp8_backend!r}")
     row = t.fp8_scaling == "row"
     _require(not row or t.fp8_amax_history == 1, "train.fp8_amax_history",
              "applies to tensor scaling only; row scales come from each step's values (set it to 1)")

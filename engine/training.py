@@ -24,6 +24,7 @@ from models.pipeline_split import chunk_layer_ids, model_stage
 from models.transformer import lora_aliases
 from parallel import comm
 from parallel.fp8 import FP8Recipe, enable_fp8
+from parallel.te_fp8 import resolve_backend
 from parallel.grid import ProcessGrid, build_grid, init_distributed
 from parallel.lora import apply_lora
 from parallel.nf4 import enable_nf4
@@ -128,10 +129,11 @@ class Trainer:
         precision = resolve_precision(self.cfg.train.precision, self.device)
         chunks = self.build_model(param_dtype(precision))
         if precision == "fp8":
-            t = self.cfg.train
+            t, m = self.cfg.train, self.cfg.model
             recipe = FP8Recipe.from_names(t.fp8_format, t.fp8_scaling, t.fp8_amax_history)
+            self.fp8_backend = resolve_backend(t.fp8_backend, recipe, self.device, m.compile, m.cuda_graphs)
             for chunk in chunks:
-                enable_fp8(chunk, recipe)
+                enable_fp8(chunk, recipe, self.fp8_backend)
         return chunks
 
     def build_model(self, dtype=torch.float32) -> list:

@@ -33,7 +33,7 @@ import weakref
 
 import torch
 
-from parallel.main_grad_linear import filled_placeholder
+from parallel.main_grad_linear import filled_placeholder, take_filled_flag
 
 WARMUP_ITERATIONS = 2  # eager runs before capture: compile kernels, build cuBLAS/cuDNN plans, NCCL comms
 # Every LayerGraphs that captured graphs, so shutdown can free them first: NCCL cannot destroy a
@@ -180,19 +180,11 @@ class LayerGraphs:
             with torch.cuda.graph(backward_graph, pool=pool, capture_error_mode="thread_local"):
                 grads = torch.autograd.grad(graph.static_out, inputs, grad_out, allow_unused=True)
             param_grads = grads[1:] if with_input else grads
-            graph.fused = [_take_filled_flag(p) for p in graph.params]
+            graph.fused = [take_filled_flag(p) for p in graph.params]
             graph.static_param_grads = [None if fused else g for fused, g in zip(graph.fused, param_grads)]
             graph.backward_graph, graph.static_grad_out = backward_graph, grad_out
             graph.static_grad_in = grads[0] if with_input else None
             grad_out = graph.static_grad_in
-
-
-def _take_filled_flag(param) -> bool:
-    """Whether the captured backward's GEMM wrote this parameter's gradient into main_grad
-    (flagged by parallel/main_grad_linear.py); clears the flag."""
-    filled = getattr(param, "main_grad_filled", False)
-    param.main_grad_filled = False
-    return filled
 
 
 class _ReplayLayer(torch.autograd.Function):

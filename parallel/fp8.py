@@ -90,14 +90,22 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 # warm-up and capture run on side streams, and a capture must quantise inside the graph.
 _weight_copies = WeakIdKeyDictionary()
 CACHE_WEIGHTS = True  # False quantises weights on every call (a test compares the two)
+_generation = 0  # how many times the copies were dropped: Transformer Engine's linears key their own by it
 
 
 def clear_weight_cache() -> None:
     """Drop the FP8 weight copies: the weights have changed (or are about to)."""
+    global _generation
     _weight_copies.clear()
+    _generation += 1
 
 
-def _may_cache(weight: torch.Tensor) -> bool:
+def weight_generation() -> int:
+    """Changes whenever clear_weight_cache runs (each optimizer step)."""
+    return _generation
+
+
+def may_cache(weight: torch.Tensor) -> bool:
     """Trained weights only: a frozen model's copies (DPO's reference) would stay alive through
     the policy's backward for nothing, since it runs once per micro-batch anyway."""
     if not CACHE_WEIGHTS or torch.compiler.is_compiling() or not weight.requires_grad:
@@ -107,7 +115,7 @@ def _may_cache(weight: torch.Tensor) -> bool:
 
 def quantized_weight(weight: torch.Tensor, recipe: "FP8Recipe", amax_state: "AmaxHistory"):
     """fast_quantize of the weight in e4m3, from the per-step cache where it may be used."""
-    if not _may_cache(weight):
+    if not may_cache(weight):
         return fast_quantize(weight, E4M3, amax_state.observe("w", weight), recipe.rowwise)
     version = weight._version
     entry = _weight_copies.get(weight)
@@ -207,18 +215,24 @@ class AmaxHistory:
         return past.max()
 
 
+def fp8_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight^T can run in FP8: FP8 GEMMs need every size a multiple of 16, and the
+    weight gradient's inner one is the token count. Other shapes stay in full precision."""
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return not (x.shape[-1] % 16 or weight.shape[0] % 16 or tokens % 16)
+
+
 def fp8_linear_fn(recipe: FP8Recipe = FP8Recipe()):
     """A drop-in for F.linear(x, weight, bias) computing in FP8 (for `layer.linear_fn`)."""
     amax_state = AmaxHistory(1 if recipe.rowwise else recipe.amax_history)
 
     def linear(x, weight, bias=None):
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if x.shape[-1] % 16 or weight.shape[0] % 16 or tokens % 16:
-            # FP8 GEMMs need every size a multiple of 16: the weight gradient's inner one is the token count.
+        if not fp8_shapes(x, weight):
             return torch.nn.functional.linear(x, weight, bias)
         return _FP8Linear.apply(x, weight, bias, recipe, amax_state)
 
     linear.fp8_recipe = recipe
+    linear.fp8_backend = "trellis"
     return linear
 
 
@@ -234,15 +248,20 @@ def uses_fp8(module: torch.nn.Module) -> bool:
     return False
 
 
-def enable_fp8(module: torch.nn.Module, recipe: FP8Recipe = FP8Recipe()) -> int:
+def enable_fp8(module: torch.nn.Module, recipe: FP8Recipe = FP8Recipe(), backend: str = "trellis") -> int:
     """Switch every tensor-parallel linear under `module` to FP8; returns how many. Each layer
-    keeps its own amax state. The output projection to the vocabulary is a plain matmul on the
-    embedding (tied or not) and stays in bf16, as Transformer Engine recipes leave it."""
+    keeps its own amax state. backend: `trellis` (this file) or `te` (Transformer Engine's
+    matmul, parallel/te_fp8.py). The output projection to the vocabulary is a plain matmul on
+    the embedding (tied or not) and stays in bf16, as Transformer Engine recipes leave it."""
     from parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    if backend == "te":
+        from parallel.te_fp8 import te_linear_fn as make_linear_fn
+    else:
+        make_linear_fn = fp8_linear_fn
     count = 0
     for layer in module.modules():
         if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
-            layer.linear_fn = fp8_linear_fn(recipe)
+            layer.linear_fn = make_linear_fn(recipe)
             count += 1
     return count

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
+from parallel.main_grad_linear import take_filled_flag
 
 # Each DP shard of a bucket is a multiple of this many elements (256 bytes of fp32), so
 # shards start aligned for vectorised kernels and NCCL.
@@ -127,9 +128,7 @@ class GradBuffer:
                 raise RuntimeError(
                     f"a gradient of bucket {bucket.index} arrived after the bucket was reduced: this step ran more "
                     f"than the {self.microbatches} backward passes per step the optimizer was built for")
-            if getattr(param, "main_grad_filled", False):
-                param.main_grad_filled = False  # the GEMM already added it (parallel/main_grad_linear.py)
-            else:
+            if not take_filled_flag(param):  # else the GEMM already added it (parallel/main_grad_linear.py)
                 param.main_grad.add_(param.grad)
             param.grad = None
             bucket.arrived += 1

@@ -52,6 +52,17 @@ def filled_placeholder(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(weight)
 
 
+def take_filled_flag(param: torch.Tensor) -> bool:
+    """Whether a backward already wrote this parameter's gradient into main_grad, clearing the
+    mark: ours (`main_grad_filled`) or Transformer Engine's (`grad_added_to_main_grad`, set by its
+    linears with fuse_wgrad_accumulation, parallel/te_fp8.py)."""
+    filled = getattr(param, "main_grad_filled", False) or getattr(param, "grad_added_to_main_grad", False)
+    param.main_grad_filled = False
+    if hasattr(param, "grad_added_to_main_grad"):
+        param.grad_added_to_main_grad = False
+    return filled
+
+
 def fuses_into_main_grad(weight: torch.Tensor, compute_dtype: torch.dtype | None = None) -> bool:
     main_grad = getattr(weight, "main_grad", None)
     if main_grad is None or main_grad.dtype != torch.float32:
