@@ -26,7 +26,10 @@ schedules run backwards in forward order).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import glob
+import os
 from typing import Optional
 
 import torch
@@ -37,13 +40,32 @@ from parallel import fp8
 BACKENDS = ("auto", "te", "trellis")
 
 
+def _load_torchs_cudnn() -> None:
+    """Load every library of torch's own cuDNN (globally) before TE imports. TE's loader takes a
+    system cuDNN where it finds one, and its core library links cuDNN's sub-libraries by name. A
+    system cuDNN of another version then either wins the names torch loads later (torch refuses
+    it: "cuDNN version incompatibility") or fills only some of them and fails to link against
+    torch's copy (undefined symbols), as on the H200 machines here (system 9.14, torch 9.19)."""
+    if not torch.cuda.is_available() or not torch.backends.cudnn.is_available() or not os.path.exists("/proc/self/maps"):
+        return
+    torch.backends.cudnn.version()  # loads it
+    with open("/proc/self/maps") as maps:
+        path = next((line.split()[-1] for line in maps if "/libcudnn.so" in line), None)
+    if path is None:
+        return
+    folder = os.path.dirname(path)
+    for library in sorted(glob.glob(os.path.join(folder, "libcudnn*.so*"))):
+        try:
+            ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass  # a sub-library this machine cannot load; cuDNN loads the ones it needs itself
+    os.environ.setdefault("CUDNN_HOME", folder)  # where TE's loader looks first
+
+
 @functools.lru_cache(maxsize=None)
 def _import_te() -> tuple:
     """((transformer_engine.pytorch, transformer_engine.common.recipe) or None, why not)."""
-    if torch.cuda.is_available():
-        # torch's own cuDNN first: TE's import loads a system cuDNN by name where it finds one,
-        # and torch, loading its cuDNN later by the same name, would get that one and refuse it.
-        torch.backends.cudnn.version()
+    _load_torchs_cudnn()
     try:
         import transformer_engine.pytorch as te
         from transformer_engine.common import recipe
