@@ -1,4 +1,5 @@
-"""FP8 linear layers on `torch._scaled_mm` (used when Transformer Engine is not installed).
+"""Trellis's own FP8 linear layers on `torch._scaled_mm`: `train.fp8_backend trellis`, and what
+`auto` takes where Transformer Engine is not installed or cannot run the run (parallel/te_fp8.py).
 
 A recipe (`FP8Recipe`, from `train.fp8_format`, `train.fp8_scaling`, `train.fp8_amax_history`):
 - Formats: `hybrid` quantises activations and weights to e4m3 and output gradients to e5m2
