@@ -17,6 +17,7 @@ from engine.rl.config import RLConfig, validate_rl
 from models.config import ModelConfig, resolve_preset, validate_model
 from models.pipeline_split import balanced_layer_counts, stage_layer_counts
 from parallel.grid import GridError, check_layout
+from parallel.te_fp8 import BACKENDS as FP8_BACKENDS
 
 
 OPTIMIZERS = ("adamw", "lion", "sgd", "adafactor", "galore_adamw")
@@ -428,8 +429,8 @@ def validate_fp8(t: TrainConfig) -> None:
     _require(t.fp8_format in ("hybrid", "e4m3"), "train.fp8_format", f"must be hybrid or e4m3; got {t.fp8_format!r}")
     _require(t.fp8_scaling in ("tensor", "row"), "train.fp8_scaling", f"must be tensor or row; got {t.fp8_scaling!r}")
     _require(t.fp8_amax_history >= 1, "train.fp8_amax_history", f"must be at least 1, got {t.fp8_amax_history}")
-    _require(t.fp8_backend in ("auto", "te", "trellis"), "train.fp8_backend",
-             f"must be auto, te or trellis; got {t.fp8_backend!r}")
+    _require(t.fp8_backend in FP8_BACKENDS, "train.fp8_backend",
+             f"must be one of {', '.join(FP8_BACKENDS)}; got {t.fp8_backend!r}")
     row = t.fp8_scaling == "row"
     _require(not row or t.fp8_amax_history == 1, "train.fp8_amax_history",
              "applies to tensor scaling only; row scales come from each step's values (set it to 1)")

@@ -45,6 +45,7 @@ def test_layout_errors():
 @pytest.mark.parametrize("extra, fragment", [
     (["--train.fp8_format", "e5m2"], "train.fp8_format: must be hybrid or e4m3"),
     (["--train.fp8_scaling", "block"], "train.fp8_scaling: must be tensor or row"),
+    (["--train.fp8_backend", "transformer_engine"], "train.fp8_backend: must be one of auto, te, trellis"),
     (["--train.fp8_amax_history", "0"], "train.fp8_amax_history: must be at least 1"),
     (["--train.fp8_scaling", "row", "--train.fp8_amax_history", "4"], "applies to tensor scaling only"),
 ])
