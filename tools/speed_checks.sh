@@ -8,7 +8,8 @@
 # base (llama-1.3b, global batch 32, with the plain-PyTorch and Hugging Face baselines),
 # graphs (the same with model.cuda_graphs), flash (the same with the flash-attn package's
 # kernels, where one is installed), fp8 (an 8-layer llama3-8b cut in bf16 and in each
-# FP8 recipe; a 16-layer cut in bf16 and the default recipe), tp2 (TP=2 eager and with graphs;
+# FP8 recipe of Trellis's own linears, and in Transformer Engine's where it can run; a 16-layer
+# cut in bf16 and the default recipe), tp2 (TP=2 eager and with graphs;
 # needs 2 GPUs). Steps run one after another, so timings do not share a GPU. Each has a time
 # limit (STEP_LIMIT seconds, default 600), and a failed step does not stop the others. At the
 # end a table lists every benchmark's tokens/s per GPU, MFU and peak memory from its JSON file.
@@ -56,15 +57,21 @@ if wanted flash; then
 fi
 if wanted fp8; then
   CUT=(--preset llama3-8b --model.num_layers 8 --seq 4096 --micro-batch 1 --global-batch 8 --steps 3 --warmup 2)
+  OWN=(--train.precision fp8 --train.fp8_backend trellis)  # Trellis's own FP8 linears, TE installed or not
   run fp8_bf16 "${ONE[@]}" "${CUT[@]}" --out "$OUT/fp8_bf16.json"
-  run fp8_hybrid_tensor "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --out "$OUT/fp8_hybrid_tensor.json"
-  run fp8_e4m3_tensor "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --train.fp8_format e4m3 \
-    --out "$OUT/fp8_e4m3_tensor.json"
-  run fp8_hybrid_row "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --train.fp8_scaling row \
-    --out "$OUT/fp8_hybrid_row.json"
+  run fp8_hybrid_tensor "${ONE[@]}" "${CUT[@]}" "${OWN[@]}" --out "$OUT/fp8_hybrid_tensor.json"
+  run fp8_e4m3_tensor "${ONE[@]}" "${CUT[@]}" "${OWN[@]}" --train.fp8_format e4m3 --out "$OUT/fp8_e4m3_tensor.json"
+  run fp8_hybrid_row "${ONE[@]}" "${CUT[@]}" "${OWN[@]}" --train.fp8_scaling row --out "$OUT/fp8_hybrid_row.json"
+  if python3 -c "import torch; from parallel import fp8, te_fp8
+raise SystemExit(te_fp8.unusable_reason(fp8.FP8Recipe(), torch.device('cuda')) is not None)"; then
+    run fp8_te_hybrid_tensor "${ONE[@]}" "${CUT[@]}" --train.precision fp8 --train.fp8_backend te \
+      --out "$OUT/fp8_te_hybrid_tensor.json"
+  else
+    echo "fp8_te_hybrid_tensor: skipped (Transformer Engine cannot run here)"
+  fi
   DEEP=("${CUT[@]}" --model.num_layers 16)  # the last --model.num_layers wins; the output layer weighs less
   run fp8_16l_bf16 "${ONE[@]}" "${DEEP[@]}" --out "$OUT/fp8_16l_bf16.json"
-  run fp8_16l_hybrid_tensor "${ONE[@]}" "${DEEP[@]}" --train.precision fp8 --out "$OUT/fp8_16l_hybrid_tensor.json"
+  run fp8_16l_hybrid_tensor "${ONE[@]}" "${DEEP[@]}" "${OWN[@]}" --out "$OUT/fp8_16l_hybrid_tensor.json"
 fi
 if wanted tp2; then
   if [ "$GPUS" -ge 2 ]; then
