@@ -29,7 +29,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import importlib.util
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -65,6 +67,8 @@ def _load_torchs_cudnn() -> None:
 @functools.lru_cache(maxsize=None)
 def _import_te() -> tuple:
     """((transformer_engine.pytorch, transformer_engine.common.recipe) or None, why not)."""
+    if "transformer_engine" not in sys.modules and importlib.util.find_spec("transformer_engine") is None:
+        return None, "not installed"  # (and torch's cuDNN is left to load as it would)
     _load_torchs_cudnn()
     try:
         import transformer_engine.pytorch as te
