@@ -128,6 +128,7 @@ class Trainer:
         """build_model's chunks in the parameter dtype of train.precision (FP8 linears for fp8)."""
         precision = resolve_precision(self.cfg.train.precision, self.device)
         chunks = self.build_model(param_dtype(precision))
+        self.fp8_backend = None  # te or trellis: whose FP8 linears (parallel/te_fp8.py), where precision is fp8
         if precision == "fp8":
             t, m = self.cfg.train, self.cfg.model
             recipe = FP8Recipe.from_names(t.fp8_format, t.fp8_scaling, t.fp8_amax_history)

@@ -119,7 +119,7 @@ def run_trellis(args, extra):
                     max_over_ranks(mem, trainer.device))
     row["optimizer_state_gib"] = max_over_ranks(trainer.optimizer.state_bytes() / 2**30, trainer.device)
     row["config"] = " ".join(argv)
-    row["fp8_backend"] = getattr(trainer, "fp8_backend", None)  # te or trellis where train.precision is fp8
+    row["fp8_backend"] = trainer.fp8_backend
     return cfg, trainer, row
 
 
