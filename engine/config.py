@@ -12,12 +12,11 @@ import torch
 import yaml
 
 from engine.launch import UserError
-from engine.precision import PRECISIONS
+from engine.precision import FP8_BACKENDS, PRECISIONS
 from engine.rl.config import RLConfig, validate_rl
 from models.config import ModelConfig, resolve_preset, validate_model
 from models.pipeline_split import balanced_layer_counts, stage_layer_counts
 from parallel.grid import GridError, check_layout
-from parallel.te_fp8 import BACKENDS as FP8_BACKENDS
 
 
 OPTIMIZERS = ("adamw", "lion", "sgd", "adafactor", "galore_adamw")

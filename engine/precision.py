@@ -20,6 +20,7 @@ import contextlib
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16", "fp8")
+FP8_BACKENDS = ("auto", "te", "trellis")  # whose FP8 linears (train.fp8_backend; parallel/te_fp8.py)
 _COMPUTE_DTYPE = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 

@@ -39,8 +39,6 @@ import torch.nn.functional as F
 
 from parallel import fp8
 
-BACKENDS = ("auto", "te", "trellis")
-
 
 def _load_torchs_cudnn() -> None:
     """Load every library of torch's own cuDNN (globally) before TE imports. TE's loader takes a
