@@ -8,13 +8,18 @@ recipe that matches `train.fp8_format`, `train.fp8_scaling` and `train.fp8_amax_
 
 - tensor scaling, history 1: `Float8CurrentScaling` (each tensor scaled by its own amax, as
   Trellis's own path does);
-- tensor scaling, history N > 1: `DelayedScaling` with an N-long history, max algorithm. TE
-  scales a tensor by the history *before* its own amax; Trellis's path includes it;
-- row scaling: no TE recipe (TE's block scaling is another scheme), so `auto` keeps Trellis's.
+- an amax history (`train.fp8_amax_history` above 1) or row scaling: no TE recipe here, so
+  `auto` keeps Trellis's path and `te` says why. TE's delayed scaling keeps every module's
+  history in one process-wide buffer that each exit from an outermost autocast rolls (and
+  all-reduces over the autocast's group, the whole world by default). It expects one autocast
+  around a micro-batch's forward; Trellis's layers enter it per linear, so each linear's exit
+  would roll every layer's history (an N-long history would hold about one step) and all-reduce
+  over the world per call, which pipeline stages, running different layers, would not match.
+  Row scaling has no TE counterpart (TE's block scaling is another scheme).
 
 The TE module is kept out of the layer's submodules, so parameter names, checkpoints and the
-optimizer see the layer as before; TE's FP8 state (a delayed recipe's amax history) is not
-checkpointed, as Trellis's own amax history is not either.
+optimizer see the layer as before. Current scaling keeps no state between calls, so there is no
+TE state to checkpoint.
 
 Weight gradients go into the fp32 `main_grad` as with the other linears: TE's
 `fuse_wgrad_accumulation`, which marks the weight `grad_added_to_main_grad` and returns a
@@ -91,8 +96,11 @@ def unusable_reason(recipe: fp8.FP8Recipe, device: torch.device, compile_layers:
         return f"Transformer Engine reports no FP8 on this device ({why})"
     if recipe.rowwise:
         return "train.fp8_scaling row has no Transformer Engine recipe (use tensor, or train.fp8_backend trellis)"
-    if recipe.amax_history <= 1 and not hasattr(te_recipe, "Float8CurrentScaling"):
-        return "this Transformer Engine has no current-scaling recipe (set train.fp8_amax_history above 1)"
+    if recipe.amax_history > 1:
+        return ("train.fp8_amax_history above 1 would be Transformer Engine's delayed scaling, which needs one "
+                "autocast around each micro-batch's forward, not one per linear (use 1, or train.fp8_backend trellis)")
+    if not hasattr(te_recipe, "Float8CurrentScaling"):
+        return "this Transformer Engine has no current-scaling recipe (Float8CurrentScaling; TE 2.2 or later)"
     if compile_layers:
         return "model.compile traces Trellis's own FP8 path, not Transformer Engine's modules"
     if cuda_graphs:
@@ -114,12 +122,12 @@ def resolve_backend(requested: str, recipe: fp8.FP8Recipe, device: torch.device,
 
 
 def te_recipe(recipe: fp8.FP8Recipe):
-    """The Transformer Engine recipe of a Trellis FP8Recipe (tensor scaling only)."""
+    """The Transformer Engine recipe of a Trellis FP8Recipe: current tensor scaling only (see
+    the module's docstring for why not an amax history)."""
+    if recipe.rowwise or recipe.amax_history > 1:
+        raise ValueError(f"no Transformer Engine recipe for {recipe} in Trellis's per-linear autocast")
     te_recipe_module = _import_te()[0][1]
     fmt = te_recipe_module.Format.E4M3 if recipe.grad_dtype == fp8.E4M3 else te_recipe_module.Format.HYBRID
-    if recipe.amax_history > 1:
-        return te_recipe_module.DelayedScaling(fp8_format=fmt, amax_history_len=recipe.amax_history,
-                                               amax_compute_algo="max")
     return te_recipe_module.Float8CurrentScaling(fp8_format=fmt)
 
 

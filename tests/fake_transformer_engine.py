@@ -8,8 +8,8 @@ linear.py) and exact matmuls:
   `weight.main_grad`, *overwriting* it on a first micro-batch and adding otherwise; where the
   weight has a `grad_added_to_main_grad` attribute it sets it and returns a placeholder gradient,
   else it returns None;
-- `is_fp8_available()` returns (bool, reason); recipes are `Format`, `DelayedScaling` and
-  `Float8CurrentScaling`.
+- `is_fp8_available()` returns (bool, reason); the recipes are `Format` and
+  `Float8CurrentScaling` (the only one Trellis maps to).
 The real library is checked on a GPU in tests/gpu/test_te_fp8_gpu.py.
 """
 from __future__ import annotations
@@ -30,10 +30,6 @@ class Format(enum.Enum):
 class _Recipe:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
-
-
-class DelayedScaling(_Recipe):
-    pass
 
 
 class Float8CurrentScaling(_Recipe):
@@ -102,7 +98,7 @@ def install() -> None:
         "transformer_engine.common.recipe"))
     for name in ("Linear", "autocast", "is_fp8_available"):
         setattr(pytorch, name, globals()[name])
-    for name in ("Format", "DelayedScaling", "Float8CurrentScaling"):
+    for name in ("Format", "Float8CurrentScaling"):
         setattr(recipe, name, globals()[name])
     root.pytorch, root.common, common.recipe = pytorch, common, recipe
     sys.modules.update({"transformer_engine": root, "transformer_engine.pytorch": pytorch,

@@ -38,11 +38,12 @@ def test_without_transformer_engine_auto_keeps_trellis_and_te_says_why(monkeypat
 
 
 def test_auto_takes_te_only_where_it_can_run_the_run(fake_te_installed):
-    tensor, row = fp8.FP8Recipe(), fp8.FP8Recipe(rowwise=True)
+    tensor, row, history = fp8.FP8Recipe(), fp8.FP8Recipe(rowwise=True), fp8.FP8Recipe(amax_history=16)
     assert te_fp8.resolve_backend("auto", tensor, CUDA) == "te"
     assert te_fp8.resolve_backend("trellis", tensor, CUDA) == "trellis"
     for recipe, device, compile_layers, graphs, why in [
-            (row, CUDA, False, False, "fp8_scaling row"), (tensor, torch.device("cpu"), False, False, "CUDA only"),
+            (row, CUDA, False, False, "fp8_scaling row"), (history, CUDA, False, False, "delayed scaling"),
+            (tensor, torch.device("cpu"), False, False, "CUDA only"),
             (tensor, CUDA, True, False, "model.compile"), (tensor, CUDA, False, True, "model.cuda_graphs")]:
         assert te_fp8.resolve_backend("auto", recipe, device, compile_layers, graphs) == "trellis"
         with pytest.raises(RuntimeError, match=why):
@@ -54,9 +55,9 @@ def test_recipes_map_to_their_transformer_engine_counterparts(fake_te_installed)
     assert isinstance(current, fake_te.Float8CurrentScaling) and current.kwargs == {"fp8_format": fake_te.Format.HYBRID}
     e4m3 = te_fp8.te_recipe(fp8.FP8Recipe.from_names("e4m3", "tensor", 1))
     assert e4m3.kwargs["fp8_format"] == fake_te.Format.E4M3
-    delayed = te_fp8.te_recipe(fp8.FP8Recipe.from_names("hybrid", "tensor", 16))
-    assert isinstance(delayed, fake_te.DelayedScaling)
-    assert delayed.kwargs == {"fp8_format": fake_te.Format.HYBRID, "amax_history_len": 16, "amax_compute_algo": "max"}
+    for refused in (fp8.FP8Recipe(amax_history=16), fp8.FP8Recipe(rowwise=True)):
+        with pytest.raises(ValueError, match="per-linear autocast"):
+            te_fp8.te_recipe(refused)
 
 
 def test_linear_computes_with_the_layers_weight_and_fills_main_grad(fake_te_installed):
