@@ -33,12 +33,14 @@ from torch.distributed.tensor import DTensor
 from engine.checkpoint_state import model_entries, optimizer_entries, optimizer_load_targets
 from engine.config import ADAPTER_METHODS
 from engine.launch import UserError
+from parallel.fp8_state import amax_histories, amax_history_length, load_amax_histories
 
 META_FILE = "trellis.json"
 LATEST_FILE = "latest"
 FORMAT = "trellis-checkpoint"
 # Test hook: exit the process between writing a checkpoint and publishing it (crash tests).
 CRASH_ENV = "TRELLIS_CHECKPOINT_CRASH_BEFORE_RENAME"
+AMAX_KIND = "fp8_amax"  # keys of the FP8 amax histories: fp8_amax.<grid place>.c<chunk>.<layer>.<x|w|g>
 # Model fields that change what the weights mean; training-only fields may differ on load.
 NOT_ARCHITECTURE = {"preset", "seq_length", "dropout", "attention_dropout", "init_std", "recompute",
                     "attention_backend", "make_vocab_size_divisible_by"}
@@ -199,14 +201,56 @@ def layout_of(grid) -> dict:
     return {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "cp": grid.cp, "world_size": grid.world_size}
 
 
+def grid_prefix(kind: str, grid) -> str:
+    """Key prefix of one rank's own state (its generators, its FP8 amax histories): its grid place."""
+    return f"{kind}.pp{grid.pp_rank}.tp{grid.tp_rank}.cp{grid.local_rank('cp')}.dp{grid.dp_rank}."
+
+
 def rng_prefix(grid) -> str:
-    return f"rng.pp{grid.pp_rank}.tp{grid.tp_rank}.cp{grid.local_rank('cp')}.dp{grid.dp_rank}."
+    return grid_prefix("rng", grid)
 
 
 def rng_entries(trainer) -> dict:
     """This rank's generator states under a key of its own grid coordinates."""
     states = {"cpu": torch.get_rng_state(), **trainer.rng.get_states()}
     return {rng_prefix(trainer.grid) + name: (state, [state]) for name, state in states.items() if state is not None}
+
+
+def amax_entries(trainer) -> dict:
+    """This rank's FP8 amax histories (`train.fp8_amax_history` above 1), per model chunk: each
+    rank scales its own activations and gradients, so each keeps its own."""
+    prefix = grid_prefix(AMAX_KIND, trainer.grid)
+    return {f"{prefix}c{index}.{name}": (past, [past]) for index, chunk in enumerate(trainer.model_chunks)
+            for name, past in amax_histories(chunk).items()}
+
+
+def amax_load_entries(trainer, meta: dict, shapes: dict) -> dict:
+    """Zeros to read this rank's saved amax histories into, where they fit: a checkpoint of the
+    same layout whose histories have this run's length. Otherwise none (said once where this run
+    keeps histories): each history then restarts from its next amax. Decided from what every
+    rank sees alike, so all ranks read together."""
+    length = max(amax_history_length(chunk) for chunk in trainer.model_chunks)
+    if length <= 1:
+        return {}
+    saved = {key: shape for key, shape in shapes.items() if key.startswith(AMAX_KIND + ".")}
+    if meta["layout"] == layout_of(trainer.grid) and saved and all(shape == (length,) for shape in saved.values()):
+        prefix = grid_prefix(AMAX_KIND, trainer.grid)
+        return {key: (zeros, [zeros]) for key, shape in saved.items() if key.startswith(prefix)
+                for zeros in [torch.zeros(shape)]}
+    if meta["step"] > 0:
+        why = (f"it was saved at layout {meta['layout']}" if meta["layout"] != layout_of(trainer.grid) else
+               "it holds none of this length (another train.fp8_amax_history, or saved without histories)")
+        announce(trainer, f"checkpoint: FP8 amax histories not restored ({why}); each restarts from its next amax, "
+                          "so the first steps scale differently from the original run")
+    return {}
+
+
+def restore_amax_histories(trainer, entries: dict) -> None:
+    prefix = grid_prefix(AMAX_KIND, trainer.grid)
+    for index, chunk in enumerate(trainer.model_chunks):
+        chunk_prefix = f"{prefix}c{index}."
+        load_amax_histories(chunk, {key[len(chunk_prefix):]: saved for key, (saved, _) in entries.items()
+                                    if key.startswith(chunk_prefix)})
 
 
 def jsonable(value):
@@ -247,6 +291,7 @@ def training_entries(trainer) -> dict:
                                      for_load=False))
     entries.update(rng_entries(trainer))
     entries.update(rank_local_entries(trainer))
+    entries.update(amax_entries(trainer))
     return entries
 
 
@@ -412,7 +457,9 @@ def load_checkpoint(trainer, root: str, step: int = -1, model_only: bool = False
     entries.update(optimizer_entries(chunks, tp_mesh, optim_targets, for_load=True))
     check_keys(step_dir, entries, shapes)
     local = rank_local_entries(trainer, shapes) if "optimizer" in meta["contents"] and not model_only else {}
-    read_entries(step_dir, {**entries, **local})
+    amax = amax_load_entries(trainer, meta, shapes) if not model_only else {}
+    read_entries(step_dir, {**entries, **local, **amax})
+    restore_amax_histories(trainer, amax)
     if optim_targets:
         trainer.optimizer.load_param_state_by_name({**optim_targets, "__step__": meta.get("optimizer_steps", 0)})
     if local or (optim_targets and trainer.optimizer.has_rank_local_state()):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.fp8 import uses_fp8
+from parallel.fp8_state import uses_fp8
 
 
 def graphable(chunks, grid, device) -> bool:

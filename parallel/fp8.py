@@ -197,7 +197,9 @@ def _weight_grad(weight, g8_t, g_inv, x8_t, x_inv, recipe: FP8Recipe) -> torch.T
 
 class AmaxHistory:
     """Per-layer amax bookkeeping: scale from the max of the last `length` amaxes (1 = current).
-    The history is a fixed tensor updated in place, so a CUDA graph replay updates it too."""
+    The history is a fixed tensor updated in place, so a CUDA graph replay updates it too. It
+    is training state: checkpoints keep it (engine/checkpoint.py), so a resume scales as the
+    uninterrupted run would have."""
 
     def __init__(self, length: int = 1):
         self.length, self.history = length, {}
@@ -214,6 +216,17 @@ class AmaxHistory:
         else:
             past.copy_(torch.cat([past[1:], amax]))
         return past.max()
+
+    def load(self, saved: dict, device: torch.device) -> None:
+        """Take saved histories (key -> [length] tensor), into the live tensors where they exist."""
+        for key, values in saved.items():
+            if values.shape != (self.length,):
+                raise ValueError(f"amax history {key!r} holds {values.numel()} amaxes; this run keeps {self.length}")
+            past = self.history.get(key)
+            if past is None:
+                self.history[key] = values.to(device=device, dtype=torch.float32, copy=True)
+            else:
+                past.copy_(values)
 
 
 def fp8_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -234,19 +247,8 @@ def fp8_linear_fn(recipe: FP8Recipe = FP8Recipe()):
 
     linear.fp8_recipe = recipe
     linear.fp8_backend = "trellis"
+    linear.amax_state = amax_state
     return linear
-
-
-def uses_fp8(module: torch.nn.Module) -> bool:
-    """Whether any linear under `module` computes through `fp8_linear_fn` (itself, or as the
-    base of a wrapper such as LoRA's, which keeps it in `base_fn`)."""
-    for layer in module.modules():
-        fn = getattr(layer, "linear_fn", None)
-        while fn is not None:
-            if getattr(fn, "fp8_recipe", None) is not None:
-                return True
-            fn = getattr(fn, "base_fn", None)
-    return False
 
 
 def enable_fp8(module: torch.nn.Module, recipe: FP8Recipe = FP8Recipe(), backend: str = "trellis") -> int:

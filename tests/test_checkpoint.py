@@ -50,6 +50,16 @@ def test_resume_is_bit_exact(layout, tmp_path):
     assert len(straight) == 6 and resumed == straight[3:]
 
 
+def test_fp8_amax_histories_resume_exactly(tmp_path):
+    """FP8 with an amax history: each scale comes from amaxes of earlier steps, so a resume is
+    exact only if every rank's histories come back with the checkpoint."""
+    base = {"parallel": {"tp": 2}, "model": {"preset": "tiny"},
+            "train": {"iters": 6, "precision": "fp8", "fp8_amax_history": 4}}
+    straight = losses({**base, "checkpoint": {"save": str(tmp_path), "interval": 3}}, 2)
+    resumed = losses({**base, "checkpoint": {"load": str(tmp_path), "load_step": 3}}, 2)
+    assert len(straight) == 6 and resumed == straight[3:]
+
+
 RESHARD_SOURCES = {
     "tp2_dp2": (4, {"parallel": {"tp": 2}}),
     "tp2_pp2_dp2": (8, {"parallel": {"tp": 2, "pp": 2}}),

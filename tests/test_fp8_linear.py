@@ -129,3 +129,36 @@ def test_amax_history_updates_one_tensor_in_place():
     values = [history.observe("x", torch.full((4,), v)) for v in (5.0, 1.0, 1.0, 1.0)]
     assert history.history["x"] is buffer
     assert [float(v) for v in [first, *values]] == [2.0, 5.0, 5.0, 5.0, 1.0]
+
+
+def test_saved_amax_histories_go_back_into_their_linears():
+    """What a checkpoint stores (amax_histories) loads into the same-named linears of a fresh
+    model, into the live tensor where one exists; a wrong length or an unknown name is refused."""
+    from parallel.fp8_state import amax_histories, amax_history_length, load_amax_histories
+
+    class Layer(torch.nn.Linear):  # a linear that computes through its linear_fn, as the TP linears do
+        def forward(self, x):
+            return self.linear_fn(x, self.weight)
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(Layer(32, 32, bias=False), Layer(32, 32, bias=False))
+        for layer in net:
+            layer.linear_fn = fp8_linear_fn(FP8Recipe(amax_history=3))
+        return net
+
+    trained, fresh = model(), model()
+    for scale in (1.0, 4.0):
+        trained(torch.randn(16, 32) * scale).sum().backward()
+    saved = {name: past.clone() for name, past in amax_histories(trained).items()}
+    assert sorted(saved) == [f"{layer}.{key}" for layer in "01" for key in "gwx"] and amax_history_length(fresh) == 3
+    fresh(torch.randn(16, 32))  # a live x history in each layer, to be overwritten in place
+    live = amax_histories(fresh)["0.x"]
+    assert load_amax_histories(fresh, saved) == 6
+    assert amax_histories(fresh)["0.x"] is live
+    for name, past in amax_histories(fresh).items():
+        assert torch.equal(past, saved[name])
+    with pytest.raises(ValueError, match="holds 2 amaxes; this run keeps 3"):
+        load_amax_histories(fresh, {"0.x": torch.zeros(2)})
+    with pytest.raises(ValueError, match="name no FP8 linear"):
+        load_amax_histories(fresh, {"2.x": torch.zeros(3)})
