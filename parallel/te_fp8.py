@@ -9,12 +9,12 @@ recipe that matches `train.fp8_format`, `train.fp8_scaling` and `train.fp8_amax_
 - tensor scaling, history 1: `Float8CurrentScaling` (each tensor scaled by its own amax, as
   Trellis's own path does);
 - an amax history (`train.fp8_amax_history` above 1) or row scaling: no TE recipe here, so
-  `auto` keeps Trellis's path and `te` says why. TE's delayed scaling keeps every module's
-  history in one process-wide buffer that each exit from an outermost autocast rolls (and
-  all-reduces over the autocast's group, the whole world by default). It expects one autocast
-  around a micro-batch's forward; Trellis's layers enter it per linear, so each linear's exit
-  would roll every layer's history (an N-long history would hold about one step) and all-reduce
-  over the world per call, which pipeline stages, running different layers, would not match.
+  `auto` keeps Trellis's path and `te` says why. TE's delayed scaling updates its histories
+  when an outermost autocast exits, and all-reduces the amaxes first over the autocast's group
+  (the whole world when none is given). Entered per linear, as here, that is a world
+  all-reduce per linear call, which pipeline stages (each running its own layers) would not
+  match; a recomputed forward would update the histories again; and they would need a
+  checkpoint format of their own. Trellis's path keeps a history per tensor without any of it.
   Row scaling has no TE counterpart (TE's block scaling is another scheme).
 
 The TE module is kept out of the layer's submodules, so parameter names, checkpoints and the
@@ -97,8 +97,9 @@ def unusable_reason(recipe: fp8.FP8Recipe, device: torch.device, compile_layers:
     if recipe.rowwise:
         return "train.fp8_scaling row has no Transformer Engine recipe (use tensor, or train.fp8_backend trellis)"
     if recipe.amax_history > 1:
-        return ("train.fp8_amax_history above 1 would be Transformer Engine's delayed scaling, which needs one "
-                "autocast around each micro-batch's forward, not one per linear (use 1, or train.fp8_backend trellis)")
+        return ("train.fp8_amax_history above 1 would be Transformer Engine's delayed scaling, whose amax "
+                "all-reduce at each autocast exit does not fit Trellis's per-linear autocast (use 1, or "
+                "train.fp8_backend trellis)")
     if not hasattr(te_recipe, "Float8CurrentScaling"):
         return "this Transformer Engine has no current-scaling recipe (Float8CurrentScaling; TE 2.2 or later)"
     if compile_layers:
