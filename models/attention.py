@@ -7,12 +7,13 @@
   kernels); packed documents through a boolean block-diagonal causal mask.
 - `flex`: torch FlexAttention with a document block mask (CUDA; sparse, so packed sequences
   cost what their documents cost).
+- `te`: Transformer Engine's DotProductAttention (models/te_attention.py; on CUDA, bf16/fp16,
+  without dropout); packed documents through its `thd` layout.
 - `auto`: FlashAttention-2 when installed and able to run the call, else SDPA; packed documents
   on CUDA use flex then. FlashAttention-4 runs only when asked for by name: its kernels make a
   GPU-bound step 1-2% faster, but its host time per call makes a host-bound one far slower
   (docs/benchmarks.md, 2026-12-01, eighteenth).
-Transformer Engine's attention is not wired in: Trellis's own layers hold the projections, and
-the SDPA cuDNN backend gives the same fused kernel. q: [b, n, s, d]; k, v: [b, n_kv, s, d].
+q: [b, n, s, d]; k, v: [b, n_kv, s, d].
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from models import te_attention
 from models.flash_kernels import flash_import_error, flash_kernels
 
-BACKENDS = ("auto", "sdpa", "flash", "flex")
+BACKENDS = ("auto", "sdpa", "flash", "flex", "te")
 
 
 def choose_backend(requested: str, q, document_ids, dropout: float = 0.0) -> str:
@@ -36,6 +38,11 @@ def choose_backend(requested: str, q, document_ids, dropout: float = 0.0) -> str
         reason = kernels.unusable_reason(q, dropout)
         if reason is not None:
             raise RuntimeError(f"model.attention_backend is flash, but {reason}")
+        return requested
+    if requested == "te":
+        reason = te_attention.unusable_reason(q, dropout)
+        if reason is not None:
+            raise RuntimeError(f"model.attention_backend is te, but {reason}")
         return requested
     if requested != "auto":
         return requested
@@ -85,6 +92,11 @@ def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "
     gqa = k.shape[1] != q.shape[1]
     if chosen == "flash":
         return _flash(q, k, v, dropout, document_ids)
+    if chosen == "te":
+        if document_ids is None:
+            return te_attention.dense(q, k, v)
+        return te_attention.packed(q, k, v, *_LAST_MASK.get(("varlen", q.device), document_ids,
+                                                           lambda: _varlen_boundaries(document_ids)))
     if chosen == "flex" and document_ids is not None:
         block_mask = _LAST_MASK.get(("flex", q.device), document_ids,
                                     lambda: _document_block_mask(document_ids, q.device))

@@ -68,7 +68,7 @@ def _load_torchs_cudnn() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _import_te() -> tuple:
+def import_te() -> tuple:
     """((transformer_engine.pytorch, transformer_engine.common.recipe) or None, why not)."""
     if "transformer_engine" not in sys.modules and importlib.util.find_spec("transformer_engine") is None:
         return None, "not installed"  # (and torch's cuDNN is left to load as it would)
@@ -84,7 +84,7 @@ def _import_te() -> tuple:
 def unusable_reason(recipe: fp8.FP8Recipe, device: torch.device, compile_layers: bool = False,
                     cuda_graphs: bool = False) -> Optional[str]:
     """Why Transformer Engine cannot run this run's FP8 linears, or None when it can."""
-    modules, error = _import_te()
+    modules, error = import_te()
     if modules is None:
         return f"transformer_engine cannot be imported ({error})"
     te, te_recipe = modules
@@ -127,7 +127,7 @@ def te_recipe(recipe: fp8.FP8Recipe):
     the module's docstring for why not an amax history)."""
     if recipe.rowwise or recipe.amax_history > 1:
         raise ValueError(f"no Transformer Engine recipe for {recipe} in Trellis's per-linear autocast")
-    te_recipe_module = _import_te()[0][1]
+    te_recipe_module = import_te()[0][1]
     fmt = te_recipe_module.Format.E4M3 if recipe.grad_dtype == fp8.E4M3 else te_recipe_module.Format.HYBRID
     return te_recipe_module.Float8CurrentScaling(fp8_format=fmt)
 
@@ -155,7 +155,7 @@ def _into_main_grad(weight: torch.Tensor) -> bool:
 
 def te_linear_fn(recipe: fp8.FP8Recipe = fp8.FP8Recipe()):
     """A drop-in for F.linear(x, weight, bias) computing through Transformer Engine's FP8."""
-    te = _import_te()[0][0]
+    te = import_te()[0][0]
     autocast = _autocast(te, te_recipe(recipe))
     trellis_fp8 = fp8.fp8_linear_fn(recipe)
     state = {"module": None, "quantised": None}  # the te.Linear; what its FP8 weight copy is of

@@ -20,16 +20,16 @@ def fake_te_installed(monkeypatch):
     for name in [n for n in sys.modules if n.startswith("transformer_engine")]:
         monkeypatch.delitem(sys.modules, name)
     fake_te.install()
-    te_fp8._import_te.cache_clear()
+    te_fp8.import_te.cache_clear()
     fake_te._State.calls = []
     yield
     for name in [n for n in sys.modules if n.startswith("transformer_engine")]:
         del sys.modules[name]
-    te_fp8._import_te.cache_clear()
+    te_fp8.import_te.cache_clear()
 
 
 def test_without_transformer_engine_auto_keeps_trellis_and_te_says_why(monkeypatch):
-    monkeypatch.setattr(te_fp8, "_import_te", lambda: (None, "ModuleNotFoundError: No module named 'transformer_engine'"))
+    monkeypatch.setattr(te_fp8, "import_te", lambda: (None, "ModuleNotFoundError: No module named 'transformer_engine'"))
     recipe = fp8.FP8Recipe()
     assert te_fp8.resolve_backend("auto", recipe, CUDA) == "trellis"
     assert te_fp8.resolve_backend("trellis", recipe, CUDA) == "trellis"
