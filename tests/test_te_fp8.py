@@ -2,6 +2,7 @@
 gets, and how its linears are wired into Trellis's layers (the layer's own weight, gradients into
 main_grad once per micro-batch, weights quantised once per step), on a CPU stand-in of TE's
 calling conventions (tests/fake_transformer_engine.py). The real library: tests/gpu/test_te_fp8_gpu.py."""
+import os
 import sys
 
 import pytest
@@ -35,6 +36,22 @@ def test_without_transformer_engine_auto_keeps_trellis_and_te_says_why(monkeypat
     assert te_fp8.resolve_backend("trellis", recipe, CUDA) == "trellis"
     with pytest.raises(RuntimeError, match="train.fp8_backend is te, but transformer_engine cannot be imported"):
         te_fp8.resolve_backend("te", recipe, CUDA)
+
+
+def test_cudnn_home_is_set_only_while_te_imports(fake_te_installed, monkeypatch):
+    """Left set, CUDNN_HOME would change the build commands of Trellis's cached kernels (torch's
+    extension builder adds its paths), and every process importing TE would rebuild them."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    seen = {}
+    monkeypatch.setattr(te_fp8, "_load_torchs_cudnn", lambda: "/torch/lib/cudnn")
+    with te_fp8._cudnn_home("/torch/lib/cudnn"):
+        seen["during"] = os.environ.get("CUDNN_HOME")
+    assert seen["during"] == "/torch/lib/cudnn" and "CUDNN_HOME" not in os.environ
+    te_fp8.import_te.cache_clear()
+    assert te_fp8.import_te()[0] is not None and "CUDNN_HOME" not in os.environ
+    assert cpp_extension.CUDNN_HOME != "/torch/lib/cudnn"
 
 
 def test_auto_takes_te_only_where_it_can_run_the_run(fake_te_installed):
