@@ -50,14 +50,21 @@ def test_resume_is_bit_exact(layout, tmp_path):
     assert len(straight) == 6 and resumed == straight[3:]
 
 
-def test_fp8_amax_histories_resume_exactly(tmp_path):
+FP8_HISTORY_LAYOUTS = {"tp2": {"parallel": {"tp": 2}}, "pp2_vpp2": {"parallel": {"pp": 2, "vpp": 2}}}
+
+
+@pytest.mark.parametrize("layout", sorted(FP8_HISTORY_LAYOUTS))
+def test_fp8_amax_histories_resume_exactly(layout, tmp_path):
     """FP8 with an amax history: each scale comes from amaxes of earlier steps, so a resume is
-    exact only if every rank's histories come back with the checkpoint."""
-    base = {"parallel": {"tp": 2}, "model": {"preset": "tiny"},
+    exact only if every rank's histories (per model chunk) come back with the checkpoint. At
+    another layout they restart, and the run goes on."""
+    base = {**FP8_HISTORY_LAYOUTS[layout], "model": {"preset": "tiny"},
             "train": {"iters": 6, "precision": "fp8", "fp8_amax_history": 4}}
     straight = losses({**base, "checkpoint": {"save": str(tmp_path), "interval": 3}}, 2)
     resumed = losses({**base, "checkpoint": {"load": str(tmp_path), "load_step": 3}}, 2)
     assert len(straight) == 6 and resumed == straight[3:]
+    elsewhere = losses({**base, "parallel": {}, "checkpoint": {"load": str(tmp_path), "load_step": 3}}, 1)
+    assert len(elsewhere) == 3 and all(abs(a - b) < 0.05 * b for a, b in zip(elsewhere, straight[3:]))
 
 
 RESHARD_SOURCES = {
