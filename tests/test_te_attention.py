@@ -57,20 +57,22 @@ def test_te_backend_says_why_it_cannot_run(monkeypatch):
             attention.choose_backend("te", q, None, **kwargs)
 
 
-def _train(backend: str):
+def _train(backend: str, layout: dict):
     from tests import fake_transformer_engine as fake_te
     from tests.optimizer_harness import train_steps
 
     if backend == "te":
         fake_te.install()
         te_attention.unusable_reason = lambda q, dropout: None  # the stand-in runs on CPU
-    result = train_steps({"model": {"attention_backend": backend}, "train": {"iters": 2}})
+    result = train_steps({"model": {"attention_backend": backend}, "train": {"iters": 2}, **layout})
     result["te_calls"] = sum(module.calls for module in te_attention._modules.values())
     return result
 
 
-def test_training_through_te_attention_equals_sdpa():
-    te, sdpa = run_distributed(_train, 1, "te"), run_distributed(_train, 1, "sdpa")
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, {"parallel": {"tp": 2, "sp": True}})], ids=["serial", "tp2-sp"])
+def test_training_through_te_attention_equals_sdpa(world, layout):
+    """Under TP each rank's module gets its local heads (and local KV heads)."""
+    te, sdpa = run_distributed(_train, world, "te", layout), run_distributed(_train, world, "sdpa", layout)
     torch.testing.assert_close(te[0]["loss"], sdpa[0]["loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close(te[0]["grad_norm"], sdpa[0]["grad_norm"], rtol=1e-5, atol=0)
     assert te[0]["te_calls"] > 0 and sdpa[0]["te_calls"] == 0
