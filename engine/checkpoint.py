@@ -233,12 +233,14 @@ def amax_load_entries(trainer, meta: dict, shapes: dict) -> dict:
     if length <= 1:
         return {}
     saved = {key: shape for key, shape in shapes.items() if key.startswith(AMAX_KIND + ".")}
-    if meta["layout"] == layout_of(trainer.grid) and saved and all(shape == (length,) for shape in saved.values()):
+    saved_vpp = meta.get("config", {}).get("parallel", {}).get("vpp")
+    same_place = meta["layout"] == layout_of(trainer.grid) and saved_vpp == trainer.cfg.parallel.vpp  # chunk = place
+    if same_place and saved and all(shape == (length,) for shape in saved.values()):
         prefix = grid_prefix(AMAX_KIND, trainer.grid)
         return {key: (zeros, [zeros]) for key, shape in saved.items() if key.startswith(prefix)
                 for zeros in [torch.zeros(shape)]}
     if meta["step"] > 0:
-        why = (f"it was saved at layout {meta['layout']}" if meta["layout"] != layout_of(trainer.grid) else
+        why = (f"it was saved at layout {meta['layout']}, parallel.vpp {saved_vpp}" if not same_place else
                "it holds none of this length (another train.fp8_amax_history, or saved without histories)")
         announce(trainer, f"checkpoint: FP8 amax histories not restored ({why}); each restarts from its next amax, "
                           "so the first steps scale differently from the original run")

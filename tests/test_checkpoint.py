@@ -63,8 +63,9 @@ def test_fp8_amax_histories_resume_exactly(layout, tmp_path):
     straight = losses({**base, "checkpoint": {"save": str(tmp_path), "interval": 3}}, 2)
     resumed = losses({**base, "checkpoint": {"load": str(tmp_path), "load_step": 3}}, 2)
     assert len(straight) == 6 and resumed == straight[3:]
-    elsewhere = losses({**base, "parallel": {}, "checkpoint": {"load": str(tmp_path), "load_step": 3}}, 1)
-    assert len(elsewhere) == 3 and all(abs(a - b) < 0.05 * b for a, b in zip(elsewhere, straight[3:]))
+    for world, parallel in [(1, {}), (2, {"pp": 2, "vpp": 1})]:  # another layout; another chunking
+        elsewhere = losses({**base, "parallel": parallel, "checkpoint": {"load": str(tmp_path), "load_step": 3}}, world)
+        assert len(elsewhere) == 3 and all(abs(a - b) < 0.05 * b for a, b in zip(elsewhere, straight[3:]))
 
 
 RESHARD_SOURCES = {
