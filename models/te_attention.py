@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from parallel.te_fp8 import import_te
+from parallel.te_import import import_te
 
 _modules: dict = {}
 

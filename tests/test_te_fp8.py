@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from parallel import fp8, te_fp8
+from parallel import fp8, te_fp8, te_import
 from parallel.main_grad_linear import take_filled_flag
 from tests import fake_transformer_engine as fake_te
 from tests.distributed import run_distributed
@@ -45,8 +45,8 @@ def test_cudnn_home_is_set_only_while_te_imports(fake_te_installed, monkeypatch)
 
     monkeypatch.delenv("CUDNN_HOME", raising=False)
     seen = {}
-    monkeypatch.setattr(te_fp8, "_load_torchs_cudnn", lambda: "/torch/lib/cudnn")
-    with te_fp8._cudnn_home("/torch/lib/cudnn"):
+    monkeypatch.setattr(te_import, "_load_torchs_cudnn", lambda: "/torch/lib/cudnn")
+    with te_import._cudnn_home("/torch/lib/cudnn"):
         seen["during"] = os.environ.get("CUDNN_HOME")
     assert seen["during"] == "/torch/lib/cudnn" and "CUDNN_HOME" not in os.environ
     te_fp8.import_te.cache_clear()
