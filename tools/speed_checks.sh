@@ -7,7 +7,7 @@
 # Steps: tests (tests/gpu but the CUDA-graph tests), graph_tests (those: about 70 s a case),
 # base (llama-1.3b, global batch 32, with the plain-PyTorch and Hugging Face baselines),
 # graphs (the same with model.cuda_graphs), flash (the same with the flash-attn package's
-# kernels, where one is installed), fp8 (an 8-layer llama3-8b cut in bf16 and in each
+# kernels, where one is installed, and with Transformer Engine's attention, where TE is), fp8 (an 8-layer llama3-8b cut in bf16 and in each
 # FP8 recipe of Trellis's own linears, and in Transformer Engine's where it can run; a 16-layer
 # cut in bf16 and the default recipe), tp2 (TP=2 eager and with graphs;
 # needs 2 GPUs). Steps run one after another, so timings do not share a GPU. Each has a time
@@ -53,6 +53,12 @@ if wanted flash; then
     run flash "${ONE[@]}" "${BASE[@]}" --model.attention_backend flash --out "$OUT/flash.json"
   else
     echo "flash: skipped (no flash-attn package can be imported)"
+  fi
+  if python3 -c "import torch; from models import te_attention
+raise SystemExit(te_attention.unusable_reason(torch.empty(1, 1, 1, 64, device='cuda', dtype=torch.bfloat16), 0.0) is not None)"; then
+    run te_attention "${ONE[@]}" "${BASE[@]}" --model.attention_backend te --out "$OUT/te_attention.json"
+  else
+    echo "te_attention: skipped (Transformer Engine cannot be imported)"
   fi
 fi
 if wanted fp8; then
