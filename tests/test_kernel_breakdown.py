@@ -74,4 +74,5 @@ def test_benchmark_profile_writes_the_breakdown_and_the_table(tmp_path):
     assert text.startswith("No GPU kernels were recorded")
     assert "Self CPU" in text  # torch.profiler's own table follows
     assert report["kernels"]["attention_backend"] == "auto" and "flash_attn" in report["kernels"]
+    assert "transformer_engine" in report["kernels"]
     assert report["rows"][0]["name"] == "trellis"

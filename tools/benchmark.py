@@ -259,12 +259,21 @@ def main(argv=None):
 
 def kernel_libraries(cfg) -> dict:
     """The libraries beside the tree that Trellis's row depends on: which attention kernels
-    `model.attention_backend` could take, and cuDNN's version (SDPA's kernels on Hopper)."""
+    `model.attention_backend` could take, cuDNN's version (SDPA's kernels on Hopper) and
+    Transformer Engine's (its FP8 linears and attention), read from the installed package's
+    metadata so that a run which does not use TE does not import it."""
+    from importlib import metadata
+
     from models.flash_kernels import flash_kernels
 
     flash = flash_kernels()
+    try:
+        te_version = metadata.version("transformer_engine")
+    except metadata.PackageNotFoundError:
+        te_version = None
     return {"attention_backend": cfg.model.attention_backend, "flash_attn": flash.name if flash else None,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "transformer_engine": te_version}
 
 
 if __name__ == "__main__":
