@@ -5,11 +5,11 @@ document attended alone. Skipped where transformer_engine does not import.
 Run on a CUDA machine: `python3 -m pytest tests/gpu/test_te_attention_gpu.py -q`."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import te_attention
 from models.attention import attend
-from tests.gpu.test_flash_attention_gpu import relative_errors, sbnd_inputs
+from tests.gpu.test_flash_attention_gpu import ATTENTION_SHAPES, assert_as_close_as_cudnn, sbnd_inputs
+from tests.test_attention_backends import per_document
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available()
@@ -17,16 +17,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and transformer_engine")
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 1024, 128), (1, 16, 4, 2048, 128), (2, 4, 4, 640, 64)],
-                         ids=["mha", "gqa", "d64-ragged"])
+@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES.values()), ids=list(ATTENTION_SHAPES))
 def test_te_matches_fp32_and_keeps_the_layout(shape):
     q, k, v = sbnd_inputs(*shape)
-    dout = torch.randn_like(q)
-    te = relative_errors(q, k, v, dout, "te")
-    sdpa = relative_errors(q, k, v, dout, "sdpa")
-    for name, got, cudnn in zip(("out", "dq", "dk", "dv"), te, sdpa):
-        assert got < 1e-2, (name, got)
-        assert got < 1.5 * cudnn + 1e-3, (name, got, cudnn)
+    assert_as_close_as_cudnn(q, k, v, torch.randn_like(q), "te")
     out = attend(q, k, v, backend="te")
     assert out.permute(2, 0, 1, 3).is_contiguous(), "the output lost the [s, b, n, d] layout"
 
@@ -42,14 +36,7 @@ def test_te_packed_documents_match_each_document_alone(gqa):
     out = attend(q, k, v, document_ids=document_ids, backend="te")
     out.backward(dout)
     ref_inputs = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
-    ref = torch.empty_like(ref_inputs[0])
-    for row in range(b):
-        start = 0
-        for length in lengths[row]:
-            span = slice(start, start + length)
-            ref[row, :, span] = F.scaled_dot_product_attention(*(t[row:row + 1, :, span] for t in ref_inputs),
-                                                               is_causal=True, enable_gqa=gqa)[0]
-            start += length
+    ref = per_document(*ref_inputs, document_ids)
     ref.backward(dout.float())
     for name, got, want in [("out", out, ref)] + [(n, t.grad, r.grad) for n, t, r in zip(("dq", "dk", "dv"), (q, k, v), ref_inputs)]:
         error = ((got.float() - want).norm() / want.norm()).item()
