@@ -26,9 +26,6 @@ import torch.nn.functional as F
 from models import te_attention
 from models.flash_kernels import flash_import_error, flash_kernels
 
-BACKENDS = ("auto", "sdpa", "flash", "flex", "te")
-
-
 def choose_backend(requested: str, q, document_ids, dropout: float = 0.0) -> str:
     if requested == "flash":
         kernels = flash_kernels()
@@ -95,8 +92,7 @@ def attend(q, k, v, *, dropout: float = 0.0, document_ids=None, backend: str = "
     if chosen == "te":
         if document_ids is None:
             return te_attention.dense(q, k, v)
-        return te_attention.packed(q, k, v, *_LAST_MASK.get(("varlen", q.device), document_ids,
-                                                           lambda: _varlen_boundaries(document_ids)))
+        return te_attention.packed(q, k, v, *_varlen_boundaries_of_forward(document_ids, q.device))
     if chosen == "flex" and document_ids is not None:
         block_mask = _LAST_MASK.get(("flex", q.device), document_ids,
                                     lambda: _document_block_mask(document_ids, q.device))
@@ -114,10 +110,15 @@ def _flash(q, k, v, dropout, document_ids):
     if document_ids is None:
         return kernels.dense(q, k, v, dropout).transpose(1, 2)
     b, s = document_ids.shape
-    cu, max_len = _LAST_MASK.get(("varlen", q.device), document_ids, lambda: _varlen_boundaries(document_ids))
+    cu, max_len = _varlen_boundaries_of_forward(document_ids, q.device)
     out = kernels.varlen(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
                          v.reshape(b * s, *v.shape[2:]), cu, max_len, dropout)
     return out.reshape(b, s, *out.shape[1:]).transpose(1, 2)
+
+
+def _varlen_boundaries_of_forward(document_ids, device):
+    """_varlen_boundaries, built once for all the layers of a forward (flash's and TE's)."""
+    return _LAST_MASK.get(("varlen", device), document_ids, lambda: _varlen_boundaries(document_ids))
 
 
 def _varlen_boundaries(document_ids):

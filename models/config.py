@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex", "te")  # model.attention_backend (models/attention.py)
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -34,7 +36,7 @@ class ModelConfig:
     fused_cross_entropy: bool = True  # chunked output layer + loss, never the full logits
     compile: bool = False  # torch.compile each transformer layer (names and checkpoints unchanged)
     cuda_graphs: bool = False  # replay the layers' forward and backward as CUDA graphs (models/layer_graphs.py)
-    attention_backend: str = "auto"  # auto | sdpa | flash | flex | te (models/attention.py)
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS (models/attention.py)
 
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -128,7 +130,7 @@ def validate_model(cfg: ModelConfig, tp: int) -> None:
         (cfg.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {cfg.norm!r}"),
         (cfg.activation in ("gelu", "swiglu"), "model.activation", f"must be gelu or swiglu, got {cfg.activation!r}"),
         (cfg.position_embedding in ("learned", "rope"), "model.position_embedding", f"must be learned or rope, got {cfg.position_embedding!r}"),
-        (cfg.attention_backend in ("auto", "sdpa", "flash", "flex", "te"), "model.attention_backend", f"must be auto, sdpa, flash, flex or te; got {cfg.attention_backend!r}"),
+        (cfg.attention_backend in ATTENTION_BACKENDS, "model.attention_backend", f"must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}; got {cfg.attention_backend!r}"),
         (cfg.recompute in ("none", "full"), "model.recompute", f"must be none or full, got {cfg.recompute!r}"),
         (cfg.seq_length <= cfg.max_position_embeddings, "model.seq_length", f"{cfg.seq_length} exceeds model.max_position_embeddings={cfg.max_position_embeddings}"),
     ]
