@@ -210,6 +210,12 @@ def rng_prefix(grid) -> str:
     return grid_prefix("rng", grid)
 
 
+def stored_zeros(shapes: dict, prefix: str, dtype=None) -> dict:
+    """Entries to read a checkpoint's tensors under `prefix` into: zeros of their stored shapes."""
+    return {key: (zeros, [zeros]) for key, shape in shapes.items() if key.startswith(prefix)
+            for zeros in [torch.zeros(shape, dtype=dtype)]}
+
+
 def rng_entries(trainer) -> dict:
     """This rank's generator states under a key of its own grid coordinates."""
     states = {"cpu": torch.get_rng_state(), **trainer.rng.get_states()}
@@ -236,9 +242,7 @@ def amax_load_entries(trainer, meta: dict, shapes: dict) -> dict:
     saved_vpp = meta.get("config", {}).get("parallel", {}).get("vpp")
     same_place = meta["layout"] == layout_of(trainer.grid) and saved_vpp == trainer.cfg.parallel.vpp  # chunk = place
     if same_place and saved and all(shape == (length,) for shape in saved.values()):
-        prefix = grid_prefix(AMAX_KIND, trainer.grid)
-        return {key: (zeros, [zeros]) for key, shape in saved.items() if key.startswith(prefix)
-                for zeros in [torch.zeros(shape)]}
+        return stored_zeros(saved, grid_prefix(AMAX_KIND, trainer.grid))
     if meta["step"] > 0:
         why = (f"it was saved at layout {meta['layout']}, parallel.vpp {saved_vpp}" if not same_place else
                "it holds none of this length (another train.fp8_amax_history, or saved without histories)")
@@ -307,11 +311,9 @@ def rank_local_entries(trainer, shapes: dict | None = None) -> dict:
     """Entries of this rank's rank-local optimizer state: the live tensors to save, or (given
     the checkpoint's `shapes`) zeros for the ones the checkpoint holds, to load."""
     prefix = rank_local_prefix(trainer.grid)
-    if shapes is None:
-        tensors = {prefix + key: value for key, value in trainer.optimizer.rank_local_state().items()}
-    else:
-        tensors = {key: torch.zeros(shape) for key, shape in shapes.items() if key.startswith(prefix)}
-    return {key: (tensor, [tensor]) for key, tensor in tensors.items()}
+    if shapes is not None:
+        return stored_zeros(shapes, prefix)
+    return {prefix + key: (tensor, [tensor]) for key, tensor in trainer.optimizer.rank_local_state().items()}
 
 
 def restore_rank_local(trainer, entries: dict) -> None:
@@ -394,9 +396,9 @@ def restore_rng(trainer, meta: dict, shapes: dict) -> None:
     grid = trainer.grid
     if "rng" in meta["contents"] and meta["layout"] == layout_of(grid):
         prefix = rng_prefix(grid)
-        states = {key[len(prefix):]: torch.zeros(shape, dtype=torch.uint8)
-                  for key, shape in shapes.items() if key.startswith(prefix)}
-        read_entries(meta["_dir"], {prefix + name: (state, [state]) for name, state in states.items()})
+        entries = stored_zeros(shapes, prefix, torch.uint8)
+        read_entries(meta["_dir"], entries)
+        states = {key[len(prefix):]: state for key, (state, _) in entries.items()}
         trainer.rng.set_states({"default": states["default"], "tp": states.get("tp")})
         torch.set_rng_state(states["cpu"])
         return
