@@ -5,7 +5,7 @@
 #include "trellis_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast, embedding-gradient, AdamW and NF4-dequantise CUDA kernels";
+  m.doc() = "Trellis fused RMSNorm / LayerNorm, scale-mask-softmax, SwiGLU, QKV-RoPE, FP8 cast, embedding-gradient, AdamW, NF4-dequantise and decode-attention CUDA kernels";
   m.def("norm_forward", &trellis::norm_forward, "RMSNorm/LayerNorm forward -> [y, mean, rstd]",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
   m.def("norm_backward", &trellis::norm_backward, "RMSNorm/LayerNorm backward -> [dx, dweight, dbias]",
@@ -35,6 +35,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_dequantize", &trellis::nf4_dequantize, "NF4 codes and block scales -> out (in place)", py::arg("out"),
         py::arg("packed"), py::arg("code_values"), py::arg("absmax"), py::arg("absmax_codes"), py::arg("absmax_step"),
         py::arg("absmax_mean"));
+  m.def("decode_attention", &trellis::decode_attention,
+        "one new token per row attended over a KV cache up to a device-held position (writes its k, v there)",
+        py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("keys"), py::arg("values"), py::arg("visible"),
+        py::arg("position"), py::arg("splits") = 0);
   m.attr("max_norm_hidden") = trellis::max_norm_hidden();
   m.attr("max_softmax_keys") = trellis::max_softmax_keys();
 }

@@ -36,7 +36,8 @@ CACHE_ENV = "TRELLIS_KERNEL_CACHE"
 EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
 _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.cu", "qkv_rope.cu", "fp8_cast.cu",
-                   "embedding_backward.cu", "adamw.cu", "nf4_dequantize.cu", "bindings.cu")
+                   "embedding_backward.cu", "adamw.cu", "nf4_dequantize.cu", "decode_attention.cu",
+                   "bindings.cu")
 _KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
 _GEMM_SOURCES = ("fp8_gemm.cu", "residual_gemm.cu", "gemm_bindings.cu")
@@ -379,6 +380,32 @@ def nf4_dequantize(out, packed, code_values, absmax=None, absmax_codes=None, abs
     `absmax`, or double-quantised absmax_codes/absmax_step/absmax_mean); caller checked
     nf4_dequantize_supported. Bit-identical to nf4.dequantize_torch."""
     kernels().nf4_dequantize(out, packed, code_values, absmax, absmax_codes, absmax_step, absmax_mean)
+
+
+DECODE_HEAD_DIMS = (64, 128, 256)
+DECODE_GROUPS = (1, 2, 4, 8)  # query heads per kv head
+
+
+def decode_attention_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether csrc/decode_attention.cu takes a decode step's q [b, n, 1, d] over a cache's keys
+    [b, n_kv, max_length, d]: bf16 or fp16, d and n / n_kv among the kernel's instances, rows
+    16-byte aligned, with the kernels built."""
+    b, n, s, d = q.shape
+    return (s == 1 and _eager_cuda_kernels(q) and q.dtype in (torch.bfloat16, torch.float16)
+            and keys.dtype == q.dtype and keys.is_contiguous() and d in DECODE_HEAD_DIMS
+            and n % keys.shape[1] == 0 and n // keys.shape[1] in DECODE_GROUPS
+            and q.stride(-1) == 1 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0 and q.data_ptr() % 16 == 0)
+
+
+def decode_attention(q, k, v, keys, values, visible, position) -> torch.Tensor:
+    """[b, n, 1, d] attention of q [b, n, 1, d] over keys/values [b, n_kv, max_length, d] after
+    writing k, v [b, n_kv, 1, d] at slot `position` (a one-element int64 device tensor), over the
+    slots 0..position that `visible` [b, max_length] allows, reading no slot past it (caller
+    checked decode_attention_supported). models/kv_cache.static_decode_attention is the reference."""
+    k, v = (t[:, :, 0] for t in (k, v))
+    if k.stride() != v.stride() or k.stride(0) % 8 or k.stride(1) % 8 or k.data_ptr() % 16 or v.data_ptr() % 16:
+        k, v = k.contiguous(), v.contiguous()
+    return kernels().decode_attention(q[:, :, 0], k, v, keys, values, visible, position).unsqueeze(2)
 
 
 def split_qkv_rope_supported(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int) -> bool:

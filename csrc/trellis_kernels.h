@@ -69,6 +69,16 @@ void nf4_dequantize(at::Tensor& out, const at::Tensor& packed, const at::Tensor&
 void embedding_grad_accumulate(const at::Tensor& table, const at::Tensor& sorted_ids, const at::Tensor& order,
                                const at::Tensor& grad);
 
+// Attention of one new token per row over a KV cache (a graphed decode step): writes k_new and
+// v_new ([b, n_kv, d]) into keys/values ([b, n_kv, max_len, d], contiguous) at slot `position`
+// (one int64 on the device) and returns softmax(q k^T / sqrt(d)) v for q [b, n, d] (n a multiple
+// of n_kv: 1, 2, 4 or 8 heads a kv head), over the slots 0..position where `visible` [b, max_len]
+// is true; the slots past position are never read. bf16 or fp16, d 64, 128 or 256. `splits` > 0
+// sets the chunks per row and kv head (tests and tuning); 0 picks them from the GPU's size.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const at::Tensor& keys, const at::Tensor& values, const at::Tensor& visible,
+                            const at::Tensor& position, int64_t splits);
+
 // One AdamW step (torch.optim.AdamW's math, decoupled weight decay) over flat float32 tensors
 // of one length, in place: master, exp_avg and exp_avg_sq are updated from grad x grad_scale
 // (grad_scale: optional one-element float32 on the device, read there, so no host sync), and

@@ -12,14 +12,17 @@ themselves (never to nothing, which would make a softmax of NaNs).
 Static decode (`static_decode=True`): a one-token forward touches no shape or index that
 changes from step to step, so it can be captured once as a CUDA graph and replayed
 (engine/decode_graph.py). Its key and value are written at the position held in the device
-tensor `decode_position`, and it attends over all `max_length` positions with the mask
-`decode_mask` [b, 1, 1, max_length] (False past the fill mark), both rewritten in place by
-`begin`. Forwards of several positions (the prompt) take the sliced path either way.
+tensor `decode_position`, and it attends under the mask `decode_mask` [b, 1, 1, max_length]
+(False past the fill mark), both rewritten in place by `begin`. On a GPU one kernel writes
+the slot and reads only the slots up to the fill mark (csrc/decode_attention.cu); the torch
+form attends over all `max_length` slots. Forwards of several positions (the prompt) take the sliced path either way.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from csrc import loader
 
 
 class LayerCache:
@@ -33,15 +36,32 @@ class LayerCache:
         cache = self.cache
         keys, values = cache.storage(self.layer_id, k)
         if cache.decoding_static:
-            keys.index_copy_(2, cache.decode_position, k)
-            values.index_copy_(2, cache.decode_position, v)
-        else:
-            start, end = cache.length, cache.length + k.shape[2]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            keys, values = keys[:, :, :end], values[:, :, :end]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask,
+            visible = cache.decode_mask.view(q.shape[0], cache.max_length)
+            return static_decode_attention(q, k, v, keys, values, visible, cache.decode_position)
+        start, end = cache.length, cache.length + k.shape[2]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=cache.mask,
                                               enable_gqa=q.shape[1] != k.shape[1])
+
+
+def static_decode_attention(q, k, v, keys, values, visible, position):
+    """A static-decode step: k, v [b, n_kv, 1, d] written at slot `position` (a one-element device
+    tensor) of keys/values [b, n_kv, max_length, d], and q [b, n, 1, d] attended over the slots
+    `visible` [b, max_length] allows (none past position). On a GPU, csrc/decode_attention.cu in
+    one launch that reads only the slots up to position; elsewhere the torch reference, which
+    reads all max_length of them (a fixed shape, so it too can be captured)."""
+    if loader.decode_attention_supported(q, keys):
+        return loader.decode_attention(q, k, v, keys, values, visible, position)
+    return static_decode_attention_reference(q, k, v, keys, values, visible, position)
+
+
+def static_decode_attention_reference(q, k, v, keys, values, visible, position):
+    """static_decode_attention in torch ops (any device and dtype)."""
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :],
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class KVCache:

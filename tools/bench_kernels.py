@@ -5,7 +5,8 @@
 Steps: build the extension (timed); with --check, run tests/gpu/test_kernels.py,
 test_elementwise_kernels.py and test_fp8_recipes_gpu.py in this process; measure the device
 copy bandwidth; time fused vs eager torch vs torch.compile of the same op (forward, and
-forward+backward) on large shapes: norms, softmax, FP8 cast, SwiGLU, QKV split + RoPE; sweep the norm backward's
+forward+backward) on large shapes: norms, softmax, FP8 cast, SwiGLU, QKV split + RoPE, and decode
+attention against its torch reference (forward only, no compile); sweep the norm backward's
 partial-sum grid; time the FP8 weight-gradient GEMM into fp32 against torch's product and
 add; list kernels whose registers spilled. Prints markdown tables and writes
 everything to the JSON file given by --out.
@@ -213,6 +214,33 @@ def qkv_rope_case(seq: int, batch: int, heads: int, kv_heads: int, head_dim: int
     }
 
 
+def decode_attention_case(batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int, filled: int,
+                          dtype: torch.dtype) -> dict:
+    """One graphed decode step's attention over a KV cache of max_len slots, `filled` of them in
+    use (the new token's slot the last): the kernel, which reads the filled slots only, against
+    its torch reference (index_copy_ and SDPA under the mask over all max_len slots, what a
+    captured step ran before). Bytes: the filled slots' keys and values, q and the output."""
+    from models.kv_cache import static_decode_attention_reference
+
+    def qkv_view(n):  # [b, n, 1, d] views of [1, b, n, d] storage, as the layers hand them over
+        return torch.randn(1, batch, n, head_dim, device="cuda", dtype=dtype).permute(1, 2, 0, 3)
+
+    q, k, v = qkv_view(heads), qkv_view(kv_heads), qkv_view(kv_heads)
+    keys, values = (torch.randn(batch, kv_heads, max_len, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    visible = torch.arange(max_len, device="cuda").expand(batch, max_len) < filled
+    position = torch.tensor([filled - 1], device="cuda")
+    moved = (2 * batch * kv_heads * filled + 2 * batch * heads) * head_dim * q.element_size()
+    return {
+        "name": f"decode attention b{batch} {heads}/{kv_heads} heads d{head_dim}, {filled} of {max_len} slots "
+                f"{str(dtype)[6:]}",
+        "inputs": (q, k, v), "grad_out": None, "modes": ("fwd",), "compile": False,
+        "fused": lambda *t: loader.decode_attention(*t, keys, values, visible, position),
+        "eager": lambda *t: static_decode_attention_reference(*t, keys, values, visible, position),
+        "bytes": {"fwd": moved},
+        "fused_supported": loader.decode_attention_supported(q, keys),
+    }
+
+
 # The weight-gradient GEMMs of a llama3-8b layer at 4096 tokens: (name, out features, in features).
 WEIGHT_GRAD_SHAPES = (("qkv", 6144, 4096), ("attention out", 4096, 4096), ("gate+up", 28672, 4096),
                       ("down", 4096, 14336))
@@ -251,7 +279,8 @@ def run_case(case: dict, warmup: int, reps: int, with_compile: bool, copy_tbps: 
     rows = []
     variants = {"fused": case["fused"], "eager": case["eager"]}
     for mode in case.get("modes", ("fwd", "fwd+bwd")):
-        for variant, op in list(variants.items()) + ([("compile", None)] if with_compile else []):
+        compiled = [("compile", None)] if with_compile and case.get("compile", True) else []
+        for variant, op in list(variants.items()) + compiled:
             if variant == "compile":
                 torch._dynamo.reset()  # a fresh, static-shape graph per case and mode
                 op = torch.compile(case["eager"], dynamic=False)
@@ -433,7 +462,8 @@ def main(argv=None) -> int:
              lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "causal"),
              lambda: fp8_cast_case(4096, 14336, torch.bfloat16),
              lambda: swiglu_case(8192, 5632, torch.bfloat16),  # llama-1.3b, micro-batch 4 x 2048
-             lambda: qkv_rope_case(2048, 4, 16, 16, 128, torch.bfloat16)]
+             lambda: qkv_rope_case(2048, 4, 16, 16, 128, torch.bfloat16),
+             lambda: decode_attention_case(64, 16, 16, 128, 1024, 512, torch.bfloat16)]  # llama-1.3b rollout
     if not args.quick:
         cases += [lambda: norm_case("rms", 8192, 8192, torch.bfloat16),
                   lambda: norm_case("layer", 8192, 8192, torch.bfloat16),
@@ -441,7 +471,11 @@ def main(argv=None) -> int:
                   lambda: softmax_case((4, 16, 2048, 2048), torch.bfloat16, "padding"),
                   lambda: fp8_cast_case(14336, 4096, torch.bfloat16), lambda: fp8_cast_case(4096, 4096, torch.float32),
                   lambda: swiglu_case(4096, 14336, torch.bfloat16),  # llama3-8b, 4096 tokens
-                  lambda: qkv_rope_case(4096, 1, 32, 8, 128, torch.bfloat16)]
+                  lambda: qkv_rope_case(4096, 1, 32, 8, 128, torch.bfloat16),
+                  lambda: decode_attention_case(64, 16, 16, 128, 1024, 1024, torch.bfloat16),
+                  lambda: decode_attention_case(16, 32, 8, 128, 4096, 4096, torch.bfloat16),  # llama3-8b
+                  lambda: decode_attention_case(1, 32, 8, 128, 4096, 2048, torch.bfloat16),
+                  lambda: decode_attention_case(16, 64, 8, 128, 2048, 2048, torch.bfloat16)]  # llama3-70b's group
     report["results"] = []
     wanted = [part for part in args.only.split(",") if part]
     for make_case in cases:

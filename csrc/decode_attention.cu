@@ -1,0 +1,286 @@
+// Attention of one new token per row over a KV cache, for graphed decode steps.
+//
+// Why: a decode step replayed from a CUDA graph (engine/decode_graph.py) must keep every
+// shape, so with SDPA it attended over the cache's whole max_length under a mask, reading
+// every key and value slot, filled or not. Here the fill mark is read on the device
+// (`position`, the new token's slot), so a step reads only the slots up to it; and the new
+// token's key and value go into the cache in the same launch (they took two index_copy_).
+//
+// Split-KV ("flash-decoding"): block (split, kv head, row) attends the query heads that share
+// one kv head over one chunk of the cache and keeps, per query head, the chunk's running max,
+// sum of exponentials and unnormalised output in fp32. One split per row and head writes the
+// output directly; with more, a second kernel merges the chunks. Chunks wholly past the fill
+// mark return at once, so the grid is fixed by max_length and the launch is capturable.
+//
+// Inside a block, kLanes = D / 8 threads own one (key, query head) pair, a 16-byte vector of
+// the key each, so a thread does the same work whatever the group size: the G query heads of a
+// kv head read the same key vectors, the group's other heads from L1 (within a warp, from the
+// same load). A first version kept all G heads in each thread (G dot products and G reductions a
+// key): at llama3-8b's 4 heads a kv head it ran at 55% of the copy rate, against 74% for SDPA
+// (docs/benchmarks.md). Each thread takes kDecodeUnroll keys before it folds them into its
+// running softmax (one rescale per kDecodeUnroll keys); the key groups are merged through
+// shared memory at the end. Scores are in the log2 domain (q pre-scaled by log2(e) / sqrt(D)),
+// so each exponential is one exp2f.
+#include <algorithm>
+#include <cmath>
+
+#include "kernel_host.h"
+#include "trellis_kernels.h"
+
+namespace trellis {
+
+constexpr int kDecodeUnroll = 2;
+
+// Threads a block: 128, or two keys' worth of (key, head) groups where that is more.
+template <int D, int G>
+__host__ __device__ constexpr int decode_threads() { return (D / 8) * G * 2 > 128 ? (D / 8) * G * 2 : 128; }
+
+struct DecodeArgs {
+  const void* q;  // [b, n, D], D contiguous; b and n strided
+  int64_t q_stride_b, q_stride_h;
+  const void* k_new;  // [b, n_kv, D], strided like q
+  const void* v_new;
+  int64_t new_stride_b, new_stride_h;
+  void* keys;  // [b, n_kv, max_len, D] contiguous
+  void* values;
+  const bool* visible;  // [b, max_len]: key slot j may be attended to (checked up to position)
+  int64_t visible_stride_b;
+  const int64_t* position;  // the new token's slot; keys 0..position are read
+  void* out;                // [b, n, D] contiguous, in the input dtype
+  float* partial_out;       // [b, n, splits, D] (splits > 1 only)
+  float2* partial_stats;    // [b, n, splits]: (max, sum of exponentials) in the log2 domain
+  int max_len, chunk;
+  float scale_log2;
+};
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(decode_threads<D, G>()) decode_attention_chunk_kernel(DecodeArgs args) {
+  constexpr int kThreads = decode_threads<D, G>();
+  constexpr int kLanes = D / 8;
+  constexpr int kKeyGroups = kThreads / (kLanes * G);  // keys a block reads at a time
+  const int split = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
+  const int kv_heads = gridDim.y, splits = gridDim.x;
+  const int position = static_cast<int>(*args.position);
+  const int start = split * args.chunk;
+  if (start > position) return;
+  const int end = min(start + args.chunk, position + 1);
+  const int lane = threadIdx.x % kLanes, head = (threadIdx.x / kLanes) % G, group = threadIdx.x / (kLanes * G);
+
+  const int64_t cache_offset = (static_cast<int64_t>(row) * kv_heads + kv_head) * args.max_len * D;
+  T* keys = static_cast<T*>(args.keys) + cache_offset;
+  T* values = static_cast<T*>(args.values) + cache_offset;
+  if (position < start + args.chunk) {  // this chunk holds the new slot: write it first
+    if (threadIdx.x < kLanes) {
+      const int64_t from = row * args.new_stride_b + kv_head * args.new_stride_h + lane * 8;
+      *reinterpret_cast<uint4*>(keys + static_cast<int64_t>(position) * D + lane * 8) =
+          *reinterpret_cast<const uint4*>(static_cast<const T*>(args.k_new) + from);
+      *reinterpret_cast<uint4*>(values + static_cast<int64_t>(position) * D + lane * 8) =
+          *reinterpret_cast<const uint4*>(static_cast<const T*>(args.v_new) + from);
+    }
+    __syncthreads();  // the block's own global writes are visible to it after the barrier
+  }
+
+  float q[8];
+  {
+    Pack<T, 8> packed;
+    packed.load(static_cast<const T*>(args.q) + row * args.q_stride_b + (kv_head * G + head) * args.q_stride_h +
+                lane * 8);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = packed.get(i) * args.scale_log2;
+  }
+  float running_max = -INFINITY, running_sum = 0.f, acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  const bool* visible = args.visible + row * args.visible_stride_b;
+
+  // Every thread runs the same number of iterations (keys past `end` count as hidden), so the
+  // shuffles below always have their whole warp.
+  for (int base = start; base < end; base += kKeyGroups * kDecodeUnroll) {
+    Pack<T, 8> k_vec[kDecodeUnroll], v_vec[kDecodeUnroll];
+    bool live[kDecodeUnroll];
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const int key = base + u * kKeyGroups + group;
+      live[u] = key < end && visible[key];
+      if (live[u]) {
+        k_vec[u].load(keys + static_cast<int64_t>(key) * D + lane * 8);
+        v_vec[u].load(values + static_cast<int64_t>(key) * D + lane * 8);
+      } else {
+        k_vec[u].zero();
+        v_vec[u].zero();
+      }
+    }
+    float score[kDecodeUnroll];
+    float tile_max = running_max;
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot = fmaf(q[i], k_vec[u].get(i), dot);
+#pragma unroll
+      for (int offset = kLanes / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+      score[u] = live[u] ? dot : -INFINITY;
+      tile_max = fmaxf(tile_max, score[u]);
+    }
+    // While everything seen is hidden the max stays -inf; subtracting 0 then keeps exp2f at 0.
+    const float shift = tile_max == -INFINITY ? 0.f : tile_max;
+    const float rescale = exp2f(running_max - shift);
+    running_max = tile_max;
+    running_sum *= rescale;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= rescale;
+#pragma unroll
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const float p = exp2f(score[u] - shift);
+      running_sum += p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(p, v_vec[u].get(i), acc[i]);
+    }
+  }
+
+  // Merge the key groups: each leaves its max and sum (lane 0) and its output slice per head.
+  __shared__ float2 group_stats[kKeyGroups][G];
+  __shared__ float group_acc[kKeyGroups][G][D];
+  if (lane == 0) group_stats[group][head] = make_float2(running_max, running_sum);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) group_acc[group][head][lane * 8 + i] = acc[i];
+  __syncthreads();
+  for (int index = threadIdx.x; index < G * D; index += kThreads) {
+    const int h = index / D, d = index % D;
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < kKeyGroups; ++g) chunk_max = fmaxf(chunk_max, group_stats[g][h].x);
+    const float shift = chunk_max == -INFINITY ? 0.f : chunk_max;
+    float sum = 0.f, value = 0.f;
+#pragma unroll
+    for (int g = 0; g < kKeyGroups; ++g) {
+      const float weight = exp2f(group_stats[g][h].x - shift);
+      sum += group_stats[g][h].y * weight;
+      value += group_acc[g][h][d] * weight;
+    }
+    const int64_t head_row = static_cast<int64_t>(row) * kv_heads * G + kv_head * G + h;  // (row, query head)
+    if (splits == 1) {
+      static_cast<T*>(args.out)[head_row * D + d] = from_float<T>(sum > 0.f ? value / sum : 0.f);
+    } else {
+      args.partial_out[(head_row * splits + split) * D + d] = value;
+      if (d == 0) args.partial_stats[head_row * splits + split] = make_float2(chunk_max, sum);
+    }
+  }
+}
+
+// Merges the splits that reached the fill mark: block (query head, row), one thread per element.
+template <typename T, int D>
+__global__ void __launch_bounds__(D) decode_attention_merge_kernel(DecodeArgs args, int splits) {
+  const int64_t head_row = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  const int used = static_cast<int>(*args.position) / args.chunk + 1;
+  const float2* stats = args.partial_stats + head_row * splits;
+  float top = -INFINITY;
+  for (int s = 0; s < used; ++s) top = fmaxf(top, stats[s].x);
+  const float shift = top == -INFINITY ? 0.f : top;
+  float sum = 0.f, value = 0.f;
+  for (int s = 0; s < used; ++s) {
+    const float weight = exp2f(stats[s].x - shift);
+    sum += stats[s].y * weight;
+    value += args.partial_out[(head_row * splits + s) * D + threadIdx.x] * weight;
+  }
+  static_cast<T*>(args.out)[head_row * D + threadIdx.x] = from_float<T>(sum > 0.f ? value / sum : 0.f);
+}
+
+// Splits per row and kv head: enough blocks to fill the GPU several times over when the cache
+// is full, but chunks of at least kMinChunk keys, so a block's fixed costs stay small.
+constexpr int kMinChunk = 128;
+
+inline int decode_splits(int64_t rows_heads, int64_t max_len, int device) {
+  const int64_t wanted = 8LL * device_props(device).multiProcessorCount;
+  const int64_t most = (max_len + kMinChunk - 1) / kMinChunk;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((wanted + rows_heads - 1) / rows_heads, most)));
+}
+
+template <typename T, int D>
+void launch_decode(DecodeArgs args, int group, int rows, int kv_heads, int splits, cudaStream_t stream) {
+  const dim3 grid(splits, kv_heads, rows);
+  switch (group) {
+    case 1: decode_attention_chunk_kernel<T, D, 1><<<grid, decode_threads<D, 1>(), 0, stream>>>(args); break;
+    case 2: decode_attention_chunk_kernel<T, D, 2><<<grid, decode_threads<D, 2>(), 0, stream>>>(args); break;
+    case 4: decode_attention_chunk_kernel<T, D, 4><<<grid, decode_threads<D, 4>(), 0, stream>>>(args); break;
+    case 8: decode_attention_chunk_kernel<T, D, 8><<<grid, decode_threads<D, 8>(), 0, stream>>>(args); break;
+    default: TORCH_CHECK(false, "decode attention takes 1, 2, 4 or 8 query heads per kv head, got ", text(group));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    decode_attention_merge_kernel<T, D><<<dim3(kv_heads * group, rows), D, 0, stream>>>(args, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const at::Tensor& keys, const at::Tensor& values, const at::Tensor& visible,
+                            const at::Tensor& position, int64_t splits) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1, "q must be a CUDA [b, n, d] tensor with d contiguous");
+  check_cuda_contiguous(keys, "keys");
+  check_cuda_contiguous(values, "values");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys and values must be one [b, n_kv, max_len, d] shape");
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = keys.size(1), max_len = keys.size(2);
+  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim, "keys ", sizes_text({rows, kv_heads, max_len, dim}),
+              " expected");
+  TORCH_CHECK(heads % kv_heads == 0, "query heads ", text(heads), " are not a multiple of kv heads ", text(kv_heads));
+  for (const at::Tensor* t : {&k_new, &v_new}) {
+    TORCH_CHECK(t->is_cuda() && t->dim() == 3 && t->size(0) == rows && t->size(1) == kv_heads && t->size(2) == dim &&
+                    t->stride(2) == 1 && t->strides() == k_new.strides(),
+                "k_new and v_new must be [b, n_kv, d] with d contiguous and the same strides");
+  }
+  for (const at::Tensor* t : {&q, &k_new, &v_new, &values}) {
+    TORCH_CHECK(t->scalar_type() == keys.scalar_type(), "q, k, v and the cache must share one dtype");
+  }
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && k_new.stride(0) % 8 == 0 && k_new.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(k_new.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(v_new.data_ptr()) % 16 == 0,
+              "q, k_new and v_new rows must be 16-byte aligned");
+  TORCH_CHECK(visible.is_cuda() && visible.scalar_type() == at::kBool && visible.dim() == 2 &&
+                  visible.size(0) == rows && visible.size(1) == max_len && visible.stride(1) == 1,
+              "visible must be a CUDA bool [b, max_len] tensor with contiguous rows");
+  TORCH_CHECK(position.is_cuda() && position.scalar_type() == at::kLong && position.numel() == 1,
+              "position must be one int64 on the GPU");
+  TORCH_CHECK(max_len <= INT32_MAX / 2, "the cache is too long for decode attention: ", text(max_len));
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (splits <= 0) splits = decode_splits(rows * kv_heads, max_len, q.get_device());
+  const int chunk = static_cast<int>((max_len + splits - 1) / splits);
+  splits = (max_len + chunk - 1) / chunk;  // no split may start past the cache
+  at::Tensor out = at::empty({rows, heads, dim}, q.options());
+  at::Tensor partial_out, partial_stats;
+  if (splits > 1) {
+    partial_out = at::empty({rows, heads, splits, dim}, q.options().dtype(at::kFloat));
+    partial_stats = at::empty({rows, heads, splits, 2}, q.options().dtype(at::kFloat));
+  }
+  DecodeArgs args{q.data_ptr(), q.stride(0), q.stride(1), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
+                  k_new.stride(1), keys.data_ptr(), values.data_ptr(), visible.data_ptr<bool>(), visible.stride(0),
+                  position.data_ptr<int64_t>(), out.data_ptr(),
+                  splits > 1 ? partial_out.data_ptr<float>() : nullptr,
+                  splits > 1 ? reinterpret_cast<float2*>(partial_stats.data_ptr<float>()) : nullptr,
+                  static_cast<int>(max_len), chunk, static_cast<float>(1.4426950408889634 / std::sqrt(double(dim)))};
+  const int group = static_cast<int>(heads / kv_heads);
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (dim == 64) {
+      launch_decode<T, 64>(args, group, rows, kv_heads, splits, stream);
+    } else if (dim == 128) {
+      launch_decode<T, 128>(args, group, rows, kv_heads, splits, stream);
+    } else if (dim == 256) {
+      launch_decode<T, 256>(args, group, rows, kv_heads, splits, stream);
+    } else {
+      TORCH_CHECK(false, "decode attention takes head_dim 64, 128 or 256, got ", text(dim));
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    run(TypeTag<__nv_bfloat16>{});
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kHalf, "decode attention takes bfloat16 or float16, got ", q.scalar_type());
+    run(TypeTag<__half>{});
+  }
+  return out;
+}
+
+}  // namespace trellis
