@@ -6,21 +6,25 @@
 // (`position`, the new token's slot), so a step reads only the slots up to it; and the new
 // token's key and value go into the cache in the same launch (they took two index_copy_).
 //
-// Split-KV ("flash-decoding"): block (split, kv head, row) attends the query heads that share
-// one kv head over one chunk of the cache and keeps, per query head, the chunk's running max,
-// sum of exponentials and unnormalised output in fp32. One split per row and head writes the
-// output directly; with more, a second kernel merges the chunks. Chunks wholly past the fill
-// mark return at once, so the grid is fixed by max_length and the launch is capturable.
+// Split-KV ("flash-decoding"): block (split, head, row) attends one head over one chunk of the
+// cache and keeps the chunk's running max, sum of exponentials and unnormalised output in
+// fp32. One split per row and head writes the output directly; with more, a second kernel
+// merges the chunks. Chunks wholly past the fill mark return at once, so the grid is fixed by
+// max_length and the launch is capturable.
 //
-// Inside a block, kLanes = D / 8 threads own one (key, query head) pair, a 16-byte vector of
-// the key each, so a thread does the same work whatever the group size: the G query heads of a
-// kv head read the same key vectors, the group's other heads from L1 (within a warp, from the
-// same load). A first version kept all G heads in each thread (G dot products and G reductions a
-// key): at llama3-8b's 4 heads a kv head it ran at 55% of the copy rate, against 74% for SDPA
-// (docs/benchmarks.md). Each thread takes kDecodeUnroll keys before it folds them into its
-// running softmax (one rescale per kDecodeUnroll keys); the key groups are merged through
-// shared memory at the end. Scores are in the log2 domain (q pre-scaled by log2(e) / sqrt(D)),
-// so each exponential is one exp2f.
+// Inside a block, kLanes = D / 8 threads own a key at a time (a 16-byte vector of it each), so
+// a block of 128 threads reads 128 / kLanes keys at a time, kDecodeUnroll of them per thread
+// before it folds them into its running softmax (one rescale per kDecodeUnroll keys). The key
+// groups are merged through shared memory at the end. Scores are in the log2 domain (q
+// pre-scaled by log2(e) / sqrt(D)), so each exponential is one exp2f.
+//
+// Multi-head attention only (one kv head a query head). Versions for grouped heads, timed on an
+// H200 over a full cache against SDPA (docs/benchmarks.md): each thread keeping all G heads of
+// its kv head ran at 0.84x SDPA's speed with 2 heads a kv head and 0.74x with 4 (llama3-8b);
+// giving each head its own threads ran at 0.65x with 4 and 0.43x with 8. They win while the
+// cache is partly filled, but a long prompt with a short answer would run slower than with
+// SDPA. Grouped heads want the G x D by D x keys products on tensor cores; until then they
+// keep SDPA.
 #include <algorithm>
 #include <cmath>
 
@@ -29,19 +33,16 @@
 
 namespace trellis {
 
+constexpr int kDecodeThreads = 128;
 constexpr int kDecodeUnroll = 2;
-
-// Threads a block: 128, or two keys' worth of (key, head) groups where that is more.
-template <int D, int G>
-__host__ __device__ constexpr int decode_threads() { return (D / 8) * G * 2 > 128 ? (D / 8) * G * 2 : 128; }
 
 struct DecodeArgs {
   const void* q;  // [b, n, D], D contiguous; b and n strided
   int64_t q_stride_b, q_stride_h;
-  const void* k_new;  // [b, n_kv, D], strided like q
+  const void* k_new;  // [b, n, D], strided like q
   const void* v_new;
   int64_t new_stride_b, new_stride_h;
-  void* keys;  // [b, n_kv, max_len, D] contiguous
+  void* keys;  // [b, n, max_len, D] contiguous
   void* values;
   const bool* visible;  // [b, max_len]: key slot j may be attended to (checked up to position)
   int64_t visible_stride_b;
@@ -53,25 +54,24 @@ struct DecodeArgs {
   float scale_log2;
 };
 
-template <typename T, int D, int G>
-__global__ void __launch_bounds__(decode_threads<D, G>()) decode_attention_chunk_kernel(DecodeArgs args) {
-  constexpr int kThreads = decode_threads<D, G>();
+template <typename T, int D>
+__global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(DecodeArgs args) {
   constexpr int kLanes = D / 8;
-  constexpr int kKeyGroups = kThreads / (kLanes * G);  // keys a block reads at a time
-  const int split = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
-  const int kv_heads = gridDim.y, splits = gridDim.x;
+  constexpr int kGroups = kDecodeThreads / kLanes;  // keys a block reads at a time
+  const int split = blockIdx.x, head = blockIdx.y, row = blockIdx.z;
+  const int heads = gridDim.y, splits = gridDim.x;
   const int position = static_cast<int>(*args.position);
   const int start = split * args.chunk;
   if (start > position) return;
   const int end = min(start + args.chunk, position + 1);
-  const int lane = threadIdx.x % kLanes, head = (threadIdx.x / kLanes) % G, group = threadIdx.x / (kLanes * G);
+  const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
 
-  const int64_t cache_offset = (static_cast<int64_t>(row) * kv_heads + kv_head) * args.max_len * D;
-  T* keys = static_cast<T*>(args.keys) + cache_offset;
-  T* values = static_cast<T*>(args.values) + cache_offset;
+  const int64_t head_row = static_cast<int64_t>(row) * heads + head;  // (row, head)
+  T* keys = static_cast<T*>(args.keys) + head_row * args.max_len * D;
+  T* values = static_cast<T*>(args.values) + head_row * args.max_len * D;
   if (position < start + args.chunk) {  // this chunk holds the new slot: write it first
     if (threadIdx.x < kLanes) {
-      const int64_t from = row * args.new_stride_b + kv_head * args.new_stride_h + lane * 8;
+      const int64_t from = row * args.new_stride_b + head * args.new_stride_h + lane * 8;
       *reinterpret_cast<uint4*>(keys + static_cast<int64_t>(position) * D + lane * 8) =
           *reinterpret_cast<const uint4*>(static_cast<const T*>(args.k_new) + from);
       *reinterpret_cast<uint4*>(values + static_cast<int64_t>(position) * D + lane * 8) =
@@ -83,8 +83,7 @@ __global__ void __launch_bounds__(decode_threads<D, G>()) decode_attention_chunk
   float q[8];
   {
     Pack<T, 8> packed;
-    packed.load(static_cast<const T*>(args.q) + row * args.q_stride_b + (kv_head * G + head) * args.q_stride_h +
-                lane * 8);
+    packed.load(static_cast<const T*>(args.q) + row * args.q_stride_b + head * args.q_stride_h + lane * 8);
 #pragma unroll
     for (int i = 0; i < 8; ++i) q[i] = packed.get(i) * args.scale_log2;
   }
@@ -95,12 +94,12 @@ __global__ void __launch_bounds__(decode_threads<D, G>()) decode_attention_chunk
 
   // Every thread runs the same number of iterations (keys past `end` count as hidden), so the
   // shuffles below always have their whole warp.
-  for (int base = start; base < end; base += kKeyGroups * kDecodeUnroll) {
+  for (int base = start; base < end; base += kGroups * kDecodeUnroll) {
     Pack<T, 8> k_vec[kDecodeUnroll], v_vec[kDecodeUnroll];
     bool live[kDecodeUnroll];
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
-      const int key = base + u * kKeyGroups + group;
+      const int key = base + u * kGroups + group;
       live[u] = key < end && visible[key];
       if (live[u]) {
         k_vec[u].load(keys + static_cast<int64_t>(key) * D + lane * 8);
@@ -138,27 +137,25 @@ __global__ void __launch_bounds__(decode_threads<D, G>()) decode_attention_chunk
     }
   }
 
-  // Merge the key groups: each leaves its max and sum (lane 0) and its output slice per head.
-  __shared__ float2 group_stats[kKeyGroups][G];
-  __shared__ float group_acc[kKeyGroups][G][D];
-  if (lane == 0) group_stats[group][head] = make_float2(running_max, running_sum);
+  // Merge the key groups: each leaves its max and sum (lane 0) and its output slice.
+  __shared__ float2 group_stats[kGroups];
+  __shared__ float group_acc[kGroups][D];
+  if (lane == 0) group_stats[group] = make_float2(running_max, running_sum);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) group_acc[group][head][lane * 8 + i] = acc[i];
+  for (int i = 0; i < 8; ++i) group_acc[group][lane * 8 + i] = acc[i];
   __syncthreads();
-  for (int index = threadIdx.x; index < G * D; index += kThreads) {
-    const int h = index / D, d = index % D;
+  for (int d = threadIdx.x; d < D; d += kDecodeThreads) {
     float chunk_max = -INFINITY;
 #pragma unroll
-    for (int g = 0; g < kKeyGroups; ++g) chunk_max = fmaxf(chunk_max, group_stats[g][h].x);
+    for (int g = 0; g < kGroups; ++g) chunk_max = fmaxf(chunk_max, group_stats[g].x);
     const float shift = chunk_max == -INFINITY ? 0.f : chunk_max;
     float sum = 0.f, value = 0.f;
 #pragma unroll
-    for (int g = 0; g < kKeyGroups; ++g) {
-      const float weight = exp2f(group_stats[g][h].x - shift);
-      sum += group_stats[g][h].y * weight;
-      value += group_acc[g][h][d] * weight;
+    for (int g = 0; g < kGroups; ++g) {
+      const float weight = exp2f(group_stats[g].x - shift);
+      sum += group_stats[g].y * weight;
+      value += group_acc[g][d] * weight;
     }
-    const int64_t head_row = static_cast<int64_t>(row) * kv_heads * G + kv_head * G + h;  // (row, query head)
     if (splits == 1) {
       static_cast<T*>(args.out)[head_row * D + d] = from_float<T>(sum > 0.f ? value / sum : 0.f);
     } else {
@@ -197,18 +194,11 @@ inline int decode_splits(int64_t rows_heads, int64_t max_len, int device) {
 }
 
 template <typename T, int D>
-void launch_decode(DecodeArgs args, int group, int rows, int kv_heads, int splits, cudaStream_t stream) {
-  const dim3 grid(splits, kv_heads, rows);
-  switch (group) {
-    case 1: decode_attention_chunk_kernel<T, D, 1><<<grid, decode_threads<D, 1>(), 0, stream>>>(args); break;
-    case 2: decode_attention_chunk_kernel<T, D, 2><<<grid, decode_threads<D, 2>(), 0, stream>>>(args); break;
-    case 4: decode_attention_chunk_kernel<T, D, 4><<<grid, decode_threads<D, 4>(), 0, stream>>>(args); break;
-    case 8: decode_attention_chunk_kernel<T, D, 8><<<grid, decode_threads<D, 8>(), 0, stream>>>(args); break;
-    default: TORCH_CHECK(false, "decode attention takes 1, 2, 4 or 8 query heads per kv head, got ", text(group));
-  }
+void launch_decode(DecodeArgs args, int rows, int heads, int splits, cudaStream_t stream) {
+  decode_attention_chunk_kernel<T, D><<<dim3(splits, heads, rows), kDecodeThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
-    decode_attention_merge_kernel<T, D><<<dim3(kv_heads * group, rows), D, 0, stream>>>(args, splits);
+    decode_attention_merge_kernel<T, D><<<dim3(heads, rows), D, 0, stream>>>(args, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -219,16 +209,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1, "q must be a CUDA [b, n, d] tensor with d contiguous");
   check_cuda_contiguous(keys, "keys");
   check_cuda_contiguous(values, "values");
-  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys and values must be one [b, n_kv, max_len, d] shape");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys and values must be one [b, n, max_len, d] shape");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = keys.size(1), max_len = keys.size(2);
-  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim, "keys ", sizes_text({rows, kv_heads, max_len, dim}),
-              " expected");
-  TORCH_CHECK(heads % kv_heads == 0, "query heads ", text(heads), " are not a multiple of kv heads ", text(kv_heads));
+  const int64_t max_len = keys.size(2);
+  TORCH_CHECK(keys.size(0) == rows && keys.size(1) == heads && keys.size(3) == dim, "keys ",
+              sizes_text({rows, heads, max_len, dim}), " expected (one kv head a query head)");
   for (const at::Tensor* t : {&k_new, &v_new}) {
-    TORCH_CHECK(t->is_cuda() && t->dim() == 3 && t->size(0) == rows && t->size(1) == kv_heads && t->size(2) == dim &&
+    TORCH_CHECK(t->is_cuda() && t->dim() == 3 && t->size(0) == rows && t->size(1) == heads && t->size(2) == dim &&
                     t->stride(2) == 1 && t->strides() == k_new.strides(),
-                "k_new and v_new must be [b, n_kv, d] with d contiguous and the same strides");
+                "k_new and v_new must be [b, n, d] with d contiguous and the same strides");
   }
   for (const at::Tensor* t : {&q, &k_new, &v_new, &values}) {
     TORCH_CHECK(t->scalar_type() == keys.scalar_type(), "q, k, v and the cache must share one dtype");
@@ -246,7 +235,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(max_len <= INT32_MAX / 2, "the cache is too long for decode attention: ", text(max_len));
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (splits <= 0) splits = decode_splits(rows * kv_heads, max_len, q.get_device());
+  if (splits <= 0) splits = decode_splits(rows * heads, max_len, q.get_device());
   const int chunk = static_cast<int>((max_len + splits - 1) / splits);
   splits = (max_len + chunk - 1) / chunk;  // no split may start past the cache
   at::Tensor out = at::empty({rows, heads, dim}, q.options());
@@ -261,15 +250,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
                   splits > 1 ? partial_out.data_ptr<float>() : nullptr,
                   splits > 1 ? reinterpret_cast<float2*>(partial_stats.data_ptr<float>()) : nullptr,
                   static_cast<int>(max_len), chunk, static_cast<float>(1.4426950408889634 / std::sqrt(double(dim)))};
-  const int group = static_cast<int>(heads / kv_heads);
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (dim == 64) {
-      launch_decode<T, 64>(args, group, rows, kv_heads, splits, stream);
+      launch_decode<T, 64>(args, rows, heads, splits, stream);
     } else if (dim == 128) {
-      launch_decode<T, 128>(args, group, rows, kv_heads, splits, stream);
+      launch_decode<T, 128>(args, rows, heads, splits, stream);
     } else if (dim == 256) {
-      launch_decode<T, 256>(args, group, rows, kv_heads, splits, stream);
+      launch_decode<T, 256>(args, rows, heads, splits, stream);
     } else {
       TORCH_CHECK(false, "decode attention takes head_dim 64, 128 or 256, got ", text(dim));
     }

@@ -383,23 +383,22 @@ def nf4_dequantize(out, packed, code_values, absmax=None, absmax_codes=None, abs
 
 
 DECODE_HEAD_DIMS = (64, 128, 256)
-DECODE_GROUPS = (1, 2, 4, 8)  # query heads per kv head
 
 
 def decode_attention_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether csrc/decode_attention.cu takes a decode step's q [b, n, 1, d] over a cache's keys
-    [b, n_kv, max_length, d]: bf16 or fp16, d and n / n_kv among the kernel's instances, rows
-    16-byte aligned, with the kernels built."""
+    [b, n, max_length, d]: one kv head a query head (grouped heads keep SDPA, which is faster over
+    a full cache; the kernel file says by how much), bf16 or fp16, d among the kernel's
+    instances, rows 16-byte aligned, with the kernels built."""
     b, n, s, d = q.shape
     return (s == 1 and _eager_cuda_kernels(q) and q.dtype in (torch.bfloat16, torch.float16)
-            and keys.dtype == q.dtype and keys.is_contiguous() and d in DECODE_HEAD_DIMS
-            and n % keys.shape[1] == 0 and n // keys.shape[1] in DECODE_GROUPS
+            and keys.dtype == q.dtype and keys.is_contiguous() and d in DECODE_HEAD_DIMS and keys.shape[1] == n
             and q.stride(-1) == 1 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0 and q.data_ptr() % 16 == 0)
 
 
 def decode_attention(q, k, v, keys, values, visible, position) -> torch.Tensor:
-    """[b, n, 1, d] attention of q [b, n, 1, d] over keys/values [b, n_kv, max_length, d] after
-    writing k, v [b, n_kv, 1, d] at slot `position` (a one-element int64 device tensor), over the
+    """[b, n, 1, d] attention of q [b, n, 1, d] over keys/values [b, n, max_length, d] after
+    writing k, v [b, n, 1, d] at slot `position` (a one-element int64 device tensor), over the
     slots 0..position that `visible` [b, max_length] allows, reading no slot past it (caller
     checked decode_attention_supported). models/kv_cache.static_decode_attention is the reference."""
     k, v = (t[:, :, 0] for t in (k, v))
