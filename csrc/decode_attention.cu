@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(
   }
 }
 
-// Merges the splits that reached the fill mark: block (query head, row), one thread per element.
+// Merges the splits that reached the fill mark: block (head, row), one thread per element.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) decode_attention_merge_kernel(DecodeArgs args, int splits) {
   const int64_t head_row = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(D) decode_attention_merge_kernel(DecodeArgs ar
   static_cast<T*>(args.out)[head_row * D + threadIdx.x] = from_float<T>(sum > 0.f ? value / sum : 0.f);
 }
 
-// Splits per row and kv head: enough blocks to fill the GPU several times over when the cache
+// Splits per row and head: enough blocks to fill the GPU several times over when the cache
 // is full, but chunks of at least kMinChunk keys, so a block's fixed costs stay small.
 constexpr int kMinChunk = 128;
 
@@ -233,6 +233,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(position.is_cuda() && position.scalar_type() == at::kLong && position.numel() == 1,
               "position must be one int64 on the GPU");
   TORCH_CHECK(max_len <= INT32_MAX / 2, "the cache is too long for decode attention: ", text(max_len));
+  TORCH_CHECK(rows <= 65535 && heads <= 65535, "decode attention takes at most 65535 rows and heads (grid limits)");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (splits <= 0) splits = decode_splits(rows * heads, max_len, q.get_device());

@@ -400,7 +400,8 @@ def decode_attention(q, k, v, keys, values, visible, position) -> torch.Tensor:
     """[b, n, 1, d] attention of q [b, n, 1, d] over keys/values [b, n, max_length, d] after
     writing k, v [b, n, 1, d] at slot `position` (a one-element int64 device tensor), over the
     slots 0..position that `visible` [b, max_length] allows, reading no slot past it (caller
-    checked decode_attention_supported). models/kv_cache.static_decode_attention is the reference."""
+    checked decode_attention_supported). models/kv_cache.static_decode_attention_reference is
+    the reference."""
     k, v = (t[:, :, 0] for t in (k, v))
     if k.stride() != v.stride() or k.stride(0) % 8 or k.stride(1) % 8 or k.data_ptr() % 16 or v.data_ptr() % 16:
         k, v = k.contiguous(), v.contiguous()
