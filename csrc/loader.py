@@ -385,6 +385,12 @@ def nf4_dequantize(out, packed, code_values, absmax=None, absmax_codes=None, abs
 DECODE_HEAD_DIMS = (64, 128, 256)
 
 
+def _aligned_16bit_rows(t: torch.Tensor) -> bool:
+    """A 16-bit tensor whose last dim is contiguous and whose every row starts 16-byte aligned
+    (strides of the other dims multiples of 8 elements): what the decode-attention kernel reads."""
+    return t.stride(-1) == 1 and all(stride % 8 == 0 for stride in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+
 def decode_attention_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether csrc/decode_attention.cu takes a decode step's q [b, n, 1, d] over a cache's keys
     [b, n, max_length, d]: one kv head a query head (grouped heads keep SDPA, which is faster over
@@ -393,7 +399,7 @@ def decode_attention_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
     b, n, s, d = q.shape
     return (s == 1 and _eager_cuda_kernels(q) and q.dtype in (torch.bfloat16, torch.float16)
             and keys.dtype == q.dtype and keys.is_contiguous() and d in DECODE_HEAD_DIMS and keys.shape[1] == n
-            and q.stride(-1) == 1 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0 and q.data_ptr() % 16 == 0)
+            and _aligned_16bit_rows(q[:, :, 0]))
 
 
 def decode_attention(q, k, v, keys, values, visible, position) -> torch.Tensor:
@@ -403,7 +409,7 @@ def decode_attention(q, k, v, keys, values, visible, position) -> torch.Tensor:
     checked decode_attention_supported). models/kv_cache.static_decode_attention_reference is
     the reference."""
     k, v = (t[:, :, 0] for t in (k, v))
-    if k.stride() != v.stride() or k.stride(0) % 8 or k.stride(1) % 8 or k.data_ptr() % 16 or v.data_ptr() % 16:
+    if k.stride() != v.stride() or not (_aligned_16bit_rows(k) and _aligned_16bit_rows(v)):
         k, v = k.contiguous(), v.contiguous()
     return kernels().decode_attention(q[:, :, 0], k, v, keys, values, visible, position).unsqueeze(2)
 

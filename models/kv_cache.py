@@ -37,7 +37,7 @@ class LayerCache:
         cache = self.cache
         keys, values = cache.storage(self.layer_id, k)
         if cache.decoding_static:
-            visible = cache.decode_mask.view(q.shape[0], cache.max_length)
+            visible = cache.mask.view(q.shape[0], cache.max_length)  # decode_mask, [b, 1, 1, max_length]
             return static_decode_attention(q, k, v, keys, values, visible, cache.decode_position)
         start, end = cache.length, cache.length + k.shape[2]
         keys[:, :, start:end] = k
