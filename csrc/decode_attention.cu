@@ -18,16 +18,13 @@
 // groups are merged through shared memory at the end. Scores are in the log2 domain (q
 // pre-scaled by log2(e) / sqrt(D)), so each exponential is one exp2f.
 //
-// Multi-head attention only (one kv head a query head). Versions for grouped heads, timed on an
-// H200 over a full cache against SDPA (docs/benchmarks.md): each thread keeping all G heads of
-// its kv head ran at 0.84x SDPA's speed with 2 heads a kv head and 0.74x with 4 (llama3-8b);
-// giving each head its own threads ran at 0.65x with 4 and 0.43x with 8. They win while the
-// cache is partly filled, but a long prompt with a short answer would run slower than with
-// SDPA. Grouped heads want the G x D by D x keys products on tensor cores; until then they
-// keep SDPA.
+// This kernel is for one kv head a query head. Grouped heads (2..8 query heads a kv head) go to
+// csrc/decode_attention_grouped.cu, which does their G dot products a key on tensor cores; the
+// merge kernel below serves both.
 #include <algorithm>
 #include <cmath>
 
+#include "decode_attention.h"
 #include "kernel_host.h"
 #include "trellis_kernels.h"
 
@@ -36,23 +33,6 @@ namespace trellis {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeUnroll = 2;
 
-struct DecodeArgs {
-  const void* q;  // [b, n, D], D contiguous; b and n strided
-  int64_t q_stride_b, q_stride_h;
-  const void* k_new;  // [b, n, D], strided like q
-  const void* v_new;
-  int64_t new_stride_b, new_stride_h;
-  void* keys;  // [b, n, max_len, D] contiguous
-  void* values;
-  const bool* visible;  // [b, max_len]: key slot j may be attended to (checked up to position)
-  int64_t visible_stride_b;
-  const int64_t* position;  // the new token's slot; keys 0..position are read
-  void* out;                // [b, n, D] contiguous, in the input dtype
-  float* partial_out;       // [b, n, splits, D] (splits > 1 only)
-  float2* partial_stats;    // [b, n, splits]: (max, sum of exponentials) in the log2 domain
-  int max_len, chunk;
-  float scale_log2;
-};
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(DecodeArgs args) {
@@ -193,10 +173,17 @@ inline int decode_splits(int64_t rows_heads, int64_t max_len, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((wanted + rows_heads - 1) / rows_heads, most)));
 }
 
+// One kv head a query head: the chunk pass here; grouped heads: decode_attention_grouped.cu's.
+// Then, with splits > 1, the merge, one block per (query head, row).
 template <typename T, int D>
-void launch_decode(DecodeArgs args, int rows, int heads, int splits, cudaStream_t stream) {
-  decode_attention_chunk_kernel<T, D><<<dim3(splits, heads, rows), kDecodeThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+void launch_decode(const DecodeArgs& args, int rows, int heads, int kv_heads, int splits, cudaStream_t stream) {
+  if (heads == kv_heads) {
+    decode_attention_chunk_kernel<T, D><<<dim3(splits, heads, rows), kDecodeThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    launch_grouped_decode_chunks(args, std::is_same<T, __half>::value ? at::kHalf : at::kBFloat16, D,
+                                 heads / kv_heads, rows, kv_heads, splits, stream);
+  }
   if (splits > 1) {
     decode_attention_merge_kernel<T, D><<<dim3(heads, rows), D, 0, stream>>>(args, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -211,13 +198,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   check_cuda_contiguous(values, "values");
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys and values must be one [b, n, max_len, d] shape");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t max_len = keys.size(2);
-  TORCH_CHECK(keys.size(0) == rows && keys.size(1) == heads && keys.size(3) == dim, "keys ",
-              sizes_text({rows, heads, max_len, dim}), " expected (one kv head a query head)");
+  const int64_t kv_heads = keys.size(1), max_len = keys.size(2);
+  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0, "keys [",
+              text(rows), ", n_kv, max_len, ", text(dim), "] with n_kv dividing ", text(heads), " expected, got ",
+              keys.sizes());
+  const int64_t group = heads / kv_heads;
+  TORCH_CHECK(group == 1 || (group <= kMaxDecodeGroup && grouped_decode_head_dim(dim)),
+              "decode attention takes one kv head a query head, or 2..", text(kMaxDecodeGroup),
+              " query heads a kv head at head_dim 64 or 128; got ", text(group), " at ", text(dim));
   for (const at::Tensor* t : {&k_new, &v_new}) {
-    TORCH_CHECK(t->is_cuda() && t->dim() == 3 && t->size(0) == rows && t->size(1) == heads && t->size(2) == dim &&
-                    t->stride(2) == 1 && t->strides() == k_new.strides(),
-                "k_new and v_new must be [b, n, d] with d contiguous and the same strides");
+    TORCH_CHECK(t->is_cuda() && t->dim() == 3 && t->size(0) == rows && t->size(1) == kv_heads &&
+                    t->size(2) == dim && t->stride(2) == 1 && t->strides() == k_new.strides(),
+                "k_new and v_new must be [b, n_kv, d] with d contiguous and the same strides");
   }
   for (const at::Tensor* t : {&q, &k_new, &v_new, &values}) {
     TORCH_CHECK(t->scalar_type() == keys.scalar_type(), "q, k, v and the cache must share one dtype");
@@ -236,7 +228,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(rows <= 65535 && heads <= 65535, "decode attention takes at most 65535 rows and heads (grid limits)");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (splits <= 0) splits = decode_splits(rows * heads, max_len, q.get_device());
+  if (splits <= 0) splits = decode_splits(rows * kv_heads, max_len, q.get_device());  // one block each
   const int chunk = static_cast<int>((max_len + splits - 1) / splits);
   splits = (max_len + chunk - 1) / chunk;  // no split may start past the cache
   at::Tensor out = at::empty({rows, heads, dim}, q.options());
@@ -254,11 +246,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (dim == 64) {
-      launch_decode<T, 64>(args, rows, heads, splits, stream);
+      launch_decode<T, 64>(args, rows, heads, kv_heads, splits, stream);
     } else if (dim == 128) {
-      launch_decode<T, 128>(args, rows, heads, splits, stream);
+      launch_decode<T, 128>(args, rows, heads, kv_heads, splits, stream);
     } else if (dim == 256) {
-      launch_decode<T, 256>(args, rows, heads, splits, stream);
+      launch_decode<T, 256>(args, rows, heads, kv_heads, splits, stream);
     } else {
       TORCH_CHECK(false, "decode attention takes head_dim 64, 128 or 256, got ", text(dim));
     }

@@ -37,8 +37,8 @@ EXTENSION_NAME = "trellis_kernels"
 _CSRC_DIR = Path(__file__).resolve().parent
 _KERNEL_SOURCES = ("norm_forward.cu", "norm_backward.cu", "softmax.cu", "swiglu.cu", "qkv_rope.cu", "fp8_cast.cu",
                    "embedding_backward.cu", "adamw.cu", "nf4_dequantize.cu", "decode_attention.cu",
-                   "bindings.cu")
-_KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h")
+                   "decode_attention_grouped.cu", "bindings.cu")
+_KERNEL_HEADERS = ("kernel_common.h", "kernel_host.h", "trellis_kernels.h", "decode_attention.h")
 GEMM_EXTENSION_NAME = "trellis_gemm"
 _GEMM_SOURCES = ("fp8_gemm.cu", "residual_gemm.cu", "gemm_bindings.cu")
 
@@ -382,7 +382,9 @@ def nf4_dequantize(out, packed, code_values, absmax=None, absmax_codes=None, abs
     kernels().nf4_dequantize(out, packed, code_values, absmax, absmax_codes, absmax_step, absmax_mean)
 
 
-DECODE_HEAD_DIMS = (64, 128, 256)
+DECODE_HEAD_DIMS = (64, 128, 256)  # one kv head a query head
+DECODE_GROUPED_HEAD_DIMS = (64, 128)  # 2..DECODE_MAX_GROUP query heads a kv head (tensor cores)
+DECODE_MAX_GROUP = 8
 
 
 def _aligned_16bit_rows(t: torch.Tensor) -> bool:
@@ -391,20 +393,30 @@ def _aligned_16bit_rows(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and all(stride % 8 == 0 for stride in t.stride()[:-1]) and t.data_ptr() % 16 == 0
 
 
+def decode_heads_supported(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the decode-attention kernels have an instance for this head layout: one kv head a
+    query head at DECODE_HEAD_DIMS, or 2..DECODE_MAX_GROUP at DECODE_GROUPED_HEAD_DIMS."""
+    if kv_heads <= 0 or heads % kv_heads:
+        return False
+    group = heads // kv_heads
+    if group == 1:
+        return head_dim in DECODE_HEAD_DIMS
+    return group <= DECODE_MAX_GROUP and head_dim in DECODE_GROUPED_HEAD_DIMS
+
+
 def decode_attention_supported(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether csrc/decode_attention.cu takes a decode step's q [b, n, 1, d] over a cache's keys
-    [b, n, max_length, d]: one kv head a query head (grouped heads keep SDPA, which is faster over
-    a full cache; the kernel file says by how much), bf16 or fp16, d among the kernel's
-    instances, rows 16-byte aligned, with the kernels built."""
+    [b, n_kv, max_length, d]: a head layout decode_heads_supported takes, bf16 or fp16, rows
+    16-byte aligned, with the kernels built."""
     b, n, s, d = q.shape
     return (s == 1 and _eager_cuda_kernels(q) and q.dtype in (torch.bfloat16, torch.float16)
-            and keys.dtype == q.dtype and keys.is_contiguous() and d in DECODE_HEAD_DIMS and keys.shape[1] == n
+            and keys.dtype == q.dtype and keys.is_contiguous() and decode_heads_supported(n, keys.shape[1], d)
             and _aligned_16bit_rows(q[:, :, 0]))
 
 
 def decode_attention(q, k, v, keys, values, visible, position) -> torch.Tensor:
-    """[b, n, 1, d] attention of q [b, n, 1, d] over keys/values [b, n, max_length, d] after
-    writing k, v [b, n, 1, d] at slot `position` (a one-element int64 device tensor), over the
+    """[b, n, 1, d] attention of q [b, n, 1, d] over keys/values [b, n_kv, max_length, d] after
+    writing k, v [b, n_kv, 1, d] at slot `position` (a one-element int64 device tensor), over the
     slots 0..position that `visible` [b, max_length] allows, reading no slot past it (caller
     checked decode_attention_supported). models/kv_cache.static_decode_attention_reference is
     the reference."""

@@ -69,12 +69,13 @@ void nf4_dequantize(at::Tensor& out, const at::Tensor& packed, const at::Tensor&
 void embedding_grad_accumulate(const at::Tensor& table, const at::Tensor& sorted_ids, const at::Tensor& order,
                                const at::Tensor& grad);
 
-// Attention of one new token per row over a KV cache (a graphed decode step), one kv head a
-// query head: writes k_new and v_new ([b, n, d]) into keys/values ([b, n, max_len, d],
-// contiguous) at slot `position` (one int64 on the device) and returns softmax(q k^T / sqrt(d)) v
-// for q [b, n, d] over the slots 0..position where `visible` [b, max_len] is true; the slots past
-// position are never read. bf16 or fp16, d 64, 128 or 256. `splits` > 0 sets the chunks per row
-// and head (tests and tuning); 0 picks them from the GPU's size.
+// Attention of one new token per row over a KV cache (a graphed decode step): writes k_new and
+// v_new ([b, n_kv, d]) into keys/values ([b, n_kv, max_len, d], contiguous) at slot `position`
+// (one int64 on the device) and returns softmax(q k^T / sqrt(d)) v for q [b, n, d] over the slots
+// 0..position where `visible` [b, max_len] is true; the slots past position are never read.
+// bf16 or fp16; one kv head a query head at d 64, 128 or 256, or 2..8 query heads a kv head at
+// d 64 or 128 (tensor cores). `splits` > 0 sets the chunks per row and kv head (tests and
+// tuning); 0 picks them from the GPU's size.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                             const at::Tensor& keys, const at::Tensor& values, const at::Tensor& visible,
                             const at::Tensor& position, int64_t splits);

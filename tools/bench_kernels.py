@@ -214,7 +214,8 @@ def qkv_rope_case(seq: int, batch: int, heads: int, kv_heads: int, head_dim: int
     }
 
 
-def decode_attention_case(batch: int, heads: int, head_dim: int, max_len: int, filled: int, dtype: torch.dtype) -> dict:
+def decode_attention_case(batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int, filled: int,
+                          dtype: torch.dtype) -> dict:
     """One graphed decode step's attention over a KV cache of max_len slots, `filled` of them in
     use (the new token's slot the last): the kernel, which reads the filled slots only, against
     its torch reference (index_copy_ and SDPA under the mask over all max_len slots, what a
@@ -224,13 +225,13 @@ def decode_attention_case(batch: int, heads: int, head_dim: int, max_len: int, f
     def qkv_view(n):  # [b, n, 1, d] views of [1, b, n, d] storage, as the layers hand them over
         return torch.randn(1, batch, n, head_dim, device="cuda", dtype=dtype).permute(1, 2, 0, 3)
 
-    q, k, v = qkv_view(heads), qkv_view(heads), qkv_view(heads)
-    keys, values = (torch.randn(batch, heads, max_len, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    q, k, v = qkv_view(heads), qkv_view(kv_heads), qkv_view(kv_heads)
+    keys, values = (torch.randn(batch, kv_heads, max_len, head_dim, device="cuda", dtype=dtype) for _ in range(2))
     visible = torch.arange(max_len, device="cuda").expand(batch, max_len) < filled
     position = torch.tensor([filled - 1], device="cuda")
-    moved = 2 * batch * heads * (filled + 1) * head_dim * q.element_size()
+    moved = (2 * batch * kv_heads * filled + 2 * batch * heads) * head_dim * q.element_size()
     return {
-        "name": f"decode attention b{batch} {heads} heads d{head_dim}, {filled} of {max_len} slots "
+        "name": f"decode attention b{batch} {heads}/{kv_heads} heads d{head_dim}, {filled} of {max_len} slots "
                 f"{str(dtype)[6:]}",
         "inputs": (q, k, v), "grad_out": None, "modes": ("fwd",), "compile": False,
         "fused": lambda *t: loader.decode_attention(*t, keys, values, visible, position),
@@ -462,7 +463,8 @@ def main(argv=None) -> int:
              lambda: fp8_cast_case(4096, 14336, torch.bfloat16),
              lambda: swiglu_case(8192, 5632, torch.bfloat16),  # llama-1.3b, micro-batch 4 x 2048
              lambda: qkv_rope_case(2048, 4, 16, 16, 128, torch.bfloat16),
-             lambda: decode_attention_case(64, 16, 128, 1024, 512, torch.bfloat16)]  # llama-1.3b rollout
+             lambda: decode_attention_case(64, 16, 16, 128, 1024, 512, torch.bfloat16),  # llama-1.3b rollout
+             lambda: decode_attention_case(64, 32, 8, 128, 1024, 512, torch.bfloat16)]  # llama3-8b rollout
     if not args.quick:
         cases += [lambda: norm_case("rms", 8192, 8192, torch.bfloat16),
                   lambda: norm_case("layer", 8192, 8192, torch.bfloat16),
@@ -471,8 +473,13 @@ def main(argv=None) -> int:
                   lambda: fp8_cast_case(14336, 4096, torch.bfloat16), lambda: fp8_cast_case(4096, 4096, torch.float32),
                   lambda: swiglu_case(4096, 14336, torch.bfloat16),  # llama3-8b, 4096 tokens
                   lambda: qkv_rope_case(4096, 1, 32, 8, 128, torch.bfloat16),
-                  lambda: decode_attention_case(64, 16, 128, 1024, 1024, torch.bfloat16),
-                  lambda: decode_attention_case(1, 32, 128, 4096, 2048, torch.bfloat16)]
+                  lambda: decode_attention_case(64, 16, 16, 128, 1024, 1024, torch.bfloat16),
+                  lambda: decode_attention_case(1, 32, 32, 128, 4096, 2048, torch.bfloat16),
+                  lambda: decode_attention_case(64, 32, 8, 128, 1024, 1024, torch.bfloat16),
+                  lambda: decode_attention_case(16, 32, 8, 128, 4096, 4096, torch.bfloat16),
+                  lambda: decode_attention_case(1, 32, 8, 128, 4096, 2048, torch.bfloat16),
+                  lambda: decode_attention_case(16, 64, 8, 128, 2048, 2048, torch.bfloat16),  # llama3-70b's group
+                  lambda: decode_attention_case(64, 16, 8, 64, 1024, 1024, torch.bfloat16)]
     report["results"] = []
     wanted = [part for part in args.only.split(",") if part]
     for make_case in cases:

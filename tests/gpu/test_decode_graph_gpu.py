@@ -71,11 +71,13 @@ def graph_checks(preset: str, adapters: bool, overrides: dict):
     return True
 
 
-# Head dim 64 (hidden 256 over 4 heads) with one kv head a query head is what the
-# decode-attention kernel takes; the tiny presets' head dim 16 takes the torch reference.
+# Head dim 64 (hidden 256 over 4 heads) is what the decode-attention kernels take, with one kv
+# head a query head or two (the grouped kernel); the tiny presets' head dim 16 takes the torch
+# reference.
 @pytest.mark.parametrize("preset,adapters,overrides", [
     ("tiny", False, {}), ("tiny-gpt2", False, {}), ("tiny", True, {}), ("tiny", False, dict(hidden_size=256, num_kv_heads=4)),
-    ("tiny-gpt2", False, dict(hidden_size=256))],
-    ids=["rope-gqa", "learned-positions", "lora-over-nf4", "rope-decode-kernel", "learned-positions-decode-kernel"])
+    ("tiny", False, dict(hidden_size=256, num_kv_heads=2)), ("tiny-gpt2", False, dict(hidden_size=256))],
+    ids=["rope-gqa", "learned-positions", "lora-over-nf4", "rope-decode-kernel", "rope-gqa-decode-kernel",
+         "learned-positions-decode-kernel"])
 def test_decode_graph_matches_eager_static_cache(preset, adapters, overrides):
     assert run_distributed(graph_checks, 1, preset, adapters, overrides) == [True]

@@ -1,0 +1,261 @@
+// Decode attention for grouped heads (G = 2..8 query heads a kv head) on tensor cores.
+//
+// Why: with G query heads sharing each key and value, a decode step does G dot products per
+// key read. On CUDA cores that work (and its lane reductions) outweighed the memory saved:
+// the forms timed on an H200 ran at 0.43-0.84x SDPA's speed over a full cache
+// (docs/benchmarks.md). Here the G heads are the rows of a 16 x 8 x 16 mma.sync: scores
+// S[G x 8 keys] = Q[G x 16 d] . K^T, and out[G x 8 d] += P[G x 16 keys] . V[16 keys x 8 d], with
+// rows G..15 zero. The kernel stays memory-bound and reads each filled slot once.
+//
+// Fragments come straight from global memory in 16-byte loads, with no shared-memory staging:
+// - q.k sums over d, so d may be permuted as long as q and k agree. Lane (g, t) (g = lane / 4,
+//   t = lane % 4) loads 8 consecutive d of q's row g and of key g, at 32 * c + 8 * t; words 0,1
+//   of the load are the fragment halves of k-step 0 and words 2,3 those of k-step 1. So each
+//   32-wide slice of d is two mma k-steps, and q's A fragment uses the same d as k's B fragment.
+// - The score fragment a lane holds (row g, keys 2t, 2t+1 of two 8-key groups) is exactly the
+//   A fragment of p.v for those 16 keys, so probabilities never leave registers.
+// - p.v's B fragment wants two keys at one d. Lane (g, t) loads 8 consecutive d (at 64h + 8g)
+//   of each of its four keys and pairs the keys' elements with byte permutes; mma i of a
+//   64-wide slice h then computes output columns 64h + 8n + i (n = 0..7), which the epilogue
+//   puts back in order.
+// Keys past the fill mark are never loaded; hidden keys' values are zeroed so that a 0 weight
+// never meets a NaN. Block (split, kv head, row): four warps take 16-key steps in turn over the
+// block's chunk, each keeping a running max and sum per head in the log2 domain, merged through
+// shared memory at the end and across splits by csrc/decode_attention.cu's merge kernel.
+#include <cmath>
+
+#include "decode_attention.h"
+#include "kernel_host.h"
+
+namespace trellis {
+namespace {
+
+constexpr int kGroupedWarps = 4;
+
+template <typename T>
+struct TensorCore;
+
+template <>
+struct TensorCore<__nv_bfloat16> {
+  // c += A . B for A's rows 0..7 (a1 = a3 = 0: rows 8..15 are empty).
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float low, float high) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <>
+struct TensorCore<__half> {
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float low, float high) {
+    const __half2 v = __floats2half2_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Element i of `first` in the low half, element i of `second` in the high half (16-bit elements).
+__device__ __forceinline__ uint32_t pair_elements(const uint4& first, const uint4& second, int i) {
+  return __byte_perm(word(first, i / 2), word(second, i / 2), i % 2 == 0 ? 0x5410 : 0x7632);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 load16(const T* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kGroupedWarps * 32)
+    grouped_decode_chunk_kernel(DecodeArgs args, int group) {
+  constexpr int kSlices32 = D / 32;          // q.k: 32-wide slices of d, two k-steps each
+  constexpr int kSlices64 = D / 64;          // p.v: 64-wide slices of d, eight mma each
+  constexpr int kSubSteps = D == 64 ? 2 : 1;  // 16-key steps a warp loads at once
+  constexpr int kWarpKeys = 16 * kSubSteps;
+  using Core = TensorCore<T>;
+  const int split = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
+  const int kv_heads = gridDim.y, splits = gridDim.x;
+  const int position = static_cast<int>(*args.position);
+  const int start = split * args.chunk;
+  if (start > position) return;
+  const int end = min(start + args.chunk, position + 1);
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+
+  const int64_t kv_row = static_cast<int64_t>(row) * kv_heads + kv_head;
+  T* keys = static_cast<T*>(args.keys) + kv_row * args.max_len * D;
+  T* values = static_cast<T*>(args.values) + kv_row * args.max_len * D;
+  if (position < start + args.chunk) {  // this chunk holds the new slot: write it first
+    if (threadIdx.x < D / 8) {
+      const int64_t from = row * args.new_stride_b + kv_head * args.new_stride_h + threadIdx.x * 8;
+      *reinterpret_cast<uint4*>(keys + static_cast<int64_t>(position) * D + threadIdx.x * 8) =
+          load16(static_cast<const T*>(args.k_new) + from);
+      *reinterpret_cast<uint4*>(values + static_cast<int64_t>(position) * D + threadIdx.x * 8) =
+          load16(static_cast<const T*>(args.v_new) + from);
+    }
+    __syncthreads();  // the block's own global writes are visible to it after the barrier
+  }
+
+  uint4 q_frag[kSlices32];  // row g's d at 32c + 8t (zero for the empty rows)
+  const int heads = kv_heads * group;
+  const int64_t head_row = static_cast<int64_t>(row) * heads + static_cast<int64_t>(kv_head) * group;
+#pragma unroll
+  for (int c = 0; c < kSlices32; ++c) {
+    q_frag[c] = g < group ? load16(static_cast<const T*>(args.q) + row * args.q_stride_b +
+                                   (static_cast<int64_t>(kv_head) * group + g) * args.q_stride_h + 32 * c + 8 * t)
+                          : make_uint4(0u, 0u, 0u, 0u);
+  }
+  float acc[kSlices64][8][4];  // [h][i]: (row g, columns 64h + 16t + i and + 8), then empty rows
+#pragma unroll
+  for (int h = 0; h < kSlices64; ++h)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i][0] = acc[h][i][1] = acc[h][i][2] = acc[h][i][3] = 0.f;
+  float running_max = -INFINITY, running_sum = 0.f;  // row g; the sum is this lane's share
+  const bool* visible = args.visible + row * args.visible_stride_b;
+
+  for (int base = start + warp * kWarpKeys; base < end; base += kGroupedWarps * kWarpKeys) {
+    uint4 k_frag[kSubSteps][2][kSlices32];      // key base + 16u + 8e + g
+    uint4 v_frag[kSubSteps][2][2][kSlices64];   // key base + 16u + 8e + 2t + j, d at 64h + 8g
+    bool live[kSubSteps][2][2];                  // the same keys: attended to
+#pragma unroll
+    for (int u = 0; u < kSubSteps; ++u)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = base + 16 * u + 8 * e + g;
+#pragma unroll
+        for (int c = 0; c < kSlices32; ++c)
+          k_frag[u][e][c] = key < end ? load16(keys + static_cast<int64_t>(key) * D + 32 * c + 8 * t)
+                                      : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int value_key = base + 16 * u + 8 * e + 2 * t + j;
+          live[u][e][j] = value_key < end && visible[value_key];
+#pragma unroll
+          for (int h = 0; h < kSlices64; ++h)
+            v_frag[u][e][j][h] = live[u][e][j] ? load16(values + static_cast<int64_t>(value_key) * D + 64 * h + 8 * g)
+                                               : make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+
+    float score[kSubSteps][2][4];
+    float step_max = running_max;
+#pragma unroll
+    for (int u = 0; u < kSubSteps; ++u)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        score[u][e][0] = score[u][e][1] = score[u][e][2] = score[u][e][3] = 0.f;
+#pragma unroll
+        for (int c = 0; c < kSlices32; ++c)
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+            Core::mma(score[u][e], word(q_frag[c], 2 * s), word(q_frag[c], 2 * s + 1), word(k_frag[u][e][c], 2 * s),
+                      word(k_frag[u][e][c], 2 * s + 1));
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          score[u][e][j] = live[u][e][j] ? score[u][e][j] * args.scale_log2 : -INFINITY;
+          step_max = fmaxf(step_max, score[u][e][j]);
+        }
+      }
+    // The row's four lanes (same g) share one max.
+    step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, 1));
+    step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, 2));
+    // While everything seen is hidden the max stays -inf; subtracting 0 then keeps exp2f at 0.
+    const float shift = step_max == -INFINITY ? 0.f : step_max;
+    const float rescale = exp2f(running_max - shift);
+    running_max = step_max;
+    running_sum *= rescale;
+#pragma unroll
+    for (int h = 0; h < kSlices64; ++h)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        acc[h][i][0] *= rescale;
+        acc[h][i][1] *= rescale;
+      }
+#pragma unroll
+    for (int u = 0; u < kSubSteps; ++u) {
+      uint32_t p_frag[2];  // keys 2t, 2t+1 of the 8-key groups e = 0, 1: the A fragment's a0, a2
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p0 = exp2f(score[u][e][0] - shift), p1 = exp2f(score[u][e][1] - shift);
+        running_sum += p0 + p1;
+        p_frag[e] = Core::pack(p0, p1);
+      }
+#pragma unroll
+      for (int h = 0; h < kSlices64; ++h)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          Core::mma(acc[h][i], p_frag[0], p_frag[1], pair_elements(v_frag[u][0][0][h], v_frag[u][0][1][h], i),
+                    pair_elements(v_frag[u][1][0][h], v_frag[u][1][1][h], i));
+    }
+  }
+  running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 1);
+  running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 2);
+
+  // Merge the warps: each leaves its rows' max, sum and output.
+  __shared__ float2 warp_stats[kGroupedWarps][kMaxDecodeGroup];
+  __shared__ float warp_acc[kGroupedWarps][kMaxDecodeGroup][D];
+  if (t == 0) warp_stats[warp][g] = make_float2(running_max, running_sum);
+#pragma unroll
+  for (int h = 0; h < kSlices64; ++h)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      warp_acc[warp][g][64 * h + 16 * t + i] = acc[h][i][0];
+      warp_acc[warp][g][64 * h + 16 * t + 8 + i] = acc[h][i][1];
+    }
+  __syncthreads();
+  for (int index = threadIdx.x; index < group * D; index += kGroupedWarps * 32) {
+    const int r = index / D, d = index % D;
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kGroupedWarps; ++w) chunk_max = fmaxf(chunk_max, warp_stats[w][r].x);
+    const float shift = chunk_max == -INFINITY ? 0.f : chunk_max;
+    float sum = 0.f, value = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGroupedWarps; ++w) {
+      const float weight = exp2f(warp_stats[w][r].x - shift);
+      sum += warp_stats[w][r].y * weight;
+      value += warp_acc[w][r][d] * weight;
+    }
+    const int64_t out_row = head_row + r;  // (row, head)
+    if (splits == 1) {
+      static_cast<T*>(args.out)[out_row * D + d] = from_float<T>(sum > 0.f ? value / sum : 0.f);
+    } else {
+      args.partial_out[(out_row * splits + split) * D + d] = value;
+      if (d == 0) args.partial_stats[out_row * splits + split] = make_float2(chunk_max, sum);
+    }
+  }
+}
+
+}  // namespace
+
+void launch_grouped_decode_chunks(const DecodeArgs& args, at::ScalarType dtype, int dim, int group, int rows,
+                                  int kv_heads, int splits, cudaStream_t stream) {
+  const dim3 grid(splits, kv_heads, rows);
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (dim == 64) {
+      grouped_decode_chunk_kernel<T, 64><<<grid, kGroupedWarps * 32, 0, stream>>>(args, group);
+    } else {
+      TORCH_CHECK(dim == 128, "grouped decode attention takes head_dim 64 or 128, got ", dim);
+      grouped_decode_chunk_kernel<T, 128><<<grid, kGroupedWarps * 32, 0, stream>>>(args, group);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dtype == at::kBFloat16) {
+    run(TypeTag<__nv_bfloat16>{});
+  } else {
+    run(TypeTag<__half>{});
+  }
+}
+
+}  // namespace trellis
