@@ -163,13 +163,11 @@ __global__ void __launch_bounds__(D) decode_attention_merge_kernel(DecodeArgs ar
   static_cast<T*>(args.out)[head_row * D + threadIdx.x] = from_float<T>(sum > 0.f ? value / sum : 0.f);
 }
 
-// Splits per row and head: enough blocks to fill the GPU several times over when the cache
-// is full, but chunks of at least kMinChunk keys, so a block's fixed costs stay small.
-constexpr int kMinChunk = 128;
-
+// Splits per row and head (one kv head a query head): enough blocks to fill the GPU several
+// times over when the cache is full, in chunks of at least kMinDecodeChunk keys.
 inline int decode_splits(int64_t rows_heads, int64_t max_len, int device) {
   const int64_t wanted = 8LL * device_props(device).multiProcessorCount;
-  const int64_t most = (max_len + kMinChunk - 1) / kMinChunk;
+  const int64_t most = (max_len + kMinDecodeChunk - 1) / kMinDecodeChunk;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((wanted + rows_heads - 1) / rows_heads, most)));
 }
 
@@ -228,7 +226,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(rows <= 65535 && heads <= 65535, "decode attention takes at most 65535 rows and heads (grid limits)");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (splits <= 0) splits = decode_splits(rows * kv_heads, max_len, q.get_device());  // one block each
+  if (splits <= 0) {
+    splits = group == 1 ? decode_splits(rows * heads, max_len, q.get_device())
+                        : grouped_decode_splits(rows * kv_heads, max_len, q.scalar_type(), dim, q.get_device());
+  }
   const int chunk = static_cast<int>((max_len + splits - 1) / splits);
   splits = (max_len + chunk - 1) / chunk;  // no split may start past the cache
   at::Tensor out = at::empty({rows, heads, dim}, q.options());

@@ -34,6 +34,13 @@ struct DecodeArgs {
 constexpr int kMaxDecodeGroup = 8;
 inline bool grouped_decode_head_dim(int64_t dim) { return dim == 64 || dim == 128; }
 
+// Chunks (splits) are at least this many keys long, so a block's fixed costs stay small.
+constexpr int kMinDecodeChunk = 128;
+
+// Splits per row and kv head for the grouped kernel: two waves of resident blocks when the cache
+// is full (fewer, longer chunks are faster there on an H200; more help while it fills).
+int grouped_decode_splits(int64_t kv_rows, int64_t max_len, at::ScalarType dtype, int dim, int device);
+
 // Launches the grouped kernel's chunk pass, grid (splits, kv heads, rows); with splits > 1 the
 // caller then merges the partial results.
 void launch_grouped_decode_chunks(const DecodeArgs& args, at::ScalarType dtype, int dim, int group, int rows,

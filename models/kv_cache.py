@@ -13,9 +13,10 @@ Static decode (`static_decode=True`): a one-token forward touches no shape or in
 changes from step to step, so it can be captured once as a CUDA graph and replayed
 (engine/decode_graph.py). Its key and value are written at the position held in the device
 tensor `decode_position`, and it attends under the mask `decode_mask` [b, 1, 1, max_length]
-(False past the fill mark), both rewritten in place by `begin`. For a model with one kv head a
-query head on a GPU, one kernel writes the slot and reads only the slots up to the fill mark
-(csrc/decode_attention.cu); otherwise SDPA attends over all `max_length` slots. Forwards of
+(False past the fill mark), both rewritten in place by `begin`. On a GPU, where the kernels take
+the head layout (one kv head a query head, or 2..8 of them: loader.decode_heads_supported), one
+launch writes the slot and reads only the slots up to the fill mark (csrc/decode_attention.cu,
+decode_attention_grouped.cu); otherwise SDPA attends over all `max_length` slots. Forwards of
 several positions (the prompt) take the sliced path either way.
 """
 from __future__ import annotations
@@ -49,9 +50,9 @@ class LayerCache:
 def static_decode_attention(q, k, v, keys, values, visible, position):
     """A static-decode step: k, v [b, n_kv, 1, d] written at slot `position` (a one-element device
     tensor) of keys/values [b, n_kv, max_length, d], and q [b, n, 1, d] attended over the slots
-    `visible` [b, max_length] allows (none past position). Where it applies (a GPU, one kv head
-    a query head: loader.decode_attention_supported), csrc/decode_attention.cu in one launch that
-    reads only the slots up to position; elsewhere the torch reference, which reads all
+    `visible` [b, max_length] allows (none past position). Where it applies (a GPU and a head
+    layout the kernels take: loader.decode_attention_supported), csrc/decode_attention.cu in one
+    launch that reads only the slots up to position; elsewhere the torch reference, which reads all
     max_length of them (a fixed shape, so it too can be captured)."""
     if loader.decode_attention_supported(q, keys):
         return loader.decode_attention(q, k, v, keys, values, visible, position)

@@ -371,7 +371,7 @@ def register_usage(module) -> dict:
     if names and shutil.which("c++filt"):
         demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
         for k, name in zip(kernels, demangled):
-            k["kernel"] = re.sub(r"\(.*", "", name)
+            k["kernel"] = re.sub(r"\((?!anonymous namespace\)).*", "", name)  # drop the parameter list
     if not kernels:
         return {"error": "could not parse cuobjdump output", "raw": text[:4000]}
     return {"kernels": kernels, "spilling": [k for k in kernels if k["local"] > 0 or k["stack"] > 0]}

@@ -1,7 +1,8 @@
 """`model.cuda_graphs true` against the eager layers on GPUs: the same losses, gradient norms
 and per-parameter gradients over training steps with gradient accumulation (so the graphs
-read the weights each optimizer step writes), and a second forward before the first one's
-backward (the graphs hold one micro-batch, so it must run eagerly and stay correct).
+read the weights each optimizer step writes), with SDPA and with Transformer Engine's attention
+(where it imports), and a second forward before the first one's backward (the graphs hold one
+micro-batch, so it must run eagerly and stay correct).
 Run on a CUDA machine: `python3 -m pytest tests/gpu/test_layer_graphs_gpu.py -q`."""
 import os
 
@@ -21,9 +22,17 @@ CASES = {
     "fp8-row": ({"train": {"precision": "fp8", "fp8_scaling": "row"}}, 1),
     "compiled-layers": ({"model": {"compile": True}}, 1),
     "frozen-embedding-and-layer-0": ({"train": {"freeze": ["embedding.*", "layers.0.*"]}}, 1),
+    "te-attention": ({"model": {"attention_backend": "te"}}, 1),
+    "te-attention-compiled-layers": ({"model": {"attention_backend": "te", "compile": True}}, 1),
     "tp2-sp": ({"parallel": {"tp": 2, "sp": True}}, 2),
     "dp2-sharded-overlapped": ({"optim": {"shard": True, "overlap_param_gather": True}}, 2),
 }
+
+
+def _te_missing() -> bool:
+    from models import te_attention
+
+    return te_attention.import_te()[0] is None
 
 
 def _overrides(case_overrides: dict, graphs: bool) -> dict:
@@ -72,6 +81,8 @@ def test_graphed_layers_train_like_eager_layers(case):
     overrides, world = CASES[case]
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
+    if case.startswith("te-") and _te_missing():
+        pytest.skip("needs transformer_engine")
     eager = run_distributed(_run, world, _overrides(overrides, False))
     graphed = run_distributed(_run, world, _overrides(overrides, True))
     for rank, (e, g) in enumerate(zip(eager, graphed)):
