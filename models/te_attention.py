@@ -46,6 +46,9 @@ def _module(heads: int, kv_heads: int, head_dim: int, qkv_format: str, mask_type
     return _modules[key]
 
 
+# Dynamo cannot trace TE's DotProductAttention (an InternalTorchDynamoError on torch 2.11 with
+# TE 2.20), so under `model.compile true` the layer's graph breaks around these two calls.
+@torch.compiler.disable
 def dense(q, k, v):
     """Causal attention of [b, n, s, d] q and [b, n_kv, s, d] k, v; returns [b, n, s, d]."""
     b, n, s, d = q.shape
@@ -54,6 +57,7 @@ def dense(q, k, v):
     return out.view(s, b, n, d).permute(1, 2, 0, 3)
 
 
+@torch.compiler.disable
 def packed(q, k, v, cu_seqlens: torch.Tensor, max_len: int):
     """Causal attention within each document; cu_seqlens: int32 starts of the documents of all
     samples laid end to end (and the total), max_len the longest document."""
