@@ -113,6 +113,21 @@ def test_decode_graphs_only_where_they_apply():
     run_distributed(decode_graph_conditions, 1)
 
 
+def test_decode_attention_kernel_head_layouts():
+    """Which head layouts the decode-attention kernels take (the rest, and every CPU tensor,
+    run the torch reference): one kv head a query head at head dim 64/128/256, 2..8 query heads
+    a kv head at 64/128."""
+    from csrc import loader
+
+    for heads, kv_heads, dim in [(16, 16, 64), (16, 16, 128), (8, 8, 256), (32, 8, 128), (28, 4, 128), (8, 1, 64),
+                                 (6, 2, 64)]:
+        assert loader.decode_heads_supported(heads, kv_heads, dim), (heads, kv_heads, dim)
+    for heads, kv_heads, dim in [(16, 16, 96), (32, 8, 256), (32, 2, 128), (12, 8, 128), (8, 0, 64)]:
+        assert not loader.decode_heads_supported(heads, kv_heads, dim), (heads, kv_heads, dim)
+    q = torch.zeros(2, 32, 1, 128, dtype=torch.bfloat16)
+    assert not loader.decode_attention_supported(q, torch.zeros(2, 8, 16, 128, dtype=torch.bfloat16))
+
+
 def decode_graph_conditions():
     """Graphs need CUDA, one TP and PP rank and no FP8 linear (also none under a LoRA wrapper)."""
     from engine.decode_graph import graphable
