@@ -33,7 +33,6 @@ namespace trellis {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeUnroll = 2;
 
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(DecodeArgs args) {
   constexpr int kLanes = D / 8;
@@ -194,7 +193,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1, "q must be a CUDA [b, n, d] tensor with d contiguous");
   check_cuda_contiguous(keys, "keys");
   check_cuda_contiguous(values, "values");
-  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys and values must be one [b, n, max_len, d] shape");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys and values must be one [b, n_kv, max_len, d] shape");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = keys.size(1), max_len = keys.size(2);
   TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0, "keys [",
