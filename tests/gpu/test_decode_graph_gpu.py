@@ -1,10 +1,11 @@
 """CUDA-graph decode steps (engine/decode_graph.py) against the same static-decode cache run
 eagerly: the same tokens in every sampling mode, with left padding and an EOS stop, after the
 weights changed in place (a policy between rollouts) and at another batch size. Also with
-LoRA adapters over NF4 weights (QLoRA's policy), and at a head dim the decode-attention kernel
-takes (csrc/decode_attention.cu, then the replays and the eager static steps both run it).
-The static cache itself is checked against the sliced one on the
-CPU (tests/test_generation.py). Run on a CUDA machine:
+LoRA adapters over NF4 weights (QLoRA's policy), and at head layouts the decode-attention
+kernels take (csrc/decode_attention.cu with one kv head a query head,
+decode_attention_grouped.cu with two; the replays and the eager static steps both run them).
+The static cache itself is checked against the sliced one on the CPU (tests/test_generation.py).
+Run on a CUDA machine:
 `python3 -m pytest tests/gpu/test_decode_graph_gpu.py -q`."""
 import pytest
 import torch
