@@ -48,16 +48,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(
   const int64_t head_row = static_cast<int64_t>(row) * heads + head;  // (row, head)
   T* keys = static_cast<T*>(args.keys) + head_row * args.max_len * D;
   T* values = static_cast<T*>(args.values) + head_row * args.max_len * D;
-  if (position < start + args.chunk) {  // this chunk holds the new slot: write it first
-    if (threadIdx.x < kLanes) {
-      const int64_t from = row * args.new_stride_b + head * args.new_stride_h + lane * 8;
-      *reinterpret_cast<uint4*>(keys + static_cast<int64_t>(position) * D + lane * 8) =
-          *reinterpret_cast<const uint4*>(static_cast<const T*>(args.k_new) + from);
-      *reinterpret_cast<uint4*>(values + static_cast<int64_t>(position) * D + lane * 8) =
-          *reinterpret_cast<const uint4*>(static_cast<const T*>(args.v_new) + from);
-    }
-    __syncthreads();  // the block's own global writes are visible to it after the barrier
-  }
+  if (position < start + args.chunk) write_new_slot<T, D>(args, keys, values, row, head, position);
 
   float q[8];
   {
@@ -124,23 +115,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(
   for (int i = 0; i < 8; ++i) group_acc[group][lane * 8 + i] = acc[i];
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += kDecodeThreads) {
-    float chunk_max = -INFINITY;
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) chunk_max = fmaxf(chunk_max, group_stats[g].x);
-    const float shift = chunk_max == -INFINITY ? 0.f : chunk_max;
-    float sum = 0.f, value = 0.f;
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      const float weight = exp2f(group_stats[g].x - shift);
-      sum += group_stats[g].y * weight;
-      value += group_acc[g][d] * weight;
-    }
-    if (splits == 1) {
-      static_cast<T*>(args.out)[head_row * D + d] = from_float<T>(sum > 0.f ? value / sum : 0.f);
-    } else {
-      args.partial_out[(head_row * splits + split) * D + d] = value;
-      if (d == 0) args.partial_stats[head_row * splits + split] = make_float2(chunk_max, sum);
-    }
+    const SoftmaxMerge merged = merge_softmax_parts(
+        kGroups, [&](int g) { return group_stats[g]; }, [&](int g) { return group_acc[g][d]; });
+    write_chunk_result<T, D>(args, head_row, split, splits, d, merged);
   }
 }
 
@@ -150,16 +127,10 @@ __global__ void __launch_bounds__(D) decode_attention_merge_kernel(DecodeArgs ar
   const int64_t head_row = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int used = static_cast<int>(*args.position) / args.chunk + 1;
   const float2* stats = args.partial_stats + head_row * splits;
-  float top = -INFINITY;
-  for (int s = 0; s < used; ++s) top = fmaxf(top, stats[s].x);
-  const float shift = top == -INFINITY ? 0.f : top;
-  float sum = 0.f, value = 0.f;
-  for (int s = 0; s < used; ++s) {
-    const float weight = exp2f(stats[s].x - shift);
-    sum += stats[s].y * weight;
-    value += args.partial_out[(head_row * splits + s) * D + threadIdx.x] * weight;
-  }
-  static_cast<T*>(args.out)[head_row * D + threadIdx.x] = from_float<T>(sum > 0.f ? value / sum : 0.f);
+  const float* partial = args.partial_out + head_row * splits * D + threadIdx.x;
+  const SoftmaxMerge merged =
+      merge_softmax_parts(used, [&](int s) { return stats[s]; }, [&](int s) { return partial[s * D]; });
+  static_cast<T*>(args.out)[head_row * D + threadIdx.x] = from_float<T>(merged.normalised());
 }
 
 // Splits per row and head (one kv head a query head): enough blocks to fill the GPU several
@@ -170,6 +141,15 @@ inline int decode_splits(int64_t rows_heads, int64_t max_len, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((wanted + rows_heads - 1) / rows_heads, most)));
 }
 
+// Splits per row and head when the caller leaves the choice to the kernels.
+template <typename T, int D>
+int default_splits(int64_t rows, int64_t heads, int64_t kv_heads, int64_t max_len, int device) {
+  if constexpr (grouped_decode_head_dim(D)) {
+    if (heads != kv_heads) return grouped_decode_splits<T, D>(rows * kv_heads, max_len, device);
+  }
+  return decode_splits(rows * heads, max_len, device);
+}
+
 // One kv head a query head: the chunk pass here; grouped heads: decode_attention_grouped.cu's.
 // Then, with splits > 1, the merge, one block per (query head, row).
 template <typename T, int D>
@@ -178,12 +158,37 @@ void launch_decode(const DecodeArgs& args, int rows, int heads, int kv_heads, in
     decode_attention_chunk_kernel<T, D><<<dim3(splits, heads, rows), kDecodeThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    launch_grouped_decode_chunks(args, std::is_same<T, __half>::value ? at::kHalf : at::kBFloat16, D,
-                                 heads / kv_heads, rows, kv_heads, splits, stream);
+    if constexpr (grouped_decode_head_dim(D)) {
+      launch_grouped_decode_chunks<T, D>(args, heads / kv_heads, rows, kv_heads, splits, stream);
+    } else {
+      TORCH_CHECK(false, "grouped decode attention has no instance at head_dim ", D);
+    }
   }
   if (splits > 1) {
     decode_attention_merge_kernel<T, D><<<dim3(heads, rows), D, 0, stream>>>(args, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Calls f(TypeTag<T>, std::integral_constant<int, D>) for the kernels' instance of dtype and dim.
+template <typename F>
+void with_decode_instance(at::ScalarType dtype, int64_t dim, F f) {
+  auto with_type = [&](auto tag) {
+    if (dim == 64) {
+      f(tag, std::integral_constant<int, 64>{});
+    } else if (dim == 128) {
+      f(tag, std::integral_constant<int, 128>{});
+    } else if (dim == 256) {
+      f(tag, std::integral_constant<int, 256>{});
+    } else {
+      TORCH_CHECK(false, "decode attention takes head_dim 64, 128 or 256, got ", text(dim));
+    }
+  };
+  if (dtype == at::kBFloat16) {
+    with_type(TypeTag<__nv_bfloat16>{});
+  } else {
+    TORCH_CHECK(dtype == at::kHalf, "decode attention takes bfloat16 or float16, got ", dtype);
+    with_type(TypeTag<__half>{});
   }
 }
 
@@ -225,42 +230,26 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(rows <= 65535 && heads <= 65535, "decode attention takes at most 65535 rows and heads (grid limits)");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (splits <= 0) {
-    splits = group == 1 ? decode_splits(rows * heads, max_len, q.get_device())
-                        : grouped_decode_splits(rows * kv_heads, max_len, q.scalar_type(), dim, q.get_device());
-  }
-  const int chunk = static_cast<int>((max_len + splits - 1) / splits);
-  splits = (max_len + chunk - 1) / chunk;  // no split may start past the cache
   at::Tensor out = at::empty({rows, heads, dim}, q.options());
-  at::Tensor partial_out, partial_stats;
-  if (splits > 1) {
-    partial_out = at::empty({rows, heads, splits, dim}, q.options().dtype(at::kFloat));
-    partial_stats = at::empty({rows, heads, splits, 2}, q.options().dtype(at::kFloat));
-  }
-  DecodeArgs args{q.data_ptr(), q.stride(0), q.stride(1), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
-                  k_new.stride(1), keys.data_ptr(), values.data_ptr(), visible.data_ptr<bool>(), visible.stride(0),
-                  position.data_ptr<int64_t>(), out.data_ptr(),
-                  splits > 1 ? partial_out.data_ptr<float>() : nullptr,
-                  splits > 1 ? reinterpret_cast<float2*>(partial_stats.data_ptr<float>()) : nullptr,
-                  static_cast<int>(max_len), chunk, static_cast<float>(1.4426950408889634 / std::sqrt(double(dim)))};
-  auto run = [&](auto tag) {
+  with_decode_instance(q.scalar_type(), dim, [&](auto tag, auto dim_tag) {
     using T = typename decltype(tag)::type;
-    if (dim == 64) {
-      launch_decode<T, 64>(args, rows, heads, kv_heads, splits, stream);
-    } else if (dim == 128) {
-      launch_decode<T, 128>(args, rows, heads, kv_heads, splits, stream);
-    } else if (dim == 256) {
-      launch_decode<T, 256>(args, rows, heads, kv_heads, splits, stream);
-    } else {
-      TORCH_CHECK(false, "decode attention takes head_dim 64, 128 or 256, got ", text(dim));
+    constexpr int D = decltype(dim_tag)::value;
+    if (splits <= 0) splits = default_splits<T, D>(rows, heads, kv_heads, max_len, q.get_device());
+    const int chunk = static_cast<int>((max_len + splits - 1) / splits);
+    splits = (max_len + chunk - 1) / chunk;  // no split may start past the cache
+    at::Tensor partial_out, partial_stats;
+    if (splits > 1) {
+      partial_out = at::empty({rows, heads, splits, dim}, q.options().dtype(at::kFloat));
+      partial_stats = at::empty({rows, heads, splits, 2}, q.options().dtype(at::kFloat));
     }
-  };
-  if (q.scalar_type() == at::kBFloat16) {
-    run(TypeTag<__nv_bfloat16>{});
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kHalf, "decode attention takes bfloat16 or float16, got ", q.scalar_type());
-    run(TypeTag<__half>{});
-  }
+    DecodeArgs args{q.data_ptr(), q.stride(0), q.stride(1), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
+                    k_new.stride(1), keys.data_ptr(), values.data_ptr(), visible.data_ptr<bool>(), visible.stride(0),
+                    position.data_ptr<int64_t>(), out.data_ptr(),
+                    splits > 1 ? partial_out.data_ptr<float>() : nullptr,
+                    splits > 1 ? reinterpret_cast<float2*>(partial_stats.data_ptr<float>()) : nullptr,
+                    static_cast<int>(max_len), chunk, static_cast<float>(1.4426950408889634 / std::sqrt(double(dim)))};
+    launch_decode<T, D>(args, rows, heads, kv_heads, splits, stream);
+  });
   return out;
 }
 

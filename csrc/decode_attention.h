@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include "kernel_common.h"
+
 namespace trellis {
 
 struct DecodeArgs {
@@ -32,18 +34,75 @@ struct DecodeArgs {
 // Query heads a kv head the grouped kernel takes (the rows 0..7 of one m16 tensor-core tile),
 // and whether it has an instance for head dim `dim`.
 constexpr int kMaxDecodeGroup = 8;
-inline bool grouped_decode_head_dim(int64_t dim) { return dim == 64 || dim == 128; }
+constexpr bool grouped_decode_head_dim(int64_t dim) { return dim == 64 || dim == 128; }
 
 // Chunks (splits) are at least this many keys long, so a block's fixed costs stay small.
 constexpr int kMinDecodeChunk = 128;
 
 // Splits per row and kv head for the grouped kernel: two waves of resident blocks when the cache
 // is full (fewer, longer chunks are faster there on an H200; more help while it fills).
-int grouped_decode_splits(int64_t kv_rows, int64_t max_len, at::ScalarType dtype, int dim, int device);
+// Instantiated for bf16 and fp16 at the head dims grouped_decode_head_dim admits.
+template <typename T, int D>
+int grouped_decode_splits(int64_t kv_rows, int64_t max_len, int device);
 
 // Launches the grouped kernel's chunk pass, grid (splits, kv heads, rows); with splits > 1 the
 // caller then merges the partial results.
-void launch_grouped_decode_chunks(const DecodeArgs& args, at::ScalarType dtype, int dim, int group, int rows,
-                                  int kv_heads, int splits, cudaStream_t stream);
+template <typename T, int D>
+void launch_grouped_decode_chunks(const DecodeArgs& args, int group, int rows, int kv_heads, int splits,
+                                  cudaStream_t stream);
+
+// ---------------------------------------------------------------- device pieces of both kernels
+// The block whose chunk holds the new slot writes the new token's key and value there (kv head
+// `kv_head` of row `row`) before it reads the chunk; the barrier makes the block's own global
+// writes visible to it.
+template <typename T, int D>
+__device__ __forceinline__ void write_new_slot(const DecodeArgs& args, T* keys, T* values, int row, int kv_head,
+                                               int position) {
+  if (threadIdx.x < D / 8) {
+    const int64_t from = row * args.new_stride_b + kv_head * args.new_stride_h + threadIdx.x * 8;
+    const int64_t to = static_cast<int64_t>(position) * D + threadIdx.x * 8;
+    *reinterpret_cast<uint4*>(keys + to) = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.k_new) + from);
+    *reinterpret_cast<uint4*>(values + to) = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.v_new) + from);
+  }
+  __syncthreads();
+}
+
+// Softmax over keys split into parts, merged: the largest part max, the sum of exponentials and
+// one unnormalised output element, both rescaled to that max (log2 domain).
+struct SoftmaxMerge {
+  float max, sum, value;
+  __device__ __forceinline__ float normalised() const { return sum > 0.f ? value / sum : 0.f; }
+};
+
+// `stats(p)`: part p's (max, sum) as a float2; `value(p)`: its output element. Loops unroll where
+// `parts` is a constant after inlining (the in-block merges), and stay loops where it is not.
+template <typename Stats, typename Value>
+__device__ __forceinline__ SoftmaxMerge merge_softmax_parts(int parts, Stats stats, Value value) {
+  SoftmaxMerge merged{-INFINITY, 0.f, 0.f};
+#pragma unroll
+  for (int p = 0; p < parts; ++p) merged.max = fmaxf(merged.max, stats(p).x);
+  // While every part is hidden the max stays -inf; subtracting 0 then keeps exp2f at 0.
+  const float shift = merged.max == -INFINITY ? 0.f : merged.max;
+#pragma unroll
+  for (int p = 0; p < parts; ++p) {
+    const float weight = exp2f(stats(p).x - shift);
+    merged.sum += stats(p).y * weight;
+    merged.value += value(p) * weight;
+  }
+  return merged;
+}
+
+// A block's merged chunk, element d of (row, head) `head_row`: the output itself when the chunk
+// is the whole cache (one split), else the chunk's part for the merge kernel.
+template <typename T, int D>
+__device__ __forceinline__ void write_chunk_result(const DecodeArgs& args, int64_t head_row, int split, int splits,
+                                                   int d, const SoftmaxMerge& merged) {
+  if (splits == 1) {
+    static_cast<T*>(args.out)[head_row * D + d] = from_float<T>(merged.normalised());
+  } else {
+    args.partial_out[(head_row * splits + split) * D + d] = merged.value;
+    if (d == 0) args.partial_stats[head_row * splits + split] = make_float2(merged.max, merged.sum);
+  }
+}
 
 }  // namespace trellis

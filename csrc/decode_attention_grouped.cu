@@ -40,39 +40,38 @@ namespace {
 
 constexpr int kGroupedWarps = 4;
 
-template <typename T>
-struct TensorCore;
+// One m16n8k16 product, c += A . B, for A's rows 0..7: c holds row g's two columns, and a1 = a3 =
+// 0 (rows 8..15 are empty; their outputs are zero in, zero out, and dead at once, so no
+// registers are kept for them).
+#define TRELLIS_MMA_ROWS_0_7(TYPE)                                                                     \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
+      "{%0,%1,%10,%10};\n"                                                                             \
+      : "+f"(c[0]), "+f"(c[1]), "=f"(empty2), "=f"(empty3)                                               \
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f))
 
-template <>
-struct TensorCore<__nv_bfloat16> {
-  // c += A . B for A's rows 0..7, c holding row g's two columns (a1 = a3 = 0: rows 8..15 are empty).
-  static __device__ __forceinline__ void mma(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-    float empty2, empty3;  // rows 8..15: zero in, zero out, dead at once (no registers kept for them)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%10,%10};\n"
-        : "+f"(c[0]), "+f"(c[1]), "=f"(empty2), "=f"(empty3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+template <typename T>
+__device__ __forceinline__ void mma_rows_0_7(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  float empty2, empty3;
+  if constexpr (std::is_same<T, __half>::value) {
+    TRELLIS_MMA_ROWS_0_7("f16");
+  } else {
+    static_assert(std::is_same<T, __nv_bfloat16>::value, "tensor-core decode takes bf16 or fp16");
+    TRELLIS_MMA_ROWS_0_7("bf16");
   }
-  static __device__ __forceinline__ uint32_t pack(float low, float high) {
+}
+#undef TRELLIS_MMA_ROWS_0_7
+
+// Two floats as one register of T, `low` in the low half (one conversion instruction).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 v = __floats2half2_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
     const __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
-};
-
-template <>
-struct TensorCore<__half> {
-  static __device__ __forceinline__ void mma(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-    float empty2, empty3;  // rows 8..15: zero in, zero out, dead at once (no registers kept for them)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%10,%10};\n"
-        : "+f"(c[0]), "+f"(c[1]), "=f"(empty2), "=f"(empty3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
-  }
-  static __device__ __forceinline__ uint32_t pack(float low, float high) {
-    const __half2 v = __floats2half2_rn(low, high);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-};
+}
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -131,7 +130,6 @@ struct WarpStepLoads {
 template <typename T, int D>
 struct WarpAttention {
   using Loads = WarpStepLoads<T, D>;
-  using Core = TensorCore<T>;
   uint4 q[Loads::kSlices32];             // row g's d at 32c + 8t (zero for the empty rows)
   float acc[Loads::kSlices64][8][2];     // [h][i]: row g, columns 64h + 16t + i and + 8
   float running_max = -INFINITY, running_sum = 0.f;
@@ -148,7 +146,7 @@ struct WarpAttention {
         for (int c = 0; c < Loads::kSlices32; ++c)
 #pragma unroll
           for (int s = 0; s < 2; ++s)
-            Core::mma(score[u][e], word(q[c], 2 * s), word(q[c], 2 * s + 1), word(step.k[u][e][c], 2 * s),
+            mma_rows_0_7<T>(score[u][e], word(q[c], 2 * s), word(q[c], 2 * s + 1), word(step.k[u][e][c], 2 * s),
                       word(step.k[u][e][c], 2 * s + 1));
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -181,13 +179,13 @@ struct WarpAttention {
       for (int e = 0; e < 2; ++e) {
         const float p0 = exp2f(score[u][e][0] - shift), p1 = exp2f(score[u][e][1] - shift);
         running_sum += p0 + p1;
-        p[e] = Core::pack(p0, p1);
+        p[e] = pack_pair<T>(p0, p1);
       }
 #pragma unroll
       for (int h = 0; h < Loads::kSlices64; ++h)
 #pragma unroll
         for (int i = 0; i < 8; ++i)
-          Core::mma(acc[h][i], p[0], p[1], pair_elements(step.v[u][0][0][h], step.v[u][0][1][h], i),
+          mma_rows_0_7<T>(acc[h][i], p[0], p[1], pair_elements(step.v[u][0][0][h], step.v[u][0][1][h], i),
                     pair_elements(step.v[u][1][0][h], step.v[u][1][1][h], i));
     }
   }
@@ -208,16 +206,7 @@ __global__ void __launch_bounds__(kGroupedWarps * 32)
   const int64_t kv_row = static_cast<int64_t>(row) * kv_heads + kv_head;
   T* keys = static_cast<T*>(args.keys) + kv_row * args.max_len * D;
   T* values = static_cast<T*>(args.values) + kv_row * args.max_len * D;
-  if (position < start + args.chunk) {  // this chunk holds the new slot: write it first
-    if (threadIdx.x < D / 8) {
-      const int64_t from = row * args.new_stride_b + kv_head * args.new_stride_h + threadIdx.x * 8;
-      *reinterpret_cast<uint4*>(keys + static_cast<int64_t>(position) * D + threadIdx.x * 8) =
-          load16(static_cast<const T*>(args.k_new) + from);
-      *reinterpret_cast<uint4*>(values + static_cast<int64_t>(position) * D + threadIdx.x * 8) =
-          load16(static_cast<const T*>(args.v_new) + from);
-    }
-    __syncthreads();  // the block's own global writes are visible to it after the barrier
-  }
+  if (position < start + args.chunk) write_new_slot<T, D>(args, keys, values, row, kv_head, position);
 
   WarpAttention<T, D> attention;
   const int heads = kv_heads * group;
@@ -267,42 +256,9 @@ __global__ void __launch_bounds__(kGroupedWarps * 32)
   __syncthreads();
   for (int index = threadIdx.x; index < group * D; index += kGroupedWarps * 32) {
     const int r = index / D, d = index % D;
-    float chunk_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kGroupedWarps; ++w) chunk_max = fmaxf(chunk_max, warp_stats[w][r].x);
-    const float shift = chunk_max == -INFINITY ? 0.f : chunk_max;
-    float sum = 0.f, value = 0.f;
-#pragma unroll
-    for (int w = 0; w < kGroupedWarps; ++w) {
-      const float weight = exp2f(warp_stats[w][r].x - shift);
-      sum += warp_stats[w][r].y * weight;
-      value += warp_acc[w][r][d] * weight;
-    }
-    const int64_t out_row = head_row + r;  // (row, head)
-    if (splits == 1) {
-      static_cast<T*>(args.out)[out_row * D + d] = from_float<T>(sum > 0.f ? value / sum : 0.f);
-    } else {
-      args.partial_out[(out_row * splits + split) * D + d] = value;
-      if (d == 0) args.partial_stats[out_row * splits + split] = make_float2(chunk_max, sum);
-    }
-  }
-}
-
-// Calls f(TypeTag<T>, std::integral_constant<int, D>) for the kernel instance of dtype and dim.
-template <typename F>
-void with_grouped_instance(at::ScalarType dtype, int dim, F f) {
-  TORCH_CHECK(grouped_decode_head_dim(dim), "grouped decode attention takes head_dim 64 or 128, got ", dim);
-  auto with_type = [&](auto tag) {
-    if (dim == 64) {
-      f(tag, std::integral_constant<int, 64>{});
-    } else {
-      f(tag, std::integral_constant<int, 128>{});
-    }
-  };
-  if (dtype == at::kHalf) {
-    with_type(TypeTag<__half>{});
-  } else {
-    with_type(TypeTag<__nv_bfloat16>{});
+    const SoftmaxMerge merged = merge_softmax_parts(
+        kGroupedWarps, [&](int w) { return warp_stats[w][r]; }, [&](int w) { return warp_acc[w][r][d]; });
+    write_chunk_result<T, D>(args, head_row + r, split, splits, d, merged);  // (row, head)
   }
 }
 
@@ -320,23 +276,27 @@ int resident_blocks() {
 
 }  // namespace
 
-int grouped_decode_splits(int64_t kv_rows, int64_t max_len, at::ScalarType dtype, int dim, int device) {
-  int resident = 1;
-  with_grouped_instance(dtype, dim, [&](auto tag, auto dim_tag) {
-    resident = resident_blocks<typename decltype(tag)::type, decltype(dim_tag)::value>();
-  });
-  const int64_t wanted = 2LL * resident * device_props(device).multiProcessorCount;
+template <typename T, int D>
+int grouped_decode_splits(int64_t kv_rows, int64_t max_len, int device) {
+  const int64_t wanted = 2LL * resident_blocks<T, D>() * device_props(device).multiProcessorCount;
   const int64_t most = (max_len + kMinDecodeChunk - 1) / kMinDecodeChunk;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted / kv_rows, most)));
 }
 
-void launch_grouped_decode_chunks(const DecodeArgs& args, at::ScalarType dtype, int dim, int group, int rows,
-                                  int kv_heads, int splits, cudaStream_t stream) {
-  with_grouped_instance(dtype, dim, [&](auto tag, auto dim_tag) {
-    grouped_decode_chunk_kernel<typename decltype(tag)::type, decltype(dim_tag)::value>
-        <<<dim3(splits, kv_heads, rows), kGroupedWarps * 32, 0, stream>>>(args, group);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+template <typename T, int D>
+void launch_grouped_decode_chunks(const DecodeArgs& args, int group, int rows, int kv_heads, int splits,
+                                  cudaStream_t stream) {
+  grouped_decode_chunk_kernel<T, D><<<dim3(splits, kv_heads, rows), kGroupedWarps * 32, 0, stream>>>(args, group);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+#define TRELLIS_GROUPED_DECODE_INSTANCE(T, D)                                                           \
+  template int grouped_decode_splits<T, D>(int64_t, int64_t, int);                                      \
+  template void launch_grouped_decode_chunks<T, D>(const DecodeArgs&, int, int, int, int, cudaStream_t);
+TRELLIS_GROUPED_DECODE_INSTANCE(__nv_bfloat16, 64)
+TRELLIS_GROUPED_DECODE_INSTANCE(__nv_bfloat16, 128)
+TRELLIS_GROUPED_DECODE_INSTANCE(__half, 64)
+TRELLIS_GROUPED_DECODE_INSTANCE(__half, 128)
+#undef TRELLIS_GROUPED_DECODE_INSTANCE
 
 }  // namespace trellis
