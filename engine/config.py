@@ -456,11 +456,12 @@ def validate_cuda_graphs(cfg: Config) -> None:
     _require(not (cfg.train.precision == "fp8" and cfg.train.fp8_amax_history > 1), key,
              f"cannot keep train.fp8_amax_history {cfg.train.fp8_amax_history} exact across the graph warm-up; "
              "use train.fp8_amax_history 1 (current scaling) or model.cuda_graphs false")
-    # These objectives' batches always carry document ids (packed conversations, rollouts),
-    # which run the eager layers: the graphs would never be used.
-    _require(cfg.train.objective not in ("sft", "ppo", "grpo"), key,
-             f"train.objective {cfg.train.objective} packs documents into its sequences, which the graphs cannot "
-             "replay; set model.cuda_graphs false")
+    # These objectives' batches always carry document ids (packed conversations, rollouts). The
+    # graphs replay them through SDPA's dense document mask only; with another backend every
+    # forward would run the eager layers and the graphs would never be used.
+    _require(cfg.train.objective not in ("sft", "ppo", "grpo") or m.attention_backend == "sdpa", key,
+             f"train.objective {cfg.train.objective} packs documents into its sequences, which the graphs replay "
+             f"only with model.attention_backend sdpa (got {m.attention_backend}); set it, or model.cuda_graphs false")
 
 
 def validate_batch_ramp(cfg: Config, dp: int) -> None:

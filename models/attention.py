@@ -63,7 +63,11 @@ class _MaskOfLastDocuments:
     """The mask last built from a document_ids tensor, handed to every layer of a forward that
     passes that same tensor (unchanged since): built per layer, a flex block mask costs more
     host time than the layer's attention. Held by a weak reference, so a new batch's tensor at
-    a freed one's address is never mistaken for it."""
+    a freed one's address is never mistaken for it.
+
+    A mask built while a CUDA graph is captured lives in the graph's memory and is rebuilt by
+    its replays (models/layer_graphs.py: the first layer's graph builds it, the later layers'
+    graphs read it), so it is handed only to captures, and an eager mask never to a capture."""
 
     def __init__(self):
         self.key, self.mask = None, None
@@ -71,12 +75,14 @@ class _MaskOfLastDocuments:
     def get(self, kind, document_ids: torch.Tensor, build):
         if torch.compiler.is_compiling():
             return build()
+        capturing = document_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (document_ids._version, kind, capturing)
         if self.key is not None:
-            ref, version, cached_kind = self.key
-            if ref() is document_ids and version == document_ids._version and cached_kind == kind:
+            ref, cached = self.key[0], self.key[1:]
+            if ref() is document_ids and cached == key:
                 return self.mask
         self.mask = build()
-        self.key = (weakref.ref(document_ids), document_ids._version, kind)
+        self.key = (weakref.ref(document_ids), *key)
         return self.mask
 
 

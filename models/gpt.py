@@ -63,7 +63,8 @@ class GPTModel(nn.Module):
         if cfg.compile:
             for layer in self.layers.values():
                 layer.compile()  # in place: parameter names stay layout- and compile-independent
-        self.layer_graphs = LayerGraphs(self.layers.values()) if cfg.cuda_graphs and self.layer_ids else None
+        self.layer_graphs = (LayerGraphs(self.layers.values(), documents=cfg.attention_backend == "sdpa")
+                             if cfg.cuda_graphs and self.layer_ids else None)
 
     def embedding_rank(self) -> int:
         return torch.distributed.get_rank(self.tp_group) if self.tp > 1 else 0
@@ -168,7 +169,7 @@ class GPTModel(nn.Module):
     def _run_layers(self, hidden, rope, document_ids, kv_cache):
         graphs = self.layer_graphs
         if graphs is not None and self.training and graphs.applies(document_ids, kv_cache):
-            graphed = graphs(hidden, rope)
+            graphed = graphs(hidden, rope, document_ids)
             if graphed is not None:
                 return graphed
         for layer_id, layer in self.layers.items():

@@ -20,10 +20,18 @@ gains, biases, FP8 or compiled linears) come out of the graph in static tensors.
 gradient buffer's hooks then add and count them exactly as in eager, bucket reductions
 included, and a graphed and an eager forward of the same layers can share one backward.
 
+Packed documents (SFT, PPO and GRPO batches, left-padded rollouts): with SDPA the attention
+mask is a function of the batch's `document_ids` alone, built with tensor ops, so it can live
+inside the graphs. The ids are one more static input, copied in per micro-batch; the first
+layer's graph builds the mask from them and the later layers' graphs read it (models/attention.py
+hands one mask to every layer of a capture, as it does to every layer of an eager forward).
+FlexAttention's block mask, flash-attn's and TE's varlen boundaries are built with host work, so
+`documents` is only set for `model.attention_backend sdpa`.
+
 Limits (checked in engine/config.py): CUDA, one pipeline stage (1F1B keeps several
 micro-batches' activations alive, and a graph holds one), no dropout, no activation
-recompute. Inputs of another shape, packed documents, a KV cache, or a second forward
-before the first one's backward run the eager layers.
+recompute. Inputs of another shape, packed documents without `documents`, a KV cache, or a
+second forward before the first one's backward run the eager layers.
 """
 from __future__ import annotations
 
@@ -64,8 +72,10 @@ class _LayerGraph:
 class LayerGraphs:
     """The transformer layers of one model chunk, run as CUDA graphs where they can be."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, documents: bool = False):
         self.layers = list(layers)
+        self.documents = documents  # packed documents replay too (their mask is built in the graphs)
+        self.static_documents = None
         self.graphs: list[_LayerGraph] | None = None
         self.signature = None
         self.static_rope: tuple = ()
@@ -75,22 +85,24 @@ class LayerGraphs:
         self.anchor: int | None = None
 
     def applies(self, document_ids, kv_cache) -> bool:
-        return (torch.is_grad_enabled() and document_ids is None and kv_cache is None
+        return (torch.is_grad_enabled() and (document_ids is None or self.documents) and kv_cache is None
                 and all(layer.training for layer in self.layers))
 
-    def __call__(self, hidden: torch.Tensor, rope):
+    def __call__(self, hidden: torch.Tensor, rope, document_ids=None):
         """The layers' output, or None when this input must run eagerly (see the module notes)."""
         if not hidden.is_cuda:
             raise RuntimeError("model.cuda_graphs needs a CUDA device; set it false for CPU runs")
         rope = tuple(rope) if rope is not None else ()
-        signature = _signature(hidden, rope)
+        signature = _signature(hidden, rope, document_ids)
         if self.graphs is None:
-            self._capture(hidden, rope)
+            self._capture(hidden, rope, document_ids)
             self.signature = signature
         if signature != self.signature or self._backward_pending():
             return None
         for table, static in zip(rope, self.static_rope):
             static.copy_(table)
+        if document_ids is not None:
+            self.static_documents.copy_(document_ids)
         for graph in self.graphs:
             _run_forward_pre_hooks(graph.layer)
             hidden = _ReplayLayer.apply(graph, self, hidden, *graph.params)
@@ -113,7 +125,7 @@ class LayerGraphs:
         return self._pending is not None and self._pending() is not None
 
     # ---- capture ------------------------------------------------------------------------
-    def _capture(self, hidden, rope) -> None:
+    def _capture(self, hidden, rope, document_ids) -> None:
         params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         for layer_params in params:
             for param in layer_params:
@@ -121,6 +133,7 @@ class LayerGraphs:
                     raise RuntimeError("model.cuda_graphs needs every trainable parameter in a gradient buffer "
                                        "(main_grad), as the training engine sets up")
         self.static_rope = tuple(t.detach().clone() for t in rope)
+        self.static_documents = document_ids.clone() if document_ids is not None else None
         needs_input_grad = hidden.requires_grad
         trained = [i for i, layer_params in enumerate(params) if layer_params]
         self.anchor = 0 if needs_input_grad else (trained[0] if trained else None)
@@ -135,8 +148,9 @@ class LayerGraphs:
             _CAPTURED.add(self)
             self._capture_backwards(pool)
 
-    def _rope_arg(self):
-        return self.static_rope if self.static_rope else None
+    def _static_args(self) -> tuple:
+        """What every layer takes beside its input: rope tables and document ids (static copies)."""
+        return (self.static_rope if self.static_rope else None, self.static_documents)
 
     def _warm_up(self, sample: torch.Tensor, needs_input_grad: bool, trainable: list) -> None:
         side = torch.cuda.Stream()
@@ -146,7 +160,7 @@ class LayerGraphs:
                 x = sample.clone().requires_grad_(needs_input_grad)
                 out = x
                 for layer in self.layers:
-                    out = layer(out, self._rope_arg())
+                    out = layer(out, *self._static_args())
                 inputs = ([x] if needs_input_grad else []) + trainable
                 if inputs:
                     # A zero gradient: state the backward keeps (an FP8 amax history) sees nothing
@@ -160,7 +174,7 @@ class LayerGraphs:
         for layer, layer_params in zip(self.layers, params):
             forward_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(forward_graph, pool=pool, capture_error_mode="thread_local"):
-                static_out = layer(static_in, self._rope_arg())
+                static_out = layer(static_in, *self._static_args())
             graphs.append(_LayerGraph(layer, layer_params, static_in, static_out, forward_graph))
             # The next layer reads this output in place; its gradient stops at this alias.
             static_in = static_out.detach().requires_grad_(True)
@@ -216,8 +230,10 @@ def _detached(tensor):
     return tensor.detach() if tensor is not None else None
 
 
-def _signature(hidden, rope) -> tuple:
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in (hidden, *rope)) + (hidden.requires_grad,)
+def _signature(hidden, rope, document_ids) -> tuple:
+    documents = () if document_ids is None else (document_ids,)
+    return (tuple((tuple(t.shape), t.dtype, t.device) for t in (hidden, *rope, *documents))
+            + (hidden.requires_grad, document_ids is not None))
 
 
 def _run_forward_pre_hooks(layer: torch.nn.Module) -> None:

@@ -63,7 +63,9 @@ def test_fp8_recipe_errors(extra, fragment):
     (["--finetune.lora_dropout", "0.1", "--train.device", "cuda"], 1, "model.cuda_graphs: needs finetune.lora_dropout 0"),
     (["--train.precision", "fp8", "--train.fp8_amax_history", "4", "--train.device", "cuda"], 1,
      "model.cuda_graphs: cannot keep train.fp8_amax_history 4 exact"),
-    (["--train.objective", "grpo", "--train.device", "cuda"], 1, "train.objective grpo packs documents"),
+    (["--train.objective", "grpo", "--train.device", "cuda"], 1,
+     "train.objective grpo packs documents into its sequences, which the graphs replay only with "
+     "model.attention_backend sdpa (got auto)"),
 ])
 def test_cuda_graph_limits_are_config_errors(extra, world, fragment):
     argv = ["--data.mock", "true", "--model.cuda_graphs", "true", *extra]
@@ -71,6 +73,17 @@ def test_cuda_graph_limits_are_config_errors(extra, world, fragment):
         validate(parse_args(argv), world_size=world)
     assert fragment in str(info.value)
     validate(parse_args(["--data.mock", "true", "--model.cuda_graphs", "true", "--train.device", "cuda"]), world_size=1)
+
+
+@pytest.mark.parametrize("objective", ["sft", "ppo", "grpo"])
+def test_cuda_graphs_take_packed_documents_through_sdpa(objective):
+    from engine.config import validate_cuda_graphs
+
+    validate_cuda_graphs(parse_args(["--model.cuda_graphs", "true", "--train.device", "cuda",
+                                     "--train.objective", objective, "--model.attention_backend", "sdpa"]))
+    with pytest.raises(ConfigError, match="only with model.attention_backend sdpa .got flex."):
+        validate_cuda_graphs(parse_args(["--model.cuda_graphs", "true", "--train.device", "cuda",
+                                         "--train.objective", objective, "--model.attention_backend", "flex"]))
 
 
 def test_unknown_yaml_key(tmp_path):

@@ -39,6 +39,8 @@ def parse_args(argv=None):
                    "training forwards (generation always uses SDPA with the cache's mask)")
     p.add_argument("--decode", choices=["auto", "eager"], default="auto", help="rl.decode: CUDA-graph decode steps "
                    "where they apply, or eager ones")
+    p.add_argument("--cuda-graphs", action="store_true", help="model.cuda_graphs: the training forwards and "
+                   "backwards replay each layer from a CUDA graph (needs --attention-backend sdpa)")
     return p.parse_args(argv)
 
 
@@ -50,7 +52,7 @@ def build_trainer(args, folder: str):
     cfg = Config()
     apply_mapping(cfg, {
         "model": {"preset": args.preset, "seq_length": args.prompt_len + args.new_tokens,
-                  "attention_backend": args.attention_backend},
+                  "attention_backend": args.attention_backend, "cuda_graphs": args.cuda_graphs},
         "train": {"objective": "ppo", "iters": args.iters + 1, "micro_batch_size": args.micro_batch,
                   "global_batch_size": args.prompts, "precision": args.precision, "device": args.device,
                   "lr": 1e-6, "output_dir": os.path.join(folder, "run")},
@@ -113,6 +115,7 @@ def run(args) -> dict:
                    "precision": resolve_precision(trainer.cfg.train.precision, trainer.device), "prompts": args.prompts, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "micro_batch": args.micro_batch, "epochs": args.epochs,
                    "decode": "graphs" if trainer.generator.graphs else args.decode,
+                   "layer_graphs": args.cuda_graphs,
                    "generation_tokens_per_s": sum(r["generation_tokens_per_s"] for r in timed) / len(timed),
                    "train_tokens_per_s": sum(r["train_tokens_per_s"] for r in timed) / len(timed),
                    "iteration_s": sum(r["generation_s"] + r["scoring_s"] + r["train_s"] for r in timed) / len(timed),

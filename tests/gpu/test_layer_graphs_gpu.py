@@ -1,8 +1,9 @@
 """`model.cuda_graphs true` against the eager layers on GPUs: the same losses, gradient norms
 and per-parameter gradients over training steps with gradient accumulation (so the graphs
 read the weights each optimizer step writes), with SDPA and with Transformer Engine's attention
-(where it imports), and a second forward before the first one's backward (the graphs hold one
-micro-batch, so it must run eagerly and stay correct).
+(where it imports), with packed documents (a different layout every micro-batch, so the mask
+built inside the graphs must follow the ids copied in), and a second forward before the first
+one's backward (the graphs hold one micro-batch, so it must run eagerly and stay correct).
 Run on a CUDA machine: `python3 -m pytest tests/gpu/test_layer_graphs_gpu.py -q`."""
 import os
 
@@ -47,12 +48,42 @@ def _main_grads(model) -> dict:
     return {name: p.main_grad.float().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _run(overrides: dict) -> dict:
+def _packed_layout(seq: int, seed: int) -> tuple:
+    """(document_ids, position_ids) [seq] of one row: 1-4 documents at random cut points, the
+    first starting at id 0 or 1 (as left padding does), positions restarting at each."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(seq - 1, generator=g)[: int(torch.randint(0, 4, (1,), generator=g))] + 1
+    starts = torch.zeros(seq, dtype=torch.long)
+    starts[cuts] = 1
+    document_ids = starts.cumsum(0) + int(torch.randint(0, 2, (1,), generator=g))
+    index = torch.arange(seq)
+    first_of_document = torch.cummax(torch.where(starts.bool(), index, torch.zeros_like(index)), 0).values
+    return document_ids, index - first_of_document
+
+
+def _with_packed_documents(trainer) -> None:
+    """Give every micro-batch the trainer loads its own document layout (the same in every run)."""
+    load, counter = trainer.train_microbatches, iter(range(10**6))
+
+    def packed(global_batch):
+        batches = load(global_batch)
+        for batch in batches:
+            rows, seq = batch["tokens"].shape
+            layouts = [_packed_layout(seq, 1000 * next(counter) + r) for r in range(rows)]
+            for key, index in (("document_ids", 0), ("position_ids", 1)):
+                batch[key] = torch.stack([layout[index] for layout in layouts]).to(batch["tokens"].device)
+        return batches
+    trainer.train_microbatches = packed
+
+
+def _run(overrides: dict, documents: bool = False) -> dict:
     from engine.config import validate
     from engine.training import shutdown, trainer_class
 
     cfg = validate(tiny_config(overrides), int(os.environ["WORLD_SIZE"]))
     trainer = trainer_class("lm")(cfg)
+    if documents:
+        _with_packed_documents(trainer)
     records = [trainer.train_step() for _ in range(cfg.train.iters)]
     model = trainer.model_chunks[0]
     after_steps = _main_grads(model)
@@ -61,19 +92,30 @@ def _run(overrides: dict) -> dict:
     trainer.optimizer.set_microbatches(2)
     batches = trainer.train_microbatches(2 * cfg.train.micro_batch_size * trainer.grid.dp)
     with trainer.autocast():
-        losses = [model(b["tokens"], labels=b["labels"], loss_weights=b["loss_mask"] / b["loss_mask"].sum())
+        losses = [model(b["tokens"], labels=b["labels"], loss_weights=b["loss_mask"] / b["loss_mask"].sum(),
+                        position_ids=b.get("position_ids"), document_ids=b.get("document_ids"))
                   for b in batches]
     torch.stack(losses).sum().backward()
     two_forwards = _main_grads(model)
+    captured = model.layer_graphs is not None and model.layer_graphs.graphs is not None
     shutdown()
     return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
-            "after_steps": after_steps, "two_forwards": two_forwards}
+            "after_steps": after_steps, "two_forwards": two_forwards, "captured": captured}
 
 
 def _assert_grads_close(got: dict, expected: dict, what: str) -> None:
     for name, ref in expected.items():
         error = (got[name] - ref).norm() / ref.norm().clamp(min=1e-12)
         assert error < 2e-2, f"{what}: {name} main_grad differs by {error:.3g} (relative)"
+
+
+def _compare(eager: list, graphed: list) -> None:
+    for rank, (e, g) in enumerate(zip(eager, graphed)):
+        assert g["captured"] and not e["captured"], "the graphed run must have captured the layers"
+        torch.testing.assert_close(g["loss"], e["loss"], rtol=1e-3, atol=0)
+        torch.testing.assert_close(g["grad_norm"], e["grad_norm"], rtol=1e-2, atol=0)
+        _assert_grads_close(g["after_steps"], e["after_steps"], f"rank {rank}, after {len(e['loss'])} steps")
+        _assert_grads_close(g["two_forwards"], e["two_forwards"], f"rank {rank}, two forwards then backwards")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -85,8 +127,20 @@ def test_graphed_layers_train_like_eager_layers(case):
         pytest.skip("needs transformer_engine")
     eager = run_distributed(_run, world, _overrides(overrides, False))
     graphed = run_distributed(_run, world, _overrides(overrides, True))
-    for rank, (e, g) in enumerate(zip(eager, graphed)):
-        torch.testing.assert_close(g["loss"], e["loss"], rtol=1e-3, atol=0)
-        torch.testing.assert_close(g["grad_norm"], e["grad_norm"], rtol=1e-2, atol=0)
-        _assert_grads_close(g["after_steps"], e["after_steps"], f"rank {rank}, after {len(e['loss'])} steps")
-        _assert_grads_close(g["two_forwards"], e["two_forwards"], f"rank {rank}, two forwards then backwards")
+    _compare(eager, graphed)
+
+
+PACKED_CASES = {
+    "bf16": ({"model": {"attention_backend": "sdpa"}}, 1),
+    "tp2-sp": ({"model": {"attention_backend": "sdpa"}, "parallel": {"tp": 2, "sp": True}}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_graphed_layers_train_packed_documents_like_eager_layers(case):
+    overrides, world = PACKED_CASES[case]
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    eager = run_distributed(_run, world, _overrides(overrides, False), True)
+    graphed = run_distributed(_run, world, _overrides(overrides, True), True)
+    _compare(eager, graphed)
