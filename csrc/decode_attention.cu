@@ -161,7 +161,7 @@ void launch_decode(const DecodeArgs& args, int rows, int heads, int kv_heads, in
     if constexpr (grouped_decode_head_dim(D)) {
       launch_grouped_decode_chunks<T, D>(args, heads / kv_heads, rows, kv_heads, splits, stream);
     } else {
-      TORCH_CHECK(false, "grouped decode attention has no instance at head_dim ", D);
+      TORCH_CHECK(false, "grouped decode attention has no instance at head_dim ", text(D));
     }
   }
   if (splits > 1) {
@@ -203,7 +203,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   const int64_t kv_heads = keys.size(1), max_len = keys.size(2);
   TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0, "keys [",
               text(rows), ", n_kv, max_len, ", text(dim), "] with n_kv dividing ", text(heads), " expected, got ",
-              keys.sizes());
+              sizes_text(keys.sizes()));
   const int64_t group = heads / kv_heads;
   TORCH_CHECK(group == 1 || (group <= kMaxDecodeGroup && grouped_decode_head_dim(dim)),
               "decode attention takes one kv head a query head, or 2..", text(kMaxDecodeGroup),

@@ -40,17 +40,17 @@ def swiglu_supported(h: Tensor) -> bool:
 
 
 def qkv_rope_supported(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """qkv [s, b, (heads + 2 kv_heads) head_dim] with fp32 cos/sin [s, head_dim] on its device
-    (not per-sample tables) and head_dim a multiple of two vectors of qkv's dtype."""
+    """qkv [s, b, (heads + 2 kv_heads) head_dim] with fp32 cos/sin [s, head_dim] (or per sample,
+    [b, s, head_dim]) on its device, and head_dim a multiple of two vectors of qkv's dtype."""
     if qkv.dtype not in fused_ops.KERNEL_DTYPES or qkv.dim() != 3 or qkv.numel() == 0:
         return False
     if heads <= 0 or kv_heads <= 0 or head_dim <= 0 or not _rows_fit(qkv):
         return False
     if qkv.shape[-1] != (heads + 2 * kv_heads) * head_dim or head_dim % (2 * _vector_elems(qkv.dtype)):
         return False
-    table_shape = (qkv.shape[0], head_dim)
-    return all(t.dtype == torch.float32 and t.device == qkv.device and tuple(t.shape) == table_shape
-               for t in (cos, sin))
+    table_shapes = ((qkv.shape[0], head_dim), (qkv.shape[1], qkv.shape[0], head_dim))
+    return all(t.dtype == torch.float32 and t.device == qkv.device and tuple(t.shape) in table_shapes
+               for t in (cos, sin)) and cos.shape == sin.shape
 
 
 class _SwiGLU(torch.autograd.Function):

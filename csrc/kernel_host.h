@@ -25,8 +25,8 @@ namespace trellis {
 // process instead of raising (seen on an H200; strings and dtypes stream fine).
 inline std::string text(int64_t value) { return std::to_string(value); }
 
-// "[a, b, ...]"
-inline std::string sizes_text(std::initializer_list<int64_t> sizes) {
+// "[a, b, ...]", of a tensor's sizes or of a braced list (sizes() streamed crashes as integers do).
+inline std::string sizes_text(at::IntArrayRef sizes) {
   std::string joined = "[";
   for (const int64_t size : sizes) joined += (joined.size() > 1 ? ", " : "") + std::to_string(size);
   return joined + "]";

@@ -4,8 +4,9 @@
 // q [s, b, H, d], k and v [s, b, K, d], rotating q and k (Llama's rotate-half convention:
 // y_lo = x_lo cos_lo - x_hi sin_lo, y_hi = x_hi cos_hi + x_lo sin_hi over the two halves of a
 // head). The backward reads dq, dk, dv and writes d qkv with the transposed rotation. cos/sin
-// are fp32 [s, d] tables, rounded to the activations' dtype first (as Hugging Face's Llama
-// computes RoPE), then the math is fp32 with one rounding at the end.
+// are fp32 [s, d] tables, or [b, s, d] per sample (explicit position ids: left-padded prompts,
+// packed documents), rounded to the activations' dtype first (as Hugging Face's Llama computes
+// RoPE), then the math is fp32 with one rounding at the end.
 //
 // One kernel serves both passes: "packed" is qkv (or d qkv), "split" is q, k, v (or their
 // gradients); the forward reads packed and writes split, the backward the other way. A thread
@@ -15,7 +16,8 @@
 // 4 adjacent rows of the position (the b rows of a position are adjacent in [s, b, ...]) when
 // the batch is a multiple of 4, else 2 rows x 2 adjacent heads, else 4 adjacent heads of one
 // row, whichever the batch and head counts divide; a thread issues all its units' loads before
-// its first store. Shapes none of these divide take one unit. Measured on an H200 (forward,
+// its first store. Shapes none of these divide take one unit. Per-sample tables differ between
+// a position's rows, so there a thread's units are heads of one row. Measured on an H200 (forward,
 // llama shapes, docs/benchmarks.md): 4 rows are 7-8% faster than one row per thread, and at
 // batches 1-3 the row x head splits 7-18% faster; chunks that span positions, with a table
 // read per row, were 20-35% slower than one row.
@@ -29,6 +31,7 @@ constexpr int kRopeUnits = 4;  // units (rows x heads of one position) per threa
 
 struct RopeShape {
   int64_t rows = 0;  // s * b; row = position * b + batch index
+  int64_t table_stride_b = 0;  // elements between samples' cos/sin tables; 0: one [s, d] table for all
   int batch = 1;
   int heads = 0, kv_heads = 0, head_dim = 0;
   __host__ __device__ int qkv_width() const { return (heads + 2 * kv_heads) * head_dim; }
@@ -158,7 +161,9 @@ __global__ void __launch_bounds__(kRopeThreads) qkv_rope_kernel(
     return;
   }
   Rotation<T, kVec> rotation;
-  rotation.template load<kBackward>(cos, sin, first_row / shape.batch * d + item.col, half);
+  // kRows > 1 only with one table for all rows (rope_units), so the first row's table serves all.
+  const int64_t table = first_row / shape.batch * d + first_row % shape.batch * shape.table_stride_b;
+  rotation.template load<kBackward>(cos, sin, table + item.col, half);
 #pragma unroll
   for (int u = 0; u < kUnits; ++u) {
     if (u >= units) break;
@@ -171,23 +176,31 @@ __global__ void __launch_bounds__(kRopeThreads) qkv_rope_kernel(
 
 namespace {
 
-void check_tables(const at::Tensor& cos, const at::Tensor& sin, int64_t seq, int64_t head_dim) {
+// The tables' stride between samples: 0 for one [s, d] table, s * d for [b, s, d] ones.
+int64_t check_tables(const at::Tensor& cos, const at::Tensor& sin, int64_t seq, int64_t batch, int64_t head_dim) {
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have one shape, got ", sizes_text(cos.sizes()), " and ",
+              sizes_text(sin.sizes()));
   for (const at::Tensor* t : {&cos, &sin}) {
     check_cuda_contiguous(*t, "cos/sin");
     TORCH_CHECK(t->scalar_type() == at::kFloat, "cos/sin must be float32");
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == seq && t->size(1) == head_dim,
-                "cos/sin must be [s, head_dim] = ", sizes_text({seq, head_dim}), ", got ",
-                sizes_text({t->dim() > 0 ? t->size(0) : -1, t->dim() > 1 ? t->size(1) : -1}));
   }
+  const bool shared = cos.dim() == 2 && cos.size(0) == seq && cos.size(1) == head_dim;
+  const bool per_sample = cos.dim() == 3 && cos.size(0) == batch && cos.size(1) == seq && cos.size(2) == head_dim;
+  TORCH_CHECK(shared || per_sample, "cos/sin must be [s, head_dim] = ", sizes_text({seq, head_dim}),
+              " or [b, s, head_dim] = ", sizes_text({batch, seq, head_dim}), ", got ",
+              sizes_text(cos.sizes()));
+  return per_sample ? seq * head_dim : 0;
 }
 
-RopeShape rope_shape(int64_t seq, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int vec) {
+RopeShape rope_shape(int64_t seq, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int vec,
+                     int64_t table_stride_b) {
   TORCH_CHECK(heads > 0 && kv_heads > 0, "heads and kv_heads must be positive");
   TORCH_CHECK(head_dim > 0 && head_dim % (2 * vec) == 0, "head_dim must be a positive multiple of ",
               text(2 * vec), " for this dtype, got ", text(head_dim));
   TORCH_CHECK(seq * batch <= INT32_MAX && (heads + 2 * kv_heads) * head_dim <= INT32_MAX, "too many rows or heads");
   RopeShape shape;
   shape.rows = seq * batch;
+  shape.table_stride_b = table_stride_b;
   shape.batch = static_cast<int>(batch);
   shape.heads = static_cast<int>(heads);
   shape.kv_heads = static_cast<int>(kv_heads);
@@ -196,14 +209,14 @@ RopeShape rope_shape(int64_t seq, int64_t batch, int64_t heads, int64_t kv_heads
 }
 
 // How a thread's units are split between rows and heads: rows of one position first (the
-// measured 4-row case), then heads, so that both divide the shape.
+// measured 4-row case) where they share a table, then heads, so that both divide the shape.
 struct RopeUnits {
   int rows = 1, heads = 1;
 };
 
 RopeUnits rope_units(const RopeShape& shape) {
   for (const RopeUnits units : {RopeUnits{kRopeUnits, 1}, RopeUnits{2, 2}, RopeUnits{1, kRopeUnits}})
-    if (shape.batch % units.rows == 0 && shape.heads % units.heads == 0 && shape.kv_heads % units.heads == 0)
+    if ((units.rows == 1 || shape.table_stride_b == 0) && shape.batch % units.rows == 0 && shape.heads % units.heads == 0 && shape.kv_heads % units.heads == 0)
       return units;
   return {};
 }
@@ -240,7 +253,7 @@ std::vector<at::Tensor> qkv_rope_forward(const at::Tensor& qkv, const at::Tensor
   TORCH_CHECK(heads + 2 * kv_heads > 0 && width % (heads + 2 * kv_heads) == 0,
               "qkv width ", text(width), " is not (heads + 2 kv_heads) x head_dim");
   const int64_t head_dim = width / (heads + 2 * kv_heads);
-  check_tables(cos, sin, seq, head_dim);
+  const int64_t table_stride_b = check_tables(cos, sin, seq, batch, head_dim);
   const c10::cuda::CUDAGuard guard(qkv.device());
   at::Tensor q = at::empty({seq, batch, heads, head_dim}, qkv.options());
   at::Tensor k = at::empty({seq, batch, kv_heads, head_dim}, qkv.options());
@@ -248,7 +261,8 @@ std::vector<at::Tensor> qkv_rope_forward(const at::Tensor& qkv, const at::Tensor
   if (seq * batch == 0) return {q, k, v};
   dispatch_float_type(qkv.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_qkv_rope<T, false>(qkv, q, k, v, cos, sin, rope_shape(seq, batch, heads, kv_heads, head_dim, vec_elems<T>()));
+    launch_qkv_rope<T, false>(qkv, q, k, v, cos, sin,
+                              rope_shape(seq, batch, heads, kv_heads, head_dim, vec_elems<T>(), table_stride_b));
   });
   return {q, k, v};
 }
@@ -266,13 +280,14 @@ at::Tensor qkv_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const a
               "dq, dk, dv must share a dtype");
   const int64_t seq = dq.size(0), batch = dq.size(1), heads = dq.size(2), kv_heads = dk.size(2);
   const int64_t head_dim = dq.size(3);
-  check_tables(cos, sin, seq, head_dim);
+  const int64_t table_stride_b = check_tables(cos, sin, seq, batch, head_dim);
   const c10::cuda::CUDAGuard guard(dq.device());
   at::Tensor dqkv = at::empty({seq, batch, (heads + 2 * kv_heads) * head_dim}, dq.options());
   if (seq * batch == 0) return dqkv;
   dispatch_float_type(dq.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_qkv_rope<T, true>(dqkv, dq, dk, dv, cos, sin, rope_shape(seq, batch, heads, kv_heads, head_dim, vec_elems<T>()));
+    launch_qkv_rope<T, true>(dqkv, dq, dk, dv, cos, sin,
+                             rope_shape(seq, batch, heads, kv_heads, head_dim, vec_elems<T>(), table_stride_b));
   });
   return dqkv;
 }

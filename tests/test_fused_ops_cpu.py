@@ -436,7 +436,10 @@ def test_elementwise_support_checks():
     qkv = torch.zeros(6, 2, (4 + 2 * 2) * 32, dtype=torch.bfloat16)
     assert elementwise_ops.qkv_rope_supported(qkv, cos, cos, 4, 2, 32)
     assert not elementwise_ops.qkv_rope_supported(qkv, cos[:5], cos[:5], 4, 2, 32)  # not one row per position
-    assert not elementwise_ops.qkv_rope_supported(qkv, cos.expand(2, 6, 32), cos.expand(2, 6, 32), 4, 2, 32)
+    per_sample = cos.expand(2, 6, 32)  # [b, s, d]: explicit position ids
+    assert elementwise_ops.qkv_rope_supported(qkv, per_sample, per_sample, 4, 2, 32)
+    assert not elementwise_ops.qkv_rope_supported(qkv, cos.expand(3, 6, 32), cos.expand(3, 6, 32), 4, 2, 32)
+    assert not elementwise_ops.qkv_rope_supported(qkv, cos, per_sample, 4, 2, 32)  # one shape for both
     narrow = torch.zeros(6, 2, (4 + 2 * 2) * 8, dtype=torch.bfloat16)  # half a head below one bf16 vector
     assert not elementwise_ops.qkv_rope_supported(narrow, cos[:, :8], cos[:, :8], 4, 2, 8)
     assert elementwise_ops.qkv_rope_supported(narrow.float(), cos[:, :8], cos[:, :8], 4, 2, 8)

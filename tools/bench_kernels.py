@@ -194,18 +194,22 @@ def swiglu_case(tokens: int, f: int, dtype: torch.dtype) -> dict:
     }
 
 
-def qkv_rope_case(seq: int, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+def qkv_rope_case(seq: int, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  per_sample: bool = False) -> dict:
     """QKV split + RoPE of qkv [s, b, (heads + 2 kv_heads) d] into dense q, k, v. Bytes: qkv read
-    and q, k, v written each way, plus the fp32 cos/sin tables."""
+    and q, k, v written each way, plus the fp32 cos/sin tables ([b, s, d] with per_sample: the
+    positions of packed samples, restarting at every 512th token here)."""
     from models.fused_elementwise import split_qkv_rope_sbnd
     from models.rope import rope_cache
 
     qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
-    cos, sin = rope_cache(seq, head_dim, 10000.0, "cuda")
+    positions = (torch.arange(seq, device="cuda") % 512).expand(batch, seq) if per_sample else None
+    cos, sin = rope_cache(seq, head_dim, 10000.0, "cuda", positions)
     grads = tuple(torch.randn(seq, batch, n, head_dim, device="cuda", dtype=dtype) for n in (heads, kv_heads, kv_heads))
     moved, tables = 2 * qkv.numel() * qkv.element_size(), 2 * cos.numel() * 4
     return {
-        "name": f"QKV split+RoPE s{seq} b{batch} {heads}/{kv_heads} heads d{head_dim} {str(dtype)[6:]}",
+        "name": f"QKV split+RoPE s{seq} b{batch} {heads}/{kv_heads} heads d{head_dim} {str(dtype)[6:]}"
+                + (", per-sample tables" if per_sample else ""),
         "inputs": (qkv,), "grad_out": grads,
         "fused": lambda x: loader.split_qkv_rope(x, cos, sin, heads, kv_heads),
         "eager": lambda x: split_qkv_rope_sbnd(x, cos, sin, heads, kv_heads, head_dim),
@@ -473,6 +477,7 @@ def main(argv=None) -> int:
                   lambda: fp8_cast_case(14336, 4096, torch.bfloat16), lambda: fp8_cast_case(4096, 4096, torch.float32),
                   lambda: swiglu_case(4096, 14336, torch.bfloat16),  # llama3-8b, 4096 tokens
                   lambda: qkv_rope_case(4096, 1, 32, 8, 128, torch.bfloat16),
+                  lambda: qkv_rope_case(2048, 4, 16, 16, 128, torch.bfloat16, per_sample=True),  # packed SFT
                   lambda: decode_attention_case(64, 16, 16, 128, 1024, 1024, torch.bfloat16),
                   lambda: decode_attention_case(1, 32, 32, 128, 4096, 2048, torch.bfloat16),
                   lambda: decode_attention_case(64, 32, 8, 128, 1024, 1024, torch.bfloat16),

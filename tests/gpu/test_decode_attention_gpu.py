@@ -123,3 +123,15 @@ def test_unsupported_shapes_take_the_reference():
     assert not loader.decode_attention_supported(q, torch.zeros(2, 4, 16, 96, device="cuda", dtype=torch.bfloat16))
     q = strided(2, 4, 128, torch.float32)
     assert not loader.decode_attention_supported(q, torch.zeros(2, 4, 16, 128, device="cuda"))
+
+
+def test_the_kernel_refuses_bad_shapes_with_messages():
+    """Errors raise (their messages hold sizes as text: a streamed integer crashed nvcc 13 builds)."""
+    ext = loader.build_kernels()
+    q, k, v, keys, values, visible, position = make_inputs(2, 8, 2, 128, 64, 10, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"keys \[2, n_kv, max_len, 128\] with n_kv dividing 8 expected"):
+        ext.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], keys[:, :, :, :64].contiguous(),
+                             values[:, :, :, :64].contiguous(), visible, position, 0)
+    q16 = strided(2, 32, 128, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="2..8 query heads a kv head at head_dim 64 or 128; got 16 at 128"):
+        ext.decode_attention(q16[:, :, 0], k[:, :, 0], v[:, :, 0], keys, values, visible, position, 0)

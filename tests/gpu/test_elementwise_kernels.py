@@ -17,7 +17,8 @@ SWIGLU_SHAPES = [((5,), 8), ((33,), 1000), ((512,), 5632), ((2, 3, 7), 256)]
 # (s, b, heads, kv_heads, head_dim): MHA, GQA, the narrowest head for bf16 (16), d = 96, and
 # llama-1.3b's layout. The kernel's instances, by how a thread's 4 units split into rows x heads:
 # 4 x 1 (batches of 4 and 8), 2 x 2 (batch 2, even head counts), 1 x 4 (head counts that 4
-# divides), and 1 x 1 for the rest (batch 3 with 2 kv heads, 3 heads, 2/1 heads).
+# divides), and 1 x 1 for the rest (batch 3 with 2 kv heads, 3 heads, 2/1 heads). Per-sample tables
+# (explicit position ids) take the 1 x 4 and 1 x 1 instances only.
 ROPE_SHAPES = [(16, 2, 4, 4, 64), (33, 3, 8, 2, 128), (7, 1, 2, 1, 16), (5, 2, 3, 1, 96), (256, 4, 16, 16, 128),
                (9, 8, 4, 2, 64), (10, 2, 8, 2, 128), (12, 1, 8, 4, 64), (5, 3, 4, 4, 16)]
 
@@ -44,11 +45,21 @@ def test_swiglu_matches_reference(ext, rows_shape, f, dtype):
     assert_close_rel(ext.swiglu_backward(h, dy), h_ref.grad, dtype, "swiglu backward")
 
 
+def random_positions(s: int, b: int, seed: int) -> torch.Tensor:
+    """[b, s] position ids that restart at random document starts, as packed samples have."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    starts = torch.rand(b, s, device="cuda", generator=gen) < 0.2
+    index = torch.arange(s, device="cuda").expand(b, s)
+    return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+
+
 @pytest.mark.parametrize("s,b,heads,kv_heads,d", ROPE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qkv_rope_matches_reference(ext, s, b, heads, kv_heads, d, dtype):
+@pytest.mark.parametrize("tables", ["shared", "per-sample"])
+def test_qkv_rope_matches_reference(ext, s, b, heads, kv_heads, d, dtype, tables):
     qkv = random((s, b, (heads + 2 * kv_heads) * d), dtype, 2)
-    cos, sin = rope_cache(s, d, 10000.0, "cuda")
+    positions = random_positions(s, b, 8) if tables == "per-sample" else None
+    cos, sin = rope_cache(s, d, 10000.0, "cuda", positions)
     qkv_ref = qkv.clone().requires_grad_()
     want = split_qkv_rope_sbnd(qkv_ref, cos, sin, heads, kv_heads, d)
     got = ext.qkv_rope_forward(qkv, cos, sin, heads, kv_heads)
@@ -72,8 +83,13 @@ def test_dispatch_uses_the_kernels_and_falls_back(ext):
     q, k, v = fused_split_qkv_rope(qkv, rope_cache(s, d, 10000.0, "cuda"), heads, kv_heads, d)
     assert q.shape == (b, heads, s, d) and v.shape == (b, kv_heads, s, d)
     assert type(q.grad_fn.next_functions[0][0]).__name__ == "_SplitQKVRopeBackward"  # under the permutation
-    per_sample = rope_cache(s, d, 10000.0, "cuda", torch.arange(s, device="cuda").expand(b, s))
-    assert not loader.split_qkv_rope_supported(qkv, *per_sample, heads, kv_heads, d)
+    per_sample = rope_cache(s, d, 10000.0, "cuda", random_positions(s, b, 9))
+    assert loader.split_qkv_rope_supported(qkv, *per_sample, heads, kv_heads, d)
+    q, k, v = fused_split_qkv_rope(qkv, per_sample, heads, kv_heads, d)
+    assert type(q.grad_fn.next_functions[0][0]).__name__ == "_SplitQKVRopeBackward"
+    want = [t.permute(1, 2, 0, 3) for t in split_qkv_rope_sbnd(qkv, *per_sample, heads, kv_heads, d)]
+    for name, g, w in zip("qkv", (q, k, v), want):
+        assert_close_rel(g, w, torch.bfloat16, f"{name} with per-sample tables")
     assert not loader.split_qkv_rope_supported(qkv, None, None, heads, kv_heads, d)
 
 
