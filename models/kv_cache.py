@@ -18,13 +18,27 @@ the head layout (one kv head a query head, or 2..8 of them: loader.decode_heads_
 launch writes the slot and reads only the slots up to the fill mark (csrc/decode_attention.cu,
 decode_attention_grouped.cu); otherwise SDPA attends over all `max_length` slots. Forwards of
 several positions (the prompt) take the sliced path either way.
+
+An eager decode step (one new position on the sliced path: `decode="eager"`, TP, PP) keeps SDPA
+off its cuDNN backend. cuDNN builds an execution plan for each new shape, and here the key length
+grows every step: on an H200, 64 eager steps of llama-1.3b after a prompt of a new width took
+4.7 s with cuDNN's plans and 0.9 s without; on a repeated shape both took 0.95 s
+(docs/benchmarks.md).
+Prompts keep every backend: their plan is built once per width, and cuDNN's kernel was the faster
+one on long prompts (8 x 2048: 91 ms against 124 ms for the whole prompt forward).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from csrc import loader
+
+# SDPA backends of an eager decode step: every one but cuDNN (see the module notes).
+EAGER_STEP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class LayerCache:
@@ -43,8 +57,9 @@ class LayerCache:
         start, end = cache.length, cache.length + k.shape[2]
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
-        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=cache.mask,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        with sdpa_kernel(EAGER_STEP_BACKENDS) if q.shape[2] == 1 else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=cache.mask,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
 
 
 def static_decode_attention(q, k, v, keys, values, visible, position):
