@@ -258,7 +258,7 @@ class EmulatedExtension:
         s, b, width = qkv.shape
         d = width // (heads + 2 * kv_heads)
         x = qkv.reshape(s, b, heads + 2 * kv_heads, d)
-        c, n = cos.to(qkv.dtype)[:, None, None, :], sin.to(qkv.dtype)[:, None, None, :]
+        c, n = (_rope_table_sbnd(t.to(qkv.dtype)) for t in (cos, sin))
         lo, hi = x[..., : d // 2], x[..., d // 2:]
         half = d // 2
         rotated = torch.cat([lo * c[..., :half] - hi * n[..., :half], hi * c[..., half:] + lo * n[..., half:]], -1)
@@ -270,10 +270,15 @@ class EmulatedExtension:
         s, b, _, d = dq.shape
         half = d // 2
         g = torch.cat([dq, dk], dim=2)
-        c, n = cos.to(dq.dtype)[:, None, None, :], sin.to(dq.dtype)[:, None, None, :]
+        c, n = (_rope_table_sbnd(t.to(dq.dtype)) for t in (cos, sin))
         lo, hi = g[..., :half], g[..., half:]
         dx = torch.cat([lo * c[..., :half] + hi * n[..., half:], hi * c[..., half:] - lo * n[..., :half]], -1)
         return torch.cat([dx, dv], dim=2).reshape(s, b, -1)
+
+
+def _rope_table_sbnd(table):
+    """cos or sin, [s, d] or per sample [b, s, d], broadcast over [s, b, n, d] (as the kernel reads it)."""
+    return table.permute(1, 0, 2)[:, :, None, :] if table.dim() == 3 else table[:, None, None, :]
 
 
 @pytest.fixture
@@ -406,8 +411,9 @@ def test_swiglu_op_matches_reference_and_gradcheck(emulated):
     torch.testing.assert_close(elementwise_ops.swiglu(wide), swiglu(wide))
 
 
+@pytest.mark.parametrize("tables", ["shared", "per-sample"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
-def test_split_qkv_rope_op_matches_reference_and_gradcheck(emulated, heads, kv_heads):
+def test_split_qkv_rope_op_matches_reference_and_gradcheck(emulated, heads, kv_heads, tables):
     from csrc import elementwise_ops
     from models.fused_elementwise import split_qkv_rope_sbnd
     from models.rope import rope_cache
@@ -415,7 +421,8 @@ def test_split_qkv_rope_op_matches_reference_and_gradcheck(emulated, heads, kv_h
     torch.manual_seed(0)
     s, b, d = 5, 2, 8
     qkv = torch.randn(s, b, (heads + 2 * kv_heads) * d, dtype=torch.float64, requires_grad=True)
-    cos, sin = (t.double() for t in rope_cache(s, d, 10000.0, "cpu"))
+    positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]]) if tables == "per-sample" else None
+    cos, sin = (t.double() for t in rope_cache(s, d, 10000.0, "cpu", positions))
     got = elementwise_ops.split_qkv_rope(qkv, cos, sin, heads, kv_heads)
     for a, w in zip(got, split_qkv_rope_sbnd(qkv, cos, sin, heads, kv_heads, d)):
         torch.testing.assert_close(a, w)
