@@ -1,6 +1,7 @@
 """PPO throughput: rollout generation tokens/s and training tokens/s on one device.
 
     python tools/bench_rl.py                                   # llama-1.3b, bf16, CUDA
+    python tools/bench_rl.py --cuda-graphs                     # training passes from layer graphs
     python tools/bench_rl.py --preset tiny --device cpu --prompts 4 --prompt-len 12 --new-tokens 4
 
 Builds the real PPO trainer (policy with a value head on its trunk, frozen reference, rule
