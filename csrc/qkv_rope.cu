@@ -216,7 +216,8 @@ struct RopeUnits {
 
 RopeUnits rope_units(const RopeShape& shape) {
   for (const RopeUnits units : {RopeUnits{kRopeUnits, 1}, RopeUnits{2, 2}, RopeUnits{1, kRopeUnits}})
-    if ((units.rows == 1 || shape.table_stride_b == 0) && shape.batch % units.rows == 0 && shape.heads % units.heads == 0 && shape.kv_heads % units.heads == 0)
+    if ((units.rows == 1 || shape.table_stride_b == 0) && shape.batch % units.rows == 0 &&
+        shape.heads % units.heads == 0 && shape.kv_heads % units.heads == 0)
       return units;
   return {};
 }
