@@ -37,18 +37,14 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_chunk_kernel(DecodeArgs args) {
   constexpr int kLanes = D / 8;
   constexpr int kGroups = kDecodeThreads / kLanes;  // keys a block reads at a time
-  const int split = blockIdx.x, head = blockIdx.y, row = blockIdx.z;
+  const DecodeChunk chunk = decode_chunk(args);
+  if (chunk.empty()) return;
+  const int split = chunk.split, head = chunk.head, row = chunk.row, start = chunk.start, end = chunk.end;
   const int heads = gridDim.y, splits = gridDim.x;
-  const int position = static_cast<int>(*args.position);
-  const int start = split * args.chunk;
-  if (start > position) return;
-  const int end = min(start + args.chunk, position + 1);
   const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
 
   const int64_t head_row = static_cast<int64_t>(row) * heads + head;  // (row, head)
-  T* keys = static_cast<T*>(args.keys) + head_row * args.max_len * D;
-  T* values = static_cast<T*>(args.values) + head_row * args.max_len * D;
-  if (position < start + args.chunk) write_new_slot<T, D>(args, keys, values, row, head, position);
+  const auto [keys, values] = open_chunk<T, D>(args, chunk);
 
   float q[8];
   {
@@ -136,9 +132,8 @@ __global__ void __launch_bounds__(D) decode_attention_merge_kernel(DecodeArgs ar
 // Splits per row and head (one kv head a query head): enough blocks to fill the GPU several
 // times over when the cache is full, in chunks of at least kMinDecodeChunk keys.
 inline int decode_splits(int64_t rows_heads, int64_t max_len, int device) {
-  const int64_t wanted = 8LL * device_props(device).multiProcessorCount;
-  const int64_t most = (max_len + kMinDecodeChunk - 1) / kMinDecodeChunk;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((wanted + rows_heads - 1) / rows_heads, most)));
+  const int64_t blocks = 8LL * device_props(device).multiProcessorCount;
+  return clamp_decode_splits((blocks + rows_heads - 1) / rows_heads, max_len);
 }
 
 // Splits per row and head when the caller leaves the choice to the kernels.

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include <ATen/ATen.h>
@@ -39,6 +40,13 @@ constexpr bool grouped_decode_head_dim(int64_t dim) { return dim == 64 || dim ==
 // Chunks (splits) are at least this many keys long, so a block's fixed costs stay small.
 constexpr int kMinDecodeChunk = 128;
 
+// Splits per row and head: `wanted` clamped to 1.. the count that keeps every chunk at least
+// kMinDecodeChunk keys long. Each kernel's wish differs (decode_splits, grouped_decode_splits).
+inline int clamp_decode_splits(int64_t wanted, int64_t max_len) {
+  const int64_t most = (max_len + kMinDecodeChunk - 1) / kMinDecodeChunk;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, most)));
+}
+
 // Splits per row and kv head for the grouped kernel: two waves of resident blocks when the cache
 // is full (fewer, longer chunks are faster there on an H200; more help while it fills).
 // Instantiated for bf16 and fp16 at the head dims grouped_decode_head_dim admits.
@@ -52,19 +60,48 @@ void launch_grouped_decode_chunks(const DecodeArgs& args, int group, int rows, i
                                   cudaStream_t stream);
 
 // ---------------------------------------------------------------- device pieces of both kernels
-// The block whose chunk holds the new slot writes the new token's key and value there (kv head
-// `kv_head` of row `row`) before it reads the chunk; the barrier makes the block's own global
-// writes visible to it.
+// One block's chunk of the cache, from the grid (splits, heads whose cache is read, rows): keys
+// start..end-1 of that head's cache, `position` the new token's slot. `empty()` chunks start past
+// the fill mark; their blocks return at once.
+struct DecodeChunk {
+  int split, head, row, position, start, end;
+  __device__ __forceinline__ bool empty() const { return start > position; }
+};
+
+__device__ __forceinline__ DecodeChunk decode_chunk(const DecodeArgs& args) {
+  DecodeChunk c;
+  c.split = blockIdx.x;
+  c.head = blockIdx.y;
+  c.row = blockIdx.z;
+  c.position = static_cast<int>(*args.position);
+  c.start = c.split * args.chunk;
+  c.end = min(c.start + args.chunk, c.position + 1);
+  return c;
+}
+
+// The block whose chunk holds the new slot writes the new token's key and value there before it
+// reads the chunk; the barrier makes the block's own global writes visible to it.
+// The chunk's head's keys and values: its [max_len, D] slices of the cache.
+template <typename T>
+struct HeadCache {
+  T* keys;
+  T* values;
+};
+
 template <typename T, int D>
-__device__ __forceinline__ void write_new_slot(const DecodeArgs& args, T* keys, T* values, int row, int kv_head,
-                                               int position) {
+__device__ __forceinline__ HeadCache<T> open_chunk(const DecodeArgs& args, const DecodeChunk& c) {
+  const int64_t cache_row = static_cast<int64_t>(c.row) * gridDim.y + c.head;  // (row, head)
+  T* keys = static_cast<T*>(args.keys) + cache_row * args.max_len * D;
+  T* values = static_cast<T*>(args.values) + cache_row * args.max_len * D;
+  if (c.position >= c.start + args.chunk) return {keys, values};
   if (threadIdx.x < D / 8) {
-    const int64_t from = row * args.new_stride_b + kv_head * args.new_stride_h + threadIdx.x * 8;
-    const int64_t to = static_cast<int64_t>(position) * D + threadIdx.x * 8;
+    const int64_t from = c.row * args.new_stride_b + c.head * args.new_stride_h + threadIdx.x * 8;
+    const int64_t to = static_cast<int64_t>(c.position) * D + threadIdx.x * 8;
     *reinterpret_cast<uint4*>(keys + to) = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.k_new) + from);
     *reinterpret_cast<uint4*>(values + to) = *reinterpret_cast<const uint4*>(static_cast<const T*>(args.v_new) + from);
   }
   __syncthreads();
+  return {keys, values};
 }
 
 // Softmax over keys split into parts, merged: the largest part max, the sum of exponentials and

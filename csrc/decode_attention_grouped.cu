@@ -195,18 +195,13 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kGroupedWarps * 32)
     grouped_decode_chunk_kernel(DecodeArgs args, int group) {
   using Loads = WarpStepLoads<T, D>;
-  const int split = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
+  const DecodeChunk chunk = decode_chunk(args);
+  if (chunk.empty()) return;
+  const int split = chunk.split, kv_head = chunk.head, row = chunk.row, start = chunk.start, end = chunk.end;
   const int kv_heads = gridDim.y, splits = gridDim.x;
-  const int position = static_cast<int>(*args.position);
-  const int start = split * args.chunk;
-  if (start > position) return;
-  const int end = min(start + args.chunk, position + 1);
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 
-  const int64_t kv_row = static_cast<int64_t>(row) * kv_heads + kv_head;
-  T* keys = static_cast<T*>(args.keys) + kv_row * args.max_len * D;
-  T* values = static_cast<T*>(args.values) + kv_row * args.max_len * D;
-  if (position < start + args.chunk) write_new_slot<T, D>(args, keys, values, row, kv_head, position);
+  const auto [keys, values] = open_chunk<T, D>(args, chunk);
 
   WarpAttention<T, D> attention;
   const int heads = kv_heads * group;
@@ -278,9 +273,8 @@ int resident_blocks() {
 
 template <typename T, int D>
 int grouped_decode_splits(int64_t kv_rows, int64_t max_len, int device) {
-  const int64_t wanted = 2LL * resident_blocks<T, D>() * device_props(device).multiProcessorCount;
-  const int64_t most = (max_len + kMinDecodeChunk - 1) / kMinDecodeChunk;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted / kv_rows, most)));
+  const int64_t blocks = 2LL * resident_blocks<T, D>() * device_props(device).multiProcessorCount;
+  return clamp_decode_splits(blocks / kv_rows, max_len);
 }
 
 template <typename T, int D>

@@ -45,12 +45,17 @@ def test_swiglu_matches_reference(ext, rows_shape, f, dtype):
     assert_close_rel(ext.swiglu_backward(h, dy), h_ref.grad, dtype, "swiglu backward")
 
 
+def positions_restarting_at(starts: torch.Tensor) -> torch.Tensor:
+    """Position ids [..., s] that restart at 0 wherever the bool `starts` [..., s] is set, as the
+    documents of packed samples number theirs."""
+    index = torch.arange(starts.shape[-1], device=starts.device).expand_as(starts)
+    return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=-1).values
+
+
 def random_positions(s: int, b: int, seed: int) -> torch.Tensor:
-    """[b, s] position ids that restart at random document starts, as packed samples have."""
+    """[b, s] position ids that restart at random document starts."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    starts = torch.rand(b, s, device="cuda", generator=gen) < 0.2
-    index = torch.arange(s, device="cuda").expand(b, s)
-    return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return positions_restarting_at(torch.rand(b, s, device="cuda", generator=gen) < 0.2)
 
 
 @pytest.mark.parametrize("s,b,heads,kv_heads,d", ROPE_SHAPES)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.gpu.test_elementwise_kernels import positions_restarting_at
 from tests.training_harness import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -56,9 +57,7 @@ def _packed_layout(seq: int, seed: int) -> tuple:
     starts = torch.zeros(seq, dtype=torch.long)
     starts[cuts] = 1
     document_ids = starts.cumsum(0) + int(torch.randint(0, 2, (1,), generator=g))
-    index = torch.arange(seq)
-    first_of_document = torch.cummax(torch.where(starts.bool(), index, torch.zeros_like(index)), 0).values
-    return document_ids, index - first_of_document
+    return document_ids, positions_restarting_at(starts.bool())
 
 
 def _with_packed_documents(trainer) -> None:
