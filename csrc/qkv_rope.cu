@@ -222,11 +222,22 @@ RopeUnits rope_units(const RopeShape& shape) {
   return {};
 }
 
-dim3 rope_grid(const RopeShape& shape, int vec, const RopeUnits& units) {
+// Launch shape: x = chunk of rows, y = block of a chunk's work items (the rotated (head group,
+// half-vector) pairs, then v's (head group, vector) pairs, as rope_item numbers them). A chunk
+// with fewer items than kRopeThreads takes a block of its items rounded up to a warp, so few
+// threads idle: 56 items (head dim 64, 32/8 heads) had 72 of 128 idle. A grid over flat
+// (chunk, item) pairs, which idles none, was 2-5% slower at head dim 128 (docs/benchmarks.md).
+struct RopeLaunch {
+  dim3 grid;
+  int threads;
+};
+
+RopeLaunch rope_launch(const RopeShape& shape, int vec, const RopeUnits& units) {
   const int64_t items = (shape.heads + shape.kv_heads) / units.heads * (shape.head_dim / 2 / vec) +
                         shape.kv_heads / units.heads * (shape.head_dim / vec);
   const int64_t chunks = shape.rows / units.rows;  // exact: the batch is a multiple of units.rows
-  return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>((items + kRopeThreads - 1) / kRopeThreads));
+  const int threads = static_cast<int>(std::min<int64_t>(kRopeThreads, (items + kWarpSize - 1) / kWarpSize * kWarpSize));
+  return {dim3(static_cast<unsigned>(chunks), static_cast<unsigned>((items + threads - 1) / threads)), threads};
 }
 
 template <typename T, bool kBackward>
@@ -239,7 +250,8 @@ void launch_qkv_rope(const at::Tensor& packed, const at::Tensor& q, const at::Te
                 : units.rows == 2        ? qkv_rope_kernel<T, kBackward, 2, 2>
                 : units.heads == kRopeUnits ? qkv_rope_kernel<T, kBackward, 1, kRopeUnits>
                                             : qkv_rope_kernel<T, kBackward, 1, 1>;
-  kernel<<<rope_grid(shape, vec_elems<T>(), units), kRopeThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const RopeLaunch launch = rope_launch(shape, vec_elems<T>(), units);
+  kernel<<<launch.grid, launch.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       ptr<T>(packed), split, ptr<float>(cos), ptr<float>(sin), shape);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
