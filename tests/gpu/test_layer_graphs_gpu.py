@@ -1,9 +1,10 @@
 """`model.cuda_graphs true` against the eager layers on GPUs: the same losses, gradient norms
 and per-parameter gradients over training steps with gradient accumulation (so the graphs
 read the weights each optimizer step writes), with SDPA and with Transformer Engine's attention
-(where it imports), with packed documents (a different layout every micro-batch, so the mask
-built inside the graphs must follow the ids copied in), and a second forward before the first
-one's backward (the graphs hold one micro-batch, so it must run eagerly and stay correct).
+(where it imports), with fp16 loss scaling, with LoRA and QLoRA adapters, with packed documents
+(a different layout every micro-batch, so the mask built inside the graphs must follow the ids
+copied in), and a second forward before the first one's backward (the graphs hold one
+micro-batch, so it must run eagerly and stay correct).
 Run on a CUDA machine: `python3 -m pytest tests/gpu/test_layer_graphs_gpu.py -q`."""
 import os
 
@@ -18,12 +19,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 SHAPE = {"hidden_size": 256, "num_heads": 4, "num_kv_heads": 2, "ffn_hidden_size": 704, "vocab_size": 1024,
          "seq_length": 128, "num_layers": 3}
+ALL_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
 CASES = {
     "bf16": ({}, 1),
     "fp8": ({"train": {"precision": "fp8"}}, 1),
     "fp8-row": ({"train": {"precision": "fp8", "fp8_scaling": "row"}}, 1),
     "compiled-layers": ({"model": {"compile": True}}, 1),
     "frozen-embedding-and-layer-0": ({"train": {"freeze": ["embedding.*", "layers.0.*"]}}, 1),
+    "fp16-loss-scaling": ({"train": {"precision": "fp16"}}, 1),
+    "lora": ({"finetune": {"method": "lora", "lora_targets": ALL_LINEARS}}, 1),
+    "qlora": ({"finetune": {"method": "qlora", "lora_targets": ALL_LINEARS}}, 1),
     "te-attention": ({"model": {"attention_backend": "te"}}, 1),
     "te-attention-compiled-layers": ({"model": {"attention_backend": "te", "compile": True}}, 1),
     "tp2-sp": ({"parallel": {"tp": 2, "sp": True}}, 2),
