@@ -79,8 +79,6 @@ __device__ __forceinline__ DecodeChunk decode_chunk(const DecodeArgs& args) {
   return c;
 }
 
-// The block whose chunk holds the new slot writes the new token's key and value there before it
-// reads the chunk; the barrier makes the block's own global writes visible to it.
 // The chunk's head's keys and values: its [max_len, D] slices of the cache.
 template <typename T>
 struct HeadCache {
@@ -88,6 +86,8 @@ struct HeadCache {
   T* values;
 };
 
+// The block's slices of the cache. The block whose chunk holds the new slot first writes the
+// new token's key and value there; the barrier makes the block's own global writes visible to it.
 template <typename T, int D>
 __device__ __forceinline__ HeadCache<T> open_chunk(const DecodeArgs& args, const DecodeChunk& c) {
   const int64_t cache_row = static_cast<int64_t>(c.row) * gridDim.y + c.head;  // (row, head)
