@@ -10,7 +10,8 @@ On disk:
 Tensors use the global keys of `engine.checkpoint_state`, so a checkpoint saved at one
 TP/PP/DP layout loads at another. A save goes to DIR/.tmp_step_000100 and is renamed only
 after every rank has finished writing, so a crash mid-save leaves the previous checkpoint
-(and `latest`) untouched. Nothing here unpickles arbitrary objects: DCP's index is read with
+(and `latest`) untouched; with `checkpoint.async_save` that write runs in the background
+(engine/background_save.py). Nothing here unpickles arbitrary objects: DCP's index is read with
 an allow-list of its own classes, tensor data with `weights_only=True`, the rest is JSON.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from engine import background_save
 from engine.checkpoint_state import model_entries, optimizer_entries, optimizer_load_targets
 from engine.config import ADAPTER_METHODS
 from engine.launch import UserError
@@ -363,30 +365,56 @@ def remove_stale_temporaries(root: str) -> None:
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
-def save_checkpoint(trainer, root: str, keep: int = 0) -> str:
-    """Write the whole training state of every rank to root/step_XXXXXX; collective."""
+def save_checkpoint(trainer, root: str, keep: int = 0, background: bool = False) -> str:
+    """Write the whole training state of every rank to root/step_XXXXXX; collective. With
+    `background`, the state is copied to host memory and written by a thread while training
+    goes on (engine/background_save.py); a save still in flight is waited for first."""
+    background_save.wait_for_pending()
     start = time.perf_counter()
-    step_dir = os.path.join(root, step_dir_name(trainer.step))
-    tmp = os.path.join(root, ".tmp_" + step_dir_name(trainer.step))
-    is_writer = dist.get_rank() == 0
-    if is_writer:
+    step = trainer.step
+    step_dir = os.path.join(root, step_dir_name(step))
+    if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         remove_stale_temporaries(root)
     dist.barrier()
-    entries = training_entries(trainer)
-    dcp.save({key: stored for key, (stored, _) in entries.items()}, storage_writer=FileSystemWriter(tmp))
+    state = {key: stored for key, (stored, _) in training_entries(trainer).items()}
+    meta = json.dumps(run_meta(trainer, ["model", "optimizer", "rng", "trainer"]), indent=1, default=jsonable)
+    if not background:
+        write_checkpoint(state, meta, root, step, keep)
+        dist.barrier()
+        announce(trainer, f"checkpoint: saved step {step} to {step_dir} in {time.perf_counter() - start:.2f}s")
+        return step_dir
+    staged = background_save.stage_on_host(state)
+    group = background_save.save_group()
+    quiet = trainer.cfg.log.quiet
+
+    def write() -> None:
+        written = time.perf_counter()
+        write_checkpoint(staged, meta, root, step, keep, group)
+        if dist.get_rank() == 0 and not quiet:
+            print(f"checkpoint: saved step {step} to {step_dir} in the background "
+                  f"({time.perf_counter() - written:.2f}s)", file=sys.stderr, flush=True)
+
+    background_save.start(write, f"step {step} to {step_dir}")
+    announce(trainer, f"checkpoint: step {step} copied to host memory in {time.perf_counter() - start:.2f}s; "
+                      "writing it in the background")
+    return step_dir
+
+
+def write_checkpoint(state: dict, meta: str, root: str, step: int, keep: int, group=None) -> None:
+    """Every rank writes its share of `state` into the step's temporary directory; once all have,
+    rank 0 publishes it and prunes old steps. `group` coordinates the ranks (None: the world)."""
+    tmp = os.path.join(root, ".tmp_" + step_dir_name(step))
+    is_writer = dist.get_rank() == 0
+    dcp.save(state, storage_writer=FileSystemWriter(tmp), process_group=group)
     if is_writer:
-        write_atomically(os.path.join(tmp, META_FILE), json.dumps(
-            run_meta(trainer, ["model", "optimizer", "rng", "trainer"]), indent=1, default=jsonable))
-    dist.barrier()  # every rank's data is on disk before the checkpoint becomes visible
-    if os.environ.get(CRASH_ENV) == str(trainer.step):
+        write_atomically(os.path.join(tmp, META_FILE), meta)
+    dist.barrier(group=group)  # every rank's data is on disk before the checkpoint becomes visible
+    if os.environ.get(CRASH_ENV) == str(step):
         os._exit(17)
     if is_writer:
-        publish(root, tmp, step_dir)
+        publish(root, tmp, os.path.join(root, step_dir_name(step)))
         prune(root, keep)
-    dist.barrier()
-    announce(trainer, f"checkpoint: saved step {trainer.step} to {step_dir} in {time.perf_counter() - start:.2f}s")
-    return step_dir
 
 
 # ---- load ---------------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ class CheckpointConfig:
     load: str = ""  # directory (or one step's directory) to resume from
     load_step: int = -1  # step to load; 0 or -1: the latest
     load_model_only: bool = False  # take only the weights (start a fine-tune at step 0 with a fresh optimizer)
+    async_save: bool = False  # copy the state to host memory and write it while training goes on
 
 
 @dataclasses.dataclass

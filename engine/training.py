@@ -9,6 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from engine import background_save
 from engine.batches import BatchRamp, MockDataset, collate, sample_microbatches, step_microbatches
 from engine.checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_due
 from engine.config import ADAPTER_METHODS, Config, ConfigError
@@ -380,11 +381,14 @@ class Trainer:
             if save_due(cfg.checkpoint, self.step, final=self.step == cfg.train.iters):
                 self.monitor.operation = f"checkpoint save at step {self.step}"
                 self.optimizer.finish_param_sync()  # weights must be complete before they are saved
-                save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep)
+                save_checkpoint(self, cfg.checkpoint.save, cfg.checkpoint.keep, cfg.checkpoint.async_save)
             if record.get("early_stop"):
                 self.stop_early()
                 break
         self.optimizer.finish_param_sync()  # the last step's weight all-gather may still run
+        if background_save.in_flight():
+            self.monitor.operation = "background checkpoint save"
+            background_save.wait_for_pending()  # the run's last checkpoint is complete when train returns
         self.logger.close()
         self.pipeline_tracer.save()
         return history
@@ -397,7 +401,7 @@ class Trainer:
                   f"for {patience} evaluations (train.early_stop_patience)", flush=True)
         if self.cfg.checkpoint.save and not save_due(self.cfg.checkpoint, self.step, final=False):
             self.optimizer.finish_param_sync()
-            save_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep)
+            save_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep, self.cfg.checkpoint.async_save)
 
 
 def trainer_class(objective: str):
@@ -433,6 +437,7 @@ def gather_model_state(model_chunks, grid) -> dict:
 
 
 def shutdown() -> None:
+    background_save.wait_for_pending()  # its write coordinates over a group destroyed below
     layer_graphs.release_all()  # NCCL hangs destroying a communicator that a live CUDA graph captured
     if dist.is_initialized():
         dist.barrier()
