@@ -153,15 +153,17 @@ class FinetuneConfig:
     qlora_targets: typing.List[str] = dataclasses.field(default_factory=lambda: ["*"])  # linears kept in NF4 (fnmatch)
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE_DPO_LOSSES = ("simpo", "orpo")  # no reference model, no reference log-probs
 
 
 @dataclasses.dataclass
 class DPOConfig:
     """Direct preference optimisation (docs/preference.md, engine/dpo.py)."""
-    beta: float = 0.1  # strength of the pull towards the reference
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    label_smoothing: float = 0.0  # sigmoid only: conservative DPO's probability of a flipped label
+    beta: float = 0.1  # strength of the pull towards the reference (simpo: reward scale; orpo: the odds term's weight)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo | orpo (the last two without a reference model)
+    label_smoothing: float = 0.0  # sigmoid and simpo: the probability of a flipped label (conservative DPO)
+    simpo_gamma: float = 0.5  # simpo: the target margin between chosen and rejected rewards
     reference_logps: str = ""  # directory written by tools/dpo_reference_logps.py ("" = reference forward each step)
     reference_checkpoint: str = ""  # reference weights for a resumed full fine-tune ("" = the weights the run starts from)
 
@@ -376,8 +378,12 @@ def validate_dpo(cfg: Config) -> None:
     _require(o.loss in DPO_LOSSES, "dpo.loss", f"must be one of {', '.join(DPO_LOSSES)}; got {o.loss!r}")
     _require(o.beta > 0, "dpo.beta", f"must be positive, got {o.beta}")
     _require(0 <= o.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {o.label_smoothing}")
-    _require(o.label_smoothing == 0 or o.loss == "sigmoid", "dpo.label_smoothing",
-             f"applies to the sigmoid loss only, not dpo.loss {o.loss}")
+    _require(o.label_smoothing == 0 or o.loss in ("sigmoid", "simpo"), "dpo.label_smoothing",
+             f"applies to the sigmoid and simpo losses only, not dpo.loss {o.loss}")
+    _require(o.simpo_gamma >= 0, "dpo.simpo_gamma", f"must be non-negative, got {o.simpo_gamma}")
+    if o.loss in REFERENCE_FREE_DPO_LOSSES:
+        for key in ("reference_logps", "reference_checkpoint"):
+            _require(not getattr(o, key), f"dpo.{key}", f"dpo.loss {o.loss} uses no reference model; leave it empty")
     _require(not o.reference_logps or os.path.isdir(o.reference_logps), "dpo.reference_logps",
              f"directory {o.reference_logps!r} does not exist; write it with tools/dpo_reference_logps.py")
     _require(not o.reference_checkpoint or os.path.isdir(o.reference_checkpoint), "dpo.reference_checkpoint",

@@ -1,4 +1,5 @@
-"""DPO training: the training loop with a preference loss and a frozen reference model.
+"""DPO training: the training loop with a preference loss and a frozen reference model (none
+for the reference-free losses, SimPO and ORPO, which skip step 1 below).
 
 Each micro-batch of b pairs is one batch of 2b sequences (chosen rows first, engine/dpo_data.py).
 Per step and micro-batch:
@@ -24,9 +25,9 @@ import types
 import torch
 
 from engine.checkpoint import load_checkpoint, read_meta, resolve_step_dir
-from engine.config import ADAPTER_METHODS, ConfigError
+from engine.config import ADAPTER_METHODS, REFERENCE_FREE_DPO_LOSSES, ConfigError
 from engine.dpo_data import collate_pairs
-from engine.dpo_loss import preference_loss, reward_metrics, reward_sums, sequence_logps
+from engine.dpo_loss import preference_loss, reference_free_loss, reward_metrics, reward_sums, sequence_logps
 from engine.training import CONSOLE_KEYS, Trainer
 from parallel import comm
 from parallel.lora import adapters_disabled
@@ -47,9 +48,10 @@ class DPOTrainer(Trainer):
 
     # ---- the reference model ----------------------------------------------------------------
     def build_reference(self, reference_copy: bool):
-        """None when the batches carry precomputed log-probs; the policy's chunks with LoRA
-        (run with the adapters off); else a frozen copy in the same layout."""
-        if self.cfg.dpo.reference_logps:
+        """None for a reference-free loss or when the batches carry precomputed log-probs; the
+        policy's chunks with LoRA (run with the adapters off); else a frozen copy in the same
+        layout."""
+        if self.cfg.dpo.loss in REFERENCE_FREE_DPO_LOSSES or self.cfg.dpo.reference_logps:
             return None
         if self.cfg.finetune.method in ADAPTER_METHODS or not reference_copy:
             return self.model_chunks
@@ -92,7 +94,7 @@ class DPOTrainer(Trainer):
     def attach_reference_logps(self, batches) -> None:
         """batch["reference_logps"] [2b] on the last stage, from a forward-only pipeline pass."""
         if self.reference_chunks is None:
-            return  # precomputed: collated into the batches
+            return  # precomputed (collated into the batches), or a loss without a reference
         with torch.no_grad(), self.reference_mode():
             result = run_schedule(self.sequence_logps_step(self.reference_chunks, batches), len(batches),
                                   len(self.reference_chunks), self.pipeline_comm, None, True, self.pipeline_tracer)
@@ -116,18 +118,28 @@ class DPOTrainer(Trainer):
     def preference_step(self, batches, sums: torch.Tensor):
         """Schedule callback: on the last stage the micro-batch's summed pair losses / global
         pair count (its reward sums are added to `sums`); elsewhere the hidden state."""
-        logps_step, d = self.sequence_logps_step(self.model_chunks, batches), self.cfg.dpo
+        logps_step = self.sequence_logps_step(self.model_chunks, batches)
 
         def forward_step(chunk_index: int, microbatch: int, input_tensor):
             output = logps_step(chunk_index, microbatch, input_tensor)
             if not self.model_chunks[chunk_index].post_process:
                 return output
-            pairs, reference = output.shape[0] // 2, batches[microbatch]["reference_logps"]
-            losses, chosen, rejected = preference_loss(output[:pairs], output[pairs:], reference[:pairs],
-                                                       reference[pairs:], d.beta, d.loss, d.label_smoothing)
+            losses, chosen, rejected = self.pair_losses(output, batches[microbatch])
             sums.add_(reward_sums(chosen, rejected))
             return losses.sum() / self.cfg.train.global_batch_size
         return forward_step
+
+    def pair_losses(self, logps: torch.Tensor, batch: dict):
+        """Per-pair losses and rewards of a micro-batch's 2b summed response log-probs (chosen
+        rows first)."""
+        d, pairs = self.cfg.dpo, logps.shape[0] // 2
+        if d.loss in REFERENCE_FREE_DPO_LOSSES:
+            tokens = batch["loss_mask"].sum(dim=-1).to(logps.dtype)
+            return reference_free_loss(logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:], d.beta, d.loss,
+                                       d.simpo_gamma, d.label_smoothing)
+        reference = batch["reference_logps"]
+        return preference_loss(logps[:pairs], logps[pairs:], reference[:pairs], reference[pairs:], d.beta, d.loss,
+                               d.label_smoothing)
 
     def run_pipeline(self, batches, forward_only: bool) -> torch.Tensor:
         self.attach_reference_logps(batches)

@@ -1,8 +1,9 @@
 """Preference losses on sequence log-probabilities: DPO (sigmoid, with label smoothing as
-conservative DPO), IPO and hinge (SLiC).
+conservative DPO), IPO and hinge (SLiC) against a reference model, and SimPO and ORPO without
+one.
 
-All three read the same quantity, the policy's log-ratio of chosen over rejected minus the
-reference's:
+The first three read the same quantity, the policy's log-ratio of chosen over rejected minus
+the reference's:
 
     d = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))
 
@@ -11,16 +12,27 @@ reference's:
     ipo      (d - 1 / (2 beta))^2                                         Azar et al. 2023
     hinge    max(0, 1 - beta d)                                            SLiC, Zhao et al. 2023
 
-Log-probabilities are sums over the response tokens (IPO as in its paper; TRL's "ipo" averages
-them over the response length instead). The implicit rewards logged alongside are
-beta (log pi - log ref) of each response.
+The reference-free two read the mean token log-probability of each response,
+a = log pi(y|x) / |y|:
+
+    simpo    -(1 - eps) log sigmoid(m) - eps log sigmoid(-m),
+             m = beta (a_w - a_l) - gamma                                  Meng et al. 2024
+    orpo     -a_w - beta log sigmoid(log odds(y_w) - log odds(y_l)),
+             log odds(y) = a - log(1 - exp(a))                             Hong et al. 2024
+
+(ORPO's first term is the chosen response's mean token NLL, per pair; its beta is the paper's
+lambda.) Log-probabilities are sums over the response tokens (IPO as in its paper; TRL's "ipo"
+averages them over the response length instead). The implicit rewards logged alongside are
+beta (log pi - log ref) of each response, and beta a without a reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from engine.config import DPO_LOSSES, REFERENCE_FREE_DPO_LOSSES
+
+REFERENCE_LOSS_TYPES = tuple(loss for loss in DPO_LOSSES if loss not in REFERENCE_FREE_DPO_LOSSES)
 
 
 def sequence_logps(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -36,14 +48,37 @@ def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_
     rejected_ratio = policy_rejected - reference_rejected
     d = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+        losses = smoothed_logistic_loss(beta * d, label_smoothing)
     elif loss_type == "ipo":
         losses = (d - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * d)
     else:
-        raise ValueError(f"unknown preference loss {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+        raise ValueError(f"unknown preference loss {loss_type!r}; use one of {', '.join(REFERENCE_LOSS_TYPES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def smoothed_logistic_loss(margin, label_smoothing: float):
+    """-log sigmoid(margin), with labels flipped with probability label_smoothing."""
+    return -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+
+
+def reference_free_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float,
+                        loss_type: str, gamma: float = 0.0, label_smoothing: float = 0.0):
+    """SimPO or ORPO per-pair losses [n] from summed response log-probs and response token
+    counts, and the rewards beta x mean token log-prob of chosen and rejected [n] (detached)."""
+    chosen_mean = policy_chosen / chosen_tokens.clamp(min=1)
+    rejected_mean = policy_rejected / rejected_tokens.clamp(min=1)
+    if loss_type == "simpo":
+        losses = smoothed_logistic_loss(beta * (chosen_mean - rejected_mean) - gamma, label_smoothing)
+    elif loss_type == "orpo":
+        # log(1 - exp(a)) as log(-expm1(a)): exact where a is near 0 (a response almost certain)
+        log_odds = (chosen_mean - rejected_mean) - (torch.log(-torch.expm1(chosen_mean))
+                                                    - torch.log(-torch.expm1(rejected_mean)))
+        losses = -chosen_mean - beta * F.logsigmoid(log_odds)
+    else:
+        raise ValueError(f"unknown reference-free loss {loss_type!r}; use one of {', '.join(REFERENCE_FREE_DPO_LOSSES)}")
+    return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
 
 
 def reward_sums(chosen_rewards, rejected_rewards) -> torch.Tensor:

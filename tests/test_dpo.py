@@ -1,4 +1,5 @@
-"""DPO in the training loop: TP x PP and DP runs equal one process, LoRA's reference is the
+"""DPO in the training loop: TP x PP and DP runs equal one process (also for the
+reference-free SimPO and ORPO), LoRA's reference is the
 base with the adapters off, precomputed reference log-probs give the same run, and bad input
 stops with one line."""
 import functools
@@ -112,6 +113,41 @@ def test_dpo_parallel_matches_serial(files, layout):
         assert_same_run(result, serial)
 
 
+# ---- reference-free losses: SimPO and ORPO --------------------------------------------------------
+# From random weights ORPO's first term, the chosen responses' NLL (about 7.6 nats a token), moves
+# the rewards of both responses at first; the odds term ranks the pairs by step 8.
+REFERENCE_FREE_ITERS = {"simpo": 4, "orpo": 8}
+
+
+def reference_free_overrides(files, loss, **sections) -> dict:
+    return dpo_overrides(files, dpo={"loss": loss, "beta": 2.0}, train={"iters": REFERENCE_FREE_ITERS[loss]}, **sections)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_free_serial_run(files, loss):
+    return run_distributed(dpo_train, 1, reference_free_overrides(files, loss))[0]
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_learn_the_preference_without_a_reference(files, loss):
+    serial = reference_free_serial_run(files, loss)
+    assert not serial["reference_copy"]
+    assert serial["margin"][-1] > serial["margin"][0] and serial["loss"][-1] < serial["loss"][0]
+    assert serial["accuracy"][-1] >= 0.75
+
+
+REFERENCE_FREE_LAYOUTS = {"simpo": "tp2_sp_pp2_vpp2", "orpo": "dp2_sharded"}
+
+
+@pytest.mark.parametrize("loss", sorted(REFERENCE_FREE_LAYOUTS))
+def test_reference_free_losses_parallel_match_serial(files, loss):
+    """Response token counts enter the loss per pair: each layout still gives the serial run."""
+    world, overrides = LAYOUTS[REFERENCE_FREE_LAYOUTS[loss]]
+    serial = reference_free_serial_run(files, loss)
+    for result in run_distributed(dpo_train, world, reference_free_overrides(files, loss, **overrides)):
+        assert_same_run(result, serial)
+
+
 # ---- LoRA: the reference is the base, run through the same modules with the adapters off ------
 LORA = {"method": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ["q", "v", "o", "gate", "up", "down"]}
 
@@ -185,8 +221,12 @@ def test_reference_logps_of_other_data_are_refused(files, tmp_path):
 # ---- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("section, values, message", [
     ("data", {"preference_train": ""}, "data.preference_train: train.objective dpo needs a JSONL file"),
-    ("dpo", {"loss": "kto"}, "dpo.loss: must be one of sigmoid, ipo, hinge; got 'kto'"),
-    ("dpo", {"loss": "ipo", "label_smoothing": 0.1}, "dpo.label_smoothing: applies to the sigmoid loss only"),
+    ("dpo", {"loss": "kto"}, "dpo.loss: must be one of sigmoid, ipo, hinge, simpo, orpo; got 'kto'"),
+    ("dpo", {"loss": "ipo", "label_smoothing": 0.1}, "dpo.label_smoothing: applies to the sigmoid and simpo losses only"),
+    ("dpo", {"loss": "orpo", "label_smoothing": 0.1}, "dpo.label_smoothing: applies to the sigmoid and simpo losses only"),
+    ("dpo", {"loss": "simpo", "simpo_gamma": -1.0}, "dpo.simpo_gamma: must be non-negative"),
+    ("dpo", {"loss": "simpo", "reference_logps": "runs/ref"}, "dpo.reference_logps: dpo.loss simpo uses no reference model"),
+    ("dpo", {"loss": "orpo", "reference_checkpoint": "ckpt"}, "dpo.reference_checkpoint: dpo.loss orpo uses no reference"),
     ("dpo", {"beta": 0.0}, "dpo.beta: must be positive"),
     ("data", {"preference_valid": ""}, "data.preference_valid: train.eval_interval is set but there is no validation JSONL"),
 ])

@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from engine.config import ConfigError, parse_args, validate  # noqa: E402
+from engine.config import REFERENCE_FREE_DPO_LOSSES, ConfigError, parse_args, validate  # noqa: E402
 from engine.launch import UserError, report_user_error  # noqa: E402
 
 
@@ -80,6 +80,9 @@ def write_reference_logps_for(cfg, out: str, splits=("train", "valid")) -> None:
 
     if cfg.train.objective != "dpo":
         raise ConfigError(f"train.objective: the reference log-probs are for a dpo run, got {cfg.train.objective!r}")
+    if cfg.dpo.loss in REFERENCE_FREE_DPO_LOSSES:
+        raise ConfigError(f"dpo.loss: {cfg.dpo.loss} uses no reference model, so there are no reference log-probs "
+                          "to write")
     cfg.dpo.reference_logps = ""  # compute them, do not read them
     trainer = DPOTrainer(cfg, reference_copy=False)
     for split, data in (("train", trainer.train_data), ("valid", trainer.valid_data)):
