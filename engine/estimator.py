@@ -69,8 +69,9 @@ class Layout:
     compile: bool = False
     cuda_graphs: bool = False  # model.cuda_graphs: the layers' host time is a graph replay (pp=1 only)
     # "dpo": a frozen reference copy of the model runs a forward of every sequence, and the
-    # per-token losses recompute the output layer in backward. micro_batch and global_batch
-    # count sequences (a pair is two; tools/estimate.py converts).
+    # per-token losses recompute the output layer in backward; "dpo-no-reference" (dpo.loss simpo
+    # or orpo) has the pairs and the per-token losses without the reference. micro_batch and
+    # global_batch count sequences (a pair is two; tools/estimate.py converts).
     objective: str = "lm"
 
     @property
@@ -285,9 +286,12 @@ def achieved_tflops(layout: Layout, hw: Hardware) -> float:
     return rate * COMPILE_TFLOPS_GAIN if layout.compile else rate
 
 
+PAIR_OBJECTIVES = ("dpo", "dpo-no-reference")
+
+
 def sequences_per_sample(objective: str) -> int:
-    """A DPO sample is a preference pair: two sequences."""
-    return 2 if objective == "dpo" else 1
+    """A preference sample is a pair: two sequences."""
+    return 2 if objective in PAIR_OBJECTIVES else 1
 
 
 def busiest_stage_flops_per_token(m: ModelConfig, layout: Layout) -> float:
@@ -303,10 +307,11 @@ def step_time(m: ModelConfig, layout: Layout, hw: Hardware) -> StepTime:
     tokens_per_gpu = micro * layout.micro_batch * m.seq_length  # per model replica, over its tp*pp GPUs
     recompute = 4 / 3 if layout.recompute == "full" else 1.0
     flops = busiest_stage_flops_per_token(m, layout) * tokens_per_gpu * recompute / layout.tp
-    if layout.objective == "dpo":
+    if layout.objective in PAIR_OBJECTIVES:
         # The reference forward is 2 of training's 6 FLOPs per parameter and token; the
         # per-token losses run the output layer's forward (a third of its share) again in backward.
-        flops = flops * 4 / 3 + m.output_layer_flops_per_token() / 3 * tokens_per_gpu / layout.tp
+        reference = 4 / 3 if layout.objective == "dpo" else 1.0
+        flops = flops * reference + m.output_layer_flops_per_token() / 3 * tokens_per_gpu / layout.tp
     host_per_layer = hw.host_seconds_per_layer * (HOST_SP_FACTOR if layout.sp and layout.tp > 1 else 1.0)
     if layout.cuda_graphs and layout.pp == 1:
         host_per_layer = 0.0  # replays cost microseconds (TP=2: 37.0k -> 46.6k tokens/s per GPU on H200s)

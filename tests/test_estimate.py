@@ -159,3 +159,16 @@ def test_dpo_adds_the_reference_copy_and_its_forward(tiny):
     layout = build_layout(parse_cli(["--preset", "tiny", "--micro-batch", "2", "--global-batch", "8", "--objective", "dpo"]))
     assert (layout.micro_batch, layout.global_batch, layout.objective) == (4, 16, "dpo")
     assert est.describe(layout) == "tp1 pp1 dp1 mb2 gb8 dpo bf16"
+
+
+def test_reference_free_pairs_count_no_reference(tiny):
+    """SimPO / ORPO: pairs and the output layer's recompute as in DPO, but one copy of the
+    weights and no reference forward."""
+    hw = est.Hardware(tflops=100.0, host_seconds_per_layer=0.0)
+    lm = est.Layout(micro_batch=4, global_batch=4)
+    free = dataclasses.replace(lm, objective="dpo-no-reference")
+    assert est.peak_memory(tiny, free).weights == est.peak_memory(tiny, lm).weights
+    output_recompute = 2 * tiny.vocab_size * tiny.hidden_size * 4 * tiny.seq_length
+    assert est.step_time(tiny, free, hw).compute == pytest.approx(
+        est.step_time(tiny, lm, hw).compute + output_recompute / 100e12)
+    assert est.sequences_per_sample("dpo-no-reference") == 2
