@@ -14,7 +14,6 @@ while it writes leaves the previous checkpoint, as a crash in a blocking save do
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable
 
 import torch
@@ -70,17 +69,15 @@ class BackgroundSave:
     """One write running in a thread; `wait()` returns when it is done and re-raises its error."""
 
     def __init__(self, write: Callable[[], None], describe: str):
-        self.describe, self.error, self.seconds = describe, None, 0.0
+        self.describe, self.error = describe, None
         self._thread = threading.Thread(target=self._run, args=(write,), name="trellis-checkpoint-save")
         self._thread.start()
 
     def _run(self, write) -> None:
-        start = time.perf_counter()
         try:
             write()
         except BaseException as error:  # re-raised in the training thread by wait()
             self.error = error
-        self.seconds = time.perf_counter() - start
 
     def wait(self) -> None:
         self._thread.join()
@@ -105,4 +102,3 @@ def wait_for_pending() -> "BackgroundSave | None":
 
 def in_flight() -> bool:
     return _pending is not None
-

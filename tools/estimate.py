@@ -46,7 +46,7 @@ def parse_cli(argv):
     parser.add_argument("--network-gbps", type=float, default=40.0, help="GB/s per GPU between nodes")
     parser.add_argument("--host-ms-per-layer", type=float, default=5.3,
                         help="host time of one layer's forward and backward per micro-batch, in ms (0: ignore)")
-    parser.add_argument("--objective", choices=("lm", "dpo", "dpo-no-reference"), default="lm",
+    parser.add_argument("--objective", choices=("lm", *est.PAIR_OBJECTIVES), default="lm",
                         help="dpo: --micro-batch and --global-batch count pairs; adds the frozen reference copy "
                              "and its forward. dpo-no-reference (dpo.loss simpo or orpo): pairs, no reference")
     parser.add_argument("--plan", type=int, default=0, help="list layouts that fit on this many GPUs")
